@@ -1,0 +1,242 @@
+//! The one table of errors the API returns: spec code, HTTP status, message. Every failure is
+//! turned into a response here, with the spec's JSON body.
+
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::service::ServiceError;
+
+/// Error codes of the distribution spec, plus the two Berth needs for its own failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BlobUnknown,
+    BlobUploadInvalid,
+    BlobUploadUnknown,
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    SizeInvalid,
+    /// Docker's code for a tag outside the grammar (the OCI table has none).
+    TagInvalid,
+    /// Docker's code for a non-numeric `n`.
+    PaginationNumberInvalid,
+    Unauthorized,
+    Denied,
+    Unsupported,
+    TooManyRequests,
+    /// A backend (storage, metadata) failed or is unreachable; the client may retry.
+    Unavailable,
+    /// A bug: logged, and answered with an opaque message.
+    Internal,
+}
+
+impl ErrorCode {
+    /// (code, default status, message)
+    pub fn describe(self) -> (&'static str, StatusCode, &'static str) {
+        use ErrorCode::*;
+        match self {
+            BlobUnknown => (
+                "BLOB_UNKNOWN",
+                StatusCode::NOT_FOUND,
+                "blob unknown to registry",
+            ),
+            BlobUploadInvalid => (
+                "BLOB_UPLOAD_INVALID",
+                StatusCode::BAD_REQUEST,
+                "blob upload invalid",
+            ),
+            BlobUploadUnknown => (
+                "BLOB_UPLOAD_UNKNOWN",
+                StatusCode::NOT_FOUND,
+                "blob upload unknown to registry",
+            ),
+            DigestInvalid => (
+                "DIGEST_INVALID",
+                StatusCode::BAD_REQUEST,
+                "provided digest did not match uploaded content",
+            ),
+            ManifestBlobUnknown => (
+                "MANIFEST_BLOB_UNKNOWN",
+                StatusCode::BAD_REQUEST,
+                "manifest references a manifest or blob unknown to registry",
+            ),
+            ManifestInvalid => (
+                "MANIFEST_INVALID",
+                StatusCode::BAD_REQUEST,
+                "manifest invalid",
+            ),
+            ManifestUnknown => (
+                "MANIFEST_UNKNOWN",
+                StatusCode::NOT_FOUND,
+                "manifest unknown to registry",
+            ),
+            NameInvalid => (
+                "NAME_INVALID",
+                StatusCode::BAD_REQUEST,
+                "invalid repository name",
+            ),
+            NameUnknown => (
+                "NAME_UNKNOWN",
+                StatusCode::NOT_FOUND,
+                "repository name not known to registry",
+            ),
+            SizeInvalid => (
+                "SIZE_INVALID",
+                StatusCode::BAD_REQUEST,
+                "provided length did not match content length",
+            ),
+            TagInvalid => (
+                "TAG_INVALID",
+                StatusCode::BAD_REQUEST,
+                "manifest tag did not match URI",
+            ),
+            PaginationNumberInvalid => (
+                "PAGINATION_NUMBER_INVALID",
+                StatusCode::BAD_REQUEST,
+                "invalid number of results requested",
+            ),
+            Unauthorized => (
+                "UNAUTHORIZED",
+                StatusCode::UNAUTHORIZED,
+                "authentication required",
+            ),
+            Denied => (
+                "DENIED",
+                StatusCode::FORBIDDEN,
+                "requested access to the resource is denied",
+            ),
+            Unsupported => (
+                "UNSUPPORTED",
+                StatusCode::METHOD_NOT_ALLOWED,
+                "the operation is unsupported",
+            ),
+            TooManyRequests => (
+                "TOOMANYREQUESTS",
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests",
+            ),
+            Unavailable => (
+                "UNAVAILABLE",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "a storage backend is unavailable; retry later",
+            ),
+            Internal => (
+                "UNKNOWN",
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error",
+            ),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub status: StatusCode,
+    pub detail: Option<String>,
+    /// Extra headers, e.g. `Range` on a 416. Few and rare, so a Vec keeps the error small.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode) -> ApiError {
+        ApiError {
+            code,
+            status: code.describe().1,
+            detail: None,
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn detail(mut self, detail: impl Into<String>) -> ApiError {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn status(mut self, status: StatusCode) -> ApiError {
+        self.status = status;
+        self
+    }
+
+    pub fn header(mut self, name: HeaderName, value: &str) -> ApiError {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            self.headers.push((name, v));
+        }
+        self
+    }
+}
+
+impl From<ErrorCode> for ApiError {
+    fn from(code: ErrorCode) -> Self {
+        ApiError::new(code)
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        use ErrorCode::*;
+        let detail = e.to_string();
+        let code = match &e {
+            ServiceError::BlobUnknown => BlobUnknown,
+            ServiceError::ManifestUnknown => ManifestUnknown,
+            ServiceError::NameUnknown => NameUnknown,
+            ServiceError::UploadUnknown => BlobUploadUnknown,
+            ServiceError::DigestInvalid(_) => DigestInvalid,
+            ServiceError::RangeMismatch { size, .. } => {
+                return ApiError::new(BlobUploadInvalid)
+                    .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                    .header(header::RANGE, &super::upload_range(*size))
+                    .detail(detail);
+            }
+            ServiceError::UploadInvalid(_) | ServiceError::Body(_) => BlobUploadInvalid,
+            ServiceError::ManifestInvalid(_) => ManifestInvalid,
+            ServiceError::ManifestTooLarge { .. } => {
+                return ApiError::new(SizeInvalid)
+                    .status(StatusCode::PAYLOAD_TOO_LARGE)
+                    .detail(detail);
+            }
+            ServiceError::ManifestBlobUnknown(_) => ManifestBlobUnknown,
+            ServiceError::ManifestChildUnknown(_) => ManifestUnknown,
+            ServiceError::Unavailable(_) => Unavailable,
+        };
+        let status = match code {
+            // A missing child manifest is a problem with the pushed index, not a missing URL.
+            ManifestUnknown if matches!(e, ServiceError::ManifestChildUnknown(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            _ => code.describe().1,
+        };
+        ApiError::new(code).status(status).detail(detail)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (code, _, message) = self.code.describe();
+        if self.status.is_server_error() {
+            tracing::error!(error.code = code, error.detail = ?self.detail, "request failed");
+        }
+        let detail = match (&self.code, self.detail) {
+            // Internal details may leak paths or queries; they are logged above instead.
+            (ErrorCode::Internal, _) | (_, None) => serde_json::Value::Null,
+            (_, Some(d)) => serde_json::Value::String(d),
+        };
+        let body = json!({ "errors": [{ "code": code, "message": message, "detail": detail }] });
+        let mut response = (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response();
+        for (name, value) in self.headers {
+            response.headers_mut().insert(name, value);
+        }
+        response
+    }
+}
+
+pub type ApiResult = Result<Response, ApiError>;

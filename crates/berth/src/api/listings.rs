@@ -1,0 +1,108 @@
+//! Paginated listings: tags, the catalog, and referrers.
+
+use axum::http::request::Parts;
+use axum::http::{HeaderName, header};
+use axum::response::IntoResponse;
+use oci::{Digest, RepositoryName};
+use serde_json::json;
+
+use super::error::{ApiError, ErrorCode};
+use super::{ApiResult, query_pairs, query_param};
+use crate::service::{Listing, Registry};
+
+/// `n` and `last` from the query.
+fn page(request: &Parts) -> Result<(Option<usize>, Option<String>), ApiError> {
+    let pairs = query_pairs(request);
+    let n = query_param(&pairs, "n")
+        .map(|n| n.parse::<usize>())
+        .transpose()
+        .map_err(|_| {
+            ApiError::new(ErrorCode::PaginationNumberInvalid)
+                .detail("n must be a non-negative integer")
+        })?;
+    Ok((n, query_param(&pairs, "last")))
+}
+
+/// `Link: <path?n=N&last=LAST>; rel="next"` when a full page leaves more behind.
+fn link_header(path: &str, n: Option<usize>, listing: &Listing) -> Option<String> {
+    let (n, last) = (n?, listing.items.last()?);
+    if !listing.more {
+        return None;
+    }
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("n", &n.to_string())
+        .append_pair("last", last)
+        .finish();
+    Some(format!("<{path}?{query}>; rel=\"next\""))
+}
+
+fn listing_response(
+    path: &str,
+    n: Option<usize>,
+    listing: &Listing,
+    body: serde_json::Value,
+) -> ApiResult {
+    let mut response = (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response();
+    if let Some(link) = link_header(path, n, listing)
+        && let Ok(v) = link.parse()
+    {
+        response.headers_mut().insert(header::LINK, v);
+    }
+    Ok(response)
+}
+
+pub async fn tags(registry: &Registry, repo: &RepositoryName, request: &Parts) -> ApiResult {
+    let (n, last) = page(request)?;
+    let listing = registry.list_tags(repo, last.as_deref(), n).await?;
+    let body = json!({ "name": repo.as_str(), "tags": listing.items });
+    listing_response(&format!("/v2/{repo}/tags/list"), n, &listing, body)
+}
+
+pub async fn catalog(registry: &Registry, request: &Parts) -> ApiResult {
+    let (n, last) = page(request)?;
+    let listing = registry.list_repositories(last.as_deref(), n).await?;
+    let body = json!({ "repositories": listing.items });
+    listing_response("/v2/_catalog", n, &listing, body)
+}
+
+pub async fn referrers(
+    registry: &Registry,
+    repo: &RepositoryName,
+    subject: &Digest,
+    request: &Parts,
+) -> ApiResult {
+    let filter = query_param(&query_pairs(request), "artifactType");
+    let referrers = registry.referrers(repo, subject, filter.as_deref()).await?;
+    let manifests: Vec<oci::Descriptor> = referrers
+        .into_iter()
+        .map(|r| oci::Descriptor {
+            media_type: r.media_type,
+            digest: r.digest.to_string(),
+            size: r.size,
+            artifact_type: r.artifact_type,
+            annotations: r.annotations,
+            urls: None,
+        })
+        .collect();
+    let body = json!({
+        "schemaVersion": 2,
+        "mediaType": oci::media_type::OCI_INDEX,
+        "manifests": manifests,
+    });
+    let mut response = (
+        [(header::CONTENT_TYPE, oci::media_type::OCI_INDEX)],
+        body.to_string(),
+    )
+        .into_response();
+    if filter.is_some() {
+        response.headers_mut().insert(
+            HeaderName::from_static("oci-filters-applied"),
+            header::HeaderValue::from_static("artifactType"),
+        );
+    }
+    Ok(response)
+}

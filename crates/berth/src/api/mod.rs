@@ -1,0 +1,234 @@
+//! HTTP only: parses each request into a typed [`Route`], dispatches it to one handler module
+//! per endpoint family, and turns every failure into the spec's error body (see [`error`]).
+//!
+//! Repository names may contain any number of `/`, so routes are parsed from the end of the
+//! path rather than matched by a router's patterns.
+
+mod blobs;
+pub mod error;
+mod listings;
+mod manifests;
+mod uploads;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::TryStreamExt;
+use oci::{Digest, Reference, RepositoryName};
+
+use crate::service::{BodyStream, Registry};
+use error::{ApiError, ApiResult, ErrorCode};
+
+pub type AppState = Arc<Registry>;
+
+/// Every endpoint of the distribution API, with its path parameters validated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    Base,
+    Catalog,
+    Tags(RepositoryName),
+    Manifest(RepositoryName, Reference),
+    Blob(RepositoryName, Digest),
+    /// `/blobs/uploads/`: starting an upload (or a mount, or a monolithic push).
+    Uploads(RepositoryName),
+    Upload(RepositoryName, String),
+    Referrers(RepositoryName, Digest),
+}
+
+fn name(segments: &[&str]) -> Result<RepositoryName, ApiError> {
+    segments
+        .join("/")
+        .parse()
+        .map_err(|_| ApiError::new(ErrorCode::NameInvalid))
+}
+
+fn digest(s: &str) -> Result<Digest, ApiError> {
+    s.parse().map_err(|e: oci::DigestError| {
+        ApiError::new(ErrorCode::DigestInvalid).detail(e.to_string())
+    })
+}
+
+fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::Unsupported)
+        .status(StatusCode::NOT_FOUND)
+        .detail("no such API endpoint")
+}
+
+/// Parses the path of a request into a route.
+pub fn parse_route(path: &str) -> Result<Route, ApiError> {
+    let rest = match path {
+        "/v2" | "/v2/" => return Ok(Route::Base),
+        _ => path.strip_prefix("/v2/").ok_or_else(not_found)?,
+    };
+    if rest == "_catalog" {
+        return Ok(Route::Catalog);
+    }
+    let segs: Vec<&str> = rest.split('/').collect();
+    let n = segs.len();
+    let tail = |k: usize| -> &[&str] { &segs[n.saturating_sub(k)..] };
+    let head = |k: usize| -> &[&str] { &segs[..n.saturating_sub(k)] };
+    if n >= 3 {
+        match tail(3) {
+            ["blobs", "uploads", ""] => return Ok(Route::Uploads(name(head(3))?)),
+            ["blobs", "uploads", id] => {
+                let valid =
+                    id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                if !valid {
+                    return Err(ApiError::new(ErrorCode::BlobUploadUnknown));
+                }
+                return Ok(Route::Upload(name(head(3))?, id.to_string()));
+            }
+            _ => {}
+        }
+    }
+    if n >= 2 {
+        match tail(2) {
+            ["tags", "list"] => return Ok(Route::Tags(name(head(2))?)),
+            ["blobs", "uploads"] => return Ok(Route::Uploads(name(head(2))?)),
+            ["manifests", reference] => {
+                let repo = name(head(2))?;
+                let reference = reference.parse().map_err(|e| match e {
+                    oci::NameError::InvalidDigest(d) => {
+                        ApiError::new(ErrorCode::DigestInvalid).detail(d.to_string())
+                    }
+                    _ => ApiError::new(ErrorCode::TagInvalid)
+                        .detail("tag does not match the spec's grammar"),
+                })?;
+                return Ok(Route::Manifest(repo, reference));
+            }
+            ["blobs", d] => return Ok(Route::Blob(name(head(2))?, digest(d)?)),
+            ["referrers", d] => return Ok(Route::Referrers(name(head(2))?, digest(d)?)),
+            _ => {}
+        }
+    }
+    Err(not_found())
+}
+
+/// The single entry point: route, dispatch, and stamp the API version header.
+pub async fn handle(State(registry): State<AppState>, request: Request) -> Response {
+    let mut response = match dispatch(&registry, request).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    response.headers_mut().insert(
+        "Docker-Distribution-API-Version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    response
+}
+
+async fn dispatch(registry: &Registry, request: Request) -> ApiResult {
+    let route = parse_route(request.uri().path())?;
+    let (parts, body) = request.into_parts();
+    let method = parts.method.clone();
+    tracing::debug!(http.method = %method, http.path = parts.uri.path(), "request");
+    let request = &parts;
+    match (route, method) {
+        (Route::Base, Method::GET | Method::HEAD) => {
+            Ok(([(header::CONTENT_TYPE, "application/json")], "{}").into_response())
+        }
+        (Route::Catalog, Method::GET) => listings::catalog(registry, request).await,
+        (Route::Tags(repo), Method::GET) => listings::tags(registry, &repo, request).await,
+        (Route::Referrers(repo, d), Method::GET) => {
+            listings::referrers(registry, &repo, &d, request).await
+        }
+        (Route::Manifest(repo, r), Method::GET) => manifests::get(registry, &repo, &r, true).await,
+        (Route::Manifest(repo, r), Method::HEAD) => {
+            manifests::get(registry, &repo, &r, false).await
+        }
+        (Route::Manifest(repo, r), Method::PUT) => {
+            manifests::put(registry, &repo, &r, request, body).await
+        }
+        (Route::Manifest(repo, r), Method::DELETE) => manifests::delete(registry, &repo, &r).await,
+        (Route::Blob(repo, d), Method::GET) => blobs::get(registry, &repo, &d, request, true).await,
+        (Route::Blob(repo, d), Method::HEAD) => {
+            blobs::get(registry, &repo, &d, request, false).await
+        }
+        (Route::Blob(repo, d), Method::DELETE) => blobs::delete(registry, &repo, &d).await,
+        (Route::Uploads(repo), Method::POST) => {
+            uploads::start(registry, &repo, request, body).await
+        }
+        (Route::Upload(repo, id), Method::GET) => uploads::status(registry, &repo, &id).await,
+        (Route::Upload(repo, id), Method::PATCH) => {
+            uploads::patch(registry, &repo, &id, request, body).await
+        }
+        (Route::Upload(repo, id), Method::PUT) => {
+            uploads::put(registry, &repo, &id, request, body).await
+        }
+        (Route::Upload(repo, id), Method::DELETE) => uploads::cancel(registry, &repo, &id).await,
+        (_, method) => Err(ApiError::new(ErrorCode::Unsupported)
+            .detail(format!("method {method} is not supported on this endpoint"))),
+    }
+}
+
+/// The `Range` header value describing an upload of `size` bytes (inclusive end; `0-0` when
+/// empty, as clients expect).
+pub fn upload_range(size: u64) -> String {
+    format!("0-{}", size.saturating_sub(1))
+}
+
+/// Query parameters, decoded.
+fn query_pairs(request: &Parts) -> Vec<(String, String)> {
+    form_urlencoded::parse(request.uri.query().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn query_param(pairs: &[(String, String)], key: &str) -> Option<String> {
+    pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+}
+
+fn body_stream(body: Body) -> BodyStream {
+    Box::pin(body.into_data_stream().map_err(|e| e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(path: &str, expected: Result<&str, &str>) {
+        let got = parse_route(path)
+            .map(|r| format!("{r:?}"))
+            .map_err(|e| e.code.describe().0.to_string());
+        match expected {
+            Ok(prefix) => assert!(
+                got.as_ref().is_ok_and(|g| g.starts_with(prefix)),
+                "{path}: {got:?}"
+            ),
+            Err(code) => assert_eq!(got.err().as_deref(), Some(code), "{path}"),
+        }
+    }
+
+    #[test]
+    fn routes_parse_from_the_end_of_the_path() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        check("/v2/", Ok("Base"));
+        check("/v2", Ok("Base"));
+        check("/v2/_catalog", Ok("Catalog"));
+        check("/v2/a/tags/list", Ok("Tags"));
+        check("/v2/a/b/c/tags/list", Ok("Tags(RepositoryName(\"a/b/c\"))"));
+        check("/v2/a/manifests/latest", Ok("Manifest"));
+        check(&format!("/v2/a/manifests/{d}"), Ok("Manifest"));
+        check(
+            "/v2/tags/manifests/manifests/v1",
+            Ok("Manifest(RepositoryName(\"tags/manifests\")"),
+        );
+        check(&format!("/v2/a/b/blobs/{d}"), Ok("Blob"));
+        check("/v2/a/blobs/uploads/", Ok("Uploads"));
+        check("/v2/a/blobs/uploads", Ok("Uploads"));
+        check("/v2/a/blobs/uploads/0b8e-11", Ok("Upload"));
+        check(&format!("/v2/a/referrers/{d}"), Ok("Referrers"));
+        check("/v2/A/tags/list", Err("NAME_INVALID"));
+        check("/v2//tags/list", Err("NAME_INVALID"));
+        check("/v2/a/manifests/-bad", Err("TAG_INVALID"));
+        check("/v2/a/blobs/sha256:zz", Err("DIGEST_INVALID"));
+        check("/v2/a/blobs/uploads/../../x", Err("UNSUPPORTED"));
+        check("/v2/a/blobs/uploads/a.b", Err("BLOB_UPLOAD_UNKNOWN"));
+        check("/v2/a", Err("UNSUPPORTED"));
+        check("/other", Err("UNSUPPORTED"));
+    }
+}

@@ -1,0 +1,135 @@
+//! Configuration: defaults, then a TOML file, then environment variables, then flags, merged by
+//! `main` into [`RawConfig`] and validated into [`Config`], the only type the server reads.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Every key the config file accepts. Each is also an environment variable (`BERTH_` + the key
+/// in upper case) and, for the common ones, a flag of `berth serve`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Address to listen on. Default `127.0.0.1:5000`.
+    pub listen: Option<String>,
+    /// Directory for blobs, uploads and the metadata database. Default `./berth-data`.
+    pub data_dir: Option<PathBuf>,
+    /// An upload untouched for this long is cancelled and its bytes deleted. Default 86400.
+    pub upload_idle_timeout_secs: Option<u64>,
+    /// How often expired uploads are looked for. Default 600.
+    pub upload_purge_interval_secs: Option<u64>,
+    /// Largest manifest accepted, in bytes. Default 4194304 (4 MiB).
+    pub max_manifest_bytes: Option<usize>,
+    /// On SIGTERM/SIGINT, in-flight requests get this long to finish. Default 30.
+    pub shutdown_grace_secs: Option<u64>,
+    /// `text` (default) or `json`.
+    pub log_format: Option<String>,
+}
+
+impl RawConfig {
+    pub fn from_toml_file(path: &Path) -> anyhow::Result<RawConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("parsing config {}: {e}", path.display()))
+    }
+
+    /// Fields set in `over` replace those in `self`.
+    pub fn overlay(self, over: RawConfig) -> RawConfig {
+        RawConfig {
+            listen: over.listen.or(self.listen),
+            data_dir: over.data_dir.or(self.data_dir),
+            upload_idle_timeout_secs: over
+                .upload_idle_timeout_secs
+                .or(self.upload_idle_timeout_secs),
+            upload_purge_interval_secs: over
+                .upload_purge_interval_secs
+                .or(self.upload_purge_interval_secs),
+            max_manifest_bytes: over.max_manifest_bytes.or(self.max_manifest_bytes),
+            shutdown_grace_secs: over.shutdown_grace_secs.or(self.shutdown_grace_secs),
+            log_format: over.log_format.or(self.log_format),
+        }
+    }
+
+    pub fn validate(self) -> anyhow::Result<Config> {
+        let listen = self.listen.as_deref().unwrap_or("127.0.0.1:5000");
+        let listen: SocketAddr = listen
+            .parse()
+            .map_err(|e| anyhow::anyhow!("listen address {listen:?}: {e}"))?;
+        let log_format = match self.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => anyhow::bail!("log_format must be text or json, not {other:?}"),
+        };
+        let max_manifest_bytes = self.max_manifest_bytes.unwrap_or(4 * 1024 * 1024);
+        anyhow::ensure!(
+            max_manifest_bytes > 0,
+            "max_manifest_bytes must be positive"
+        );
+        let purge = self.upload_purge_interval_secs.unwrap_or(600);
+        anyhow::ensure!(purge > 0, "upload_purge_interval_secs must be positive");
+        Ok(Config {
+            listen,
+            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("berth-data")),
+            upload_idle_timeout: Duration::from_secs(
+                self.upload_idle_timeout_secs.unwrap_or(86_400),
+            ),
+            upload_purge_interval: Duration::from_secs(purge),
+            max_manifest_bytes,
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs.unwrap_or(30)),
+            log_format,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub upload_idle_timeout: Duration,
+    pub upload_purge_interval: Duration,
+    pub max_manifest_bytes: usize,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_layers_win_and_defaults_fill_the_rest() {
+        let file: RawConfig = toml::from_str("listen = \"127.0.0.1:1\"\nmax_manifest_bytes = 10")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let env = RawConfig {
+            listen: Some("127.0.0.1:2".into()),
+            ..RawConfig::default()
+        };
+        let cfg = file
+            .overlay(env)
+            .validate()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.listen.port(), 2);
+        assert_eq!(cfg.max_manifest_bytes, 10);
+        assert_eq!(cfg.data_dir, PathBuf::from("berth-data"));
+        assert_eq!(cfg.shutdown_grace, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        assert!(toml::from_str::<RawConfig>("lisen = \"x\"").is_err());
+        let bad = RawConfig {
+            listen: Some("nonsense".into()),
+            ..RawConfig::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,20 @@
+//! Berth: an OCI container image registry.
+//!
+//! Data flows one way: `api` (HTTP only) calls `service` (the registry's rules), which calls
+//! `storage` (blob bytes by digest) and `metadata` (the transactional source of truth for
+//! everything that is not blob bytes). Nothing below `api` knows about HTTP.
+//!
+//! - [`config`]: one serde config, validated into [`config::Config`] that the server trusts.
+//! - [`server`]: binds the router to an already-bound listener; graceful shutdown.
+//! - [`api`]: route parsing into a typed enum, one handler module per endpoint family, and the
+//!   one table of spec error codes.
+//! - [`service`]: pushes, pulls, deletes, uploads, referrers; background upload expiry.
+//! - [`storage`]: the [`storage::BlobStore`] trait and its filesystem implementation.
+//! - [`metadata`]: the [`metadata::MetadataStore`] trait and its SQLite implementation.
+
+pub mod api;
+pub mod config;
+pub mod metadata;
+pub mod server;
+pub mod service;
+pub mod storage;

@@ -1,0 +1,139 @@
+//! The `berth` command line. `anyhow` lives here and nowhere below.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use berth::config::{LogFormat, RawConfig};
+use berth::server::{self, ServeOptions};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "Berth: an OCI container image registry"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the registry. With no options it serves 127.0.0.1:5000 and keeps blobs and metadata
+    /// under ./berth-data. Settings come from, in rising precedence: a TOML file (--config),
+    /// environment variables (BERTH_<KEY>), and these flags.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML config file; every key is documented in README.md.
+    #[arg(long, env = "BERTH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:5000; port 0 picks a free one).
+    #[arg(long, env = "BERTH_LISTEN")]
+    listen: Option<String>,
+    /// Directory for blobs, uploads and the metadata database (default ./berth-data).
+    #[arg(long, env = "BERTH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+fn env_number<T: std::str::FromStr>(key: &str) -> anyhow::Result<Option<T>> {
+    match std::env::var(key) {
+        Ok(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("{key}={v:?} is not a valid number")),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The keys without a flag, from the environment.
+fn env_config() -> anyhow::Result<RawConfig> {
+    Ok(RawConfig {
+        upload_idle_timeout_secs: env_number("BERTH_UPLOAD_IDLE_TIMEOUT_SECS")?,
+        upload_purge_interval_secs: env_number("BERTH_UPLOAD_PURGE_INTERVAL_SECS")?,
+        max_manifest_bytes: env_number("BERTH_MAX_MANIFEST_BYTES")?,
+        shutdown_grace_secs: env_number("BERTH_SHUTDOWN_GRACE_SECS")?,
+        log_format: std::env::var("BERTH_LOG_FORMAT").ok(),
+        ..RawConfig::default()
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still stops on SIGTERM, just not gracefully.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => RawConfig::from_toml_file(path)?,
+        None => RawConfig::default(),
+    };
+    let flags = RawConfig {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        ..RawConfig::default()
+    };
+    let config = file.overlay(env_config()?).overlay(flags).validate()?;
+    init_logging(config.log_format);
+
+    let registry = server::open_registry(&config)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    // The one line on stdout: scripts and tests read the bound address from it.
+    #[allow(clippy::print_stdout)]
+    {
+        println!("berth listening on http://{addr}");
+    }
+    std::io::stdout().flush()?;
+    tracing::info!(listen = %addr, data_dir = %config.data_dir.display(), "serving");
+    server::run(
+        listener,
+        registry,
+        ServeOptions {
+            shutdown_grace: config.shutdown_grace,
+            upload_purge_interval: config.upload_purge_interval,
+        },
+        shutdown_signal(),
+    )
+    .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+    }
+}

@@ -1,0 +1,13 @@
+//! One integration-test binary: every test drives a real `berth serve` process over HTTP.
+
+mod support;
+
+mod api_base;
+mod api_blobs;
+mod api_manifests;
+mod api_referrers;
+mod api_tags;
+mod api_uploads;
+mod clients;
+mod crash;
+mod lifecycle;
