@@ -403,6 +403,13 @@ impl DirImage {
             .unwrap_or_else(|e| panic!("blob {digest} in {}: {e}", self.path.display()))
     }
 
+    /// With `skopeo copy --all`, each instance of a list is stored as `<hex>.manifest.json`.
+    pub fn instance_manifest(&self, digest: &str) -> Vec<u8> {
+        let hex = digest.split_once(':').expect("digest has ':'").1;
+        let p = self.path.join(format!("{hex}.manifest.json"));
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
     /// The names of the files in the directory, sorted.
     pub fn files(&self) -> Vec<String> {
         list_dir(&self.path)

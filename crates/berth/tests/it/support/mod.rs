@@ -328,6 +328,7 @@ impl Reply {
 }
 
 /// Sends a request and reads the whole response.
+#[track_caller]
 pub fn send(req: reqwest::blocking::RequestBuilder) -> Reply {
     let resp = req.send().expect("request failed to complete");
     let status = resp.status().as_u16();
@@ -536,6 +537,7 @@ impl TestApp {
     }
 
     /// PUT /v2/<repo>/manifests/<reference> with a Content-Type.
+    #[track_caller]
     pub fn put_manifest(
         &self,
         repo: &str,
@@ -691,4 +693,27 @@ pub fn blob_file(data_dir: &Path, digest: &str) -> PathBuf {
         .join("sha256")
         .join(&hex[..2])
         .join(hex)
+}
+
+/// Runs one case of a table-driven test, recording its failure instead of stopping the table,
+/// so that a run reports every failing case at once. Finish with [`assert_no_failures`].
+pub fn soft_case(failures: &mut Vec<String>, case: &str, f: impl FnOnce()) {
+    if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        failures.push(format!("[{case}] {msg}"));
+    }
+}
+
+#[track_caller]
+pub fn assert_no_failures(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
