@@ -114,7 +114,8 @@ pub fn parse(content_type: Option<&str>, bytes: &[u8]) -> Result<ParsedManifest,
 
     let mut blobs = Vec::new();
     let mut children = Vec::new();
-    let mut artifact_type = raw.artifact_type.clone();
+    // An empty artifactType is the same as none (the referrers API then falls back).
+    let mut artifact_type = raw.artifact_type.clone().filter(|t| !t.is_empty());
     match kind {
         ManifestKind::Image => {
             let config = raw

@@ -9,35 +9,32 @@ use oci::{Digest, RepositoryName};
 use super::error::{ApiError, ApiResult, ErrorCode};
 use crate::service::{RangeRequest, Registry};
 
-/// Parses `bytes=a-b`, `bytes=a-`, `bytes=-n`. Multi-range requests are answered with the whole
-/// blob (allowed: a server may ignore Range), so they parse as `None`.
-fn parse_range(headers: &HeaderMap) -> Result<Option<RangeRequest>, ()> {
-    let Some(value) = headers.get(header::RANGE) else {
-        return Ok(None);
-    };
-    let value = value.to_str().map_err(|_| ())?.trim();
-    let spec = value.strip_prefix("bytes=").ok_or(())?;
+/// Parses `bytes=a-b`, `bytes=a-`, `bytes=-n`. Anything else (other units, several ranges,
+/// malformed values) is ignored and the whole blob is served, as RFC 9110 allows.
+fn parse_range(headers: &HeaderMap) -> Option<RangeRequest> {
+    let value = headers.get(header::RANGE)?.to_str().ok()?.trim();
+    let spec = value.strip_prefix("bytes=")?;
     if spec.contains(',') {
-        return Ok(None);
+        return None;
     }
-    let (start, end) = spec.split_once('-').ok_or(())?;
-    let num = |s: &str| s.trim().parse::<u64>().map_err(|_| ());
+    let (start, end) = spec.split_once('-')?;
+    let num = |s: &str| s.trim().parse::<u64>().ok();
     match (start.trim(), end.trim()) {
-        ("", "") => Err(()),
-        ("", n) => Ok(Some(RangeRequest::Suffix(num(n)?))),
-        (s, "") => Ok(Some(RangeRequest::From {
+        ("", "") => None,
+        ("", n) => Some(RangeRequest::Suffix(num(n)?)),
+        (s, "") => Some(RangeRequest::From {
             start: num(s)?,
             end: None,
-        })),
-        (s, e) => Ok(Some(RangeRequest::From {
+        }),
+        (s, e) => Some(RangeRequest::From {
             start: num(s)?,
             end: Some(num(e)?),
-        })),
+        }),
     }
 }
 
 fn unsatisfiable(size: u64) -> ApiError {
-    ApiError::new(ErrorCode::BlobUnknown)
+    ApiError::new(ErrorCode::Unsupported)
         .status(StatusCode::RANGE_NOT_SATISFIABLE)
         .header(header::CONTENT_RANGE, &format!("bytes */{size}"))
         .detail("requested range not satisfiable")
@@ -75,11 +72,7 @@ pub async fn get(
         registry.stat_blob(repo, digest).await?;
         return Ok((StatusCode::NOT_MODIFIED, common).into_response());
     }
-    let range = parse_range(&request.headers).map_err(|_| {
-        ApiError::new(ErrorCode::BlobUnknown)
-            .status(StatusCode::RANGE_NOT_SATISFIABLE)
-            .detail("malformed Range header")
-    })?;
+    let range = parse_range(&request.headers);
     let read = match registry.read_blob(repo, digest, range).await? {
         Ok(read) => read,
         Err(u) => return Err(unsatisfiable(u.size)),
@@ -123,7 +116,7 @@ pub async fn delete(registry: &Registry, repo: &RepositoryName, digest: &Digest)
 mod tests {
     use super::*;
 
-    fn check(value: &str, expected: Result<Option<RangeRequest>, ()>) {
+    fn check(value: &str, expected: Option<RangeRequest>) {
         let mut h = HeaderMap::new();
         h.insert(
             header::RANGE,
@@ -136,22 +129,22 @@ mod tests {
     fn range_headers() {
         check(
             "bytes=0-9",
-            Ok(Some(RangeRequest::From {
+            Some(RangeRequest::From {
                 start: 0,
                 end: Some(9),
-            })),
+            }),
         );
         check(
             "bytes=5-",
-            Ok(Some(RangeRequest::From {
+            Some(RangeRequest::From {
                 start: 5,
                 end: None,
-            })),
+            }),
         );
-        check("bytes=-5", Ok(Some(RangeRequest::Suffix(5))));
-        check("bytes=0-1,4-5", Ok(None));
-        check("bytes=-", Err(()));
-        check("bytes=a-b", Err(()));
-        check("items=0-1", Err(()));
+        check("bytes=-5", Some(RangeRequest::Suffix(5)));
+        check("bytes=0-1,4-5", None);
+        check("bytes=-", None);
+        check("bytes=a-b", None);
+        check("items=0-1", None);
     }
 }

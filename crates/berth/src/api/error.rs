@@ -22,8 +22,6 @@ pub enum ErrorCode {
     SizeInvalid,
     /// Docker's code for a tag outside the grammar (the OCI table has none).
     TagInvalid,
-    /// Docker's code for a non-numeric `n`.
-    PaginationNumberInvalid,
     Unauthorized,
     Denied,
     Unsupported,
@@ -94,11 +92,6 @@ impl ErrorCode {
                 StatusCode::BAD_REQUEST,
                 "manifest tag did not match URI",
             ),
-            PaginationNumberInvalid => (
-                "PAGINATION_NUMBER_INVALID",
-                StatusCode::BAD_REQUEST,
-                "invalid number of results requested",
-            ),
             Unauthorized => (
                 "UNAUTHORIZED",
                 StatusCode::UNAUTHORIZED,
@@ -138,6 +131,8 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub status: StatusCode,
     pub detail: Option<String>,
+    /// A second error reported in the same body, after the first.
+    pub also: Option<ErrorCode>,
     /// Extra headers, e.g. `Range` on a 416. Few and rare, so a Vec keeps the error small.
     pub headers: Vec<(HeaderName, HeaderValue)>,
 }
@@ -148,6 +143,7 @@ impl ApiError {
             code,
             status: code.describe().1,
             detail: None,
+            also: None,
             headers: Vec::new(),
         }
     }
@@ -200,17 +196,16 @@ impl From<ServiceError> for ApiError {
                     .detail(detail);
             }
             ServiceError::ManifestBlobUnknown(_) => ManifestBlobUnknown,
-            ServiceError::ManifestChildUnknown(_) => ManifestUnknown,
+            ServiceError::ManifestChildUnknown(_) => {
+                // The spec asks for MANIFEST_BLOB_UNKNOWN; MANIFEST_UNKNOWN follows it to say
+                // precisely that the missing reference is a manifest. 400: the index is at fault.
+                let mut error = ApiError::new(ManifestBlobUnknown).detail(detail);
+                error.also = Some(ManifestUnknown);
+                return error;
+            }
             ServiceError::Unavailable(_) => Unavailable,
         };
-        let status = match code {
-            // A missing child manifest is a problem with the pushed index, not a missing URL.
-            ManifestUnknown if matches!(e, ServiceError::ManifestChildUnknown(_)) => {
-                StatusCode::BAD_REQUEST
-            }
-            _ => code.describe().1,
-        };
-        ApiError::new(code).status(status).detail(detail)
+        ApiError::new(code).detail(detail)
     }
 }
 
@@ -225,7 +220,13 @@ impl IntoResponse for ApiError {
             (ErrorCode::Internal, _) | (_, None) => serde_json::Value::Null,
             (_, Some(d)) => serde_json::Value::String(d),
         };
-        let body = json!({ "errors": [{ "code": code, "message": message, "detail": detail }] });
+        let mut errors =
+            vec![json!({ "code": code, "message": message, "detail": detail.clone() })];
+        if let Some(also) = self.also {
+            let (code, _, message) = also.describe();
+            errors.push(json!({ "code": code, "message": message, "detail": detail }));
+        }
+        let body = json!({ "errors": errors });
         let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "application/json")],

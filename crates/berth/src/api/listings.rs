@@ -17,7 +17,8 @@ fn page(request: &Parts) -> Result<(Option<usize>, Option<String>), ApiError> {
         .map(|n| n.parse::<usize>())
         .transpose()
         .map_err(|_| {
-            ApiError::new(ErrorCode::PaginationNumberInvalid)
+            ApiError::new(ErrorCode::Unsupported)
+                .status(axum::http::StatusCode::BAD_REQUEST)
                 .detail("n must be a non-negative integer")
         })?;
     Ok((n, query_param(&pairs, "last")))

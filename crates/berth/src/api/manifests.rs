@@ -36,21 +36,25 @@ pub async fn get(
     Ok((headers, body).into_response())
 }
 
-/// Reads at most `limit` bytes of a manifest body; more is a 413, not a truncation.
+/// Reads at most `limit` bytes of a manifest body. A larger body is a 413; the rest of it is
+/// read and dropped (up to a bound) so the client, still sending, gets the answer and not a reset.
 async fn read_limited(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     let mut stream = body.into_data_stream();
     let mut bytes = Vec::new();
+    let mut seen = 0usize;
     while let Some(chunk) = stream.next().await {
         let chunk =
             chunk.map_err(|e| ApiError::new(ErrorCode::ManifestInvalid).detail(e.to_string()))?;
-        if bytes.len() + chunk.len() > limit {
-            return Err(ServiceError::ManifestTooLarge {
-                size: bytes.len() + chunk.len(),
-                limit,
-            }
-            .into());
+        seen += chunk.len();
+        if seen > limit.saturating_mul(4) {
+            break;
         }
-        bytes.extend_from_slice(&chunk);
+        if seen <= limit {
+            bytes.extend_from_slice(&chunk);
+        }
+    }
+    if seen > limit {
+        return Err(ServiceError::ManifestTooLarge { size: seen, limit }.into());
     }
     Ok(bytes)
 }

@@ -9,7 +9,7 @@ use oci::{Digest, RepositoryName};
 
 use super::error::{ApiError, ApiResult, ErrorCode};
 use super::{body_stream, digest, query_pairs, query_param, upload_range};
-use crate::service::{Registry, UploadState};
+use crate::service::{Chunk, Registry, UploadState};
 
 const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
 const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
@@ -112,13 +112,15 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-pub async fn patch(
+/// A chunk from a PATCH or closing PUT: its declared start (from Content-Range) and body.
+/// A Content-Range whose length disagrees with Content-Length is refused before any byte is read.
+async fn chunk(
     registry: &Registry,
     repo: &RepositoryName,
     id: &str,
     request: &Parts,
     body: Body,
-) -> ApiResult {
+) -> Result<Chunk, ApiError> {
     let range = parse_content_range(&request.headers)?;
     if let (Some((start, end)), Some(len)) = (range, content_length(&request.headers))
         && end - start + 1 != len
@@ -130,8 +132,22 @@ pub async fn patch(
             .header(header::LOCATION, &upload_location(repo, id))
             .detail("Content-Range does not match Content-Length"));
     }
+    Ok(Chunk {
+        start: range.map(|(start, _)| start),
+        body: body_stream(body),
+    })
+}
+
+pub async fn patch(
+    registry: &Registry,
+    repo: &RepositoryName,
+    id: &str,
+    request: &Parts,
+    body: Body,
+) -> ApiResult {
+    let chunk = chunk(registry, repo, id, request, body).await?;
     let upload = registry
-        .append_upload(repo, id, range.map(|(s, _)| s), body_stream(body))
+        .append_upload(repo, id, chunk)
         .await
         .map_err(|e| ApiError::from(e).header(header::LOCATION, &upload_location(repo, id)))?;
     in_progress(StatusCode::ACCEPTED, repo, &upload)
@@ -150,9 +166,11 @@ pub async fn put(
             .detail("the digest query parameter is required"));
     };
     let d = digest(&d)?;
+    let chunk = chunk(registry, repo, id, request, body).await?;
     registry
-        .finish_upload(repo, id, &d, Some(body_stream(body)))
-        .await?;
+        .finish_upload(repo, id, &d, chunk)
+        .await
+        .map_err(|e| ApiError::from(e).header(header::LOCATION, &upload_location(repo, id)))?;
     created(repo, &d)
 }
 

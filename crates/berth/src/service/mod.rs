@@ -17,7 +17,7 @@ use oci::{Digest, Reference, RepositoryName};
 use crate::metadata::{MetadataError, MetadataStore, NewManifest, Page, Referrer, StoredManifest};
 use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
 
-pub use uploads::{BodyStream, UploadState};
+pub use uploads::{BodyStream, Chunk, UploadState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {

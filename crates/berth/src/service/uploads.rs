@@ -18,6 +18,13 @@ use crate::storage::StorageError;
 /// A request body as the service consumes it.
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
 
+/// Bytes to append to an upload.
+pub struct Chunk {
+    /// Where the client says the chunk starts (its Content-Range); must equal the current size.
+    pub start: Option<u64>,
+    pub body: BodyStream,
+}
+
 /// Where an upload stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadState {
@@ -94,19 +101,13 @@ impl Registry {
         &self,
         repo: &RepositoryName,
         id: &str,
-        start: Option<u64>,
-        body: BodyStream,
+        chunk: Chunk,
     ) -> Result<UploadState, ServiceError> {
         self.session(repo, id).await?;
         let lock = self.upload_lock(id);
         let _guard = lock.lock().await;
         let size = self.stored_size(id).await?;
-        if let Some(requested) = start
-            && requested != size
-        {
-            return Err(ServiceError::RangeMismatch { size, requested });
-        }
-        let size = self.write_chunk(id, size, body).await?;
+        let size = self.write_chunk(id, size, chunk).await?;
         self.metadata.touch_upload(id, now_secs()).await?;
         Ok(UploadState {
             id: id.to_string(),
@@ -121,15 +122,13 @@ impl Registry {
         repo: &RepositoryName,
         id: &str,
         digest: &Digest,
-        last_chunk: Option<BodyStream>,
+        last_chunk: Chunk,
     ) -> Result<u64, ServiceError> {
         self.session(repo, id).await?;
         let lock = self.upload_lock(id);
         let _guard = lock.lock().await;
-        let mut size = self.stored_size(id).await?;
-        if let Some(body) = last_chunk {
-            size = self.write_chunk(id, size, body).await?;
-        }
+        let size = self.stored_size(id).await?;
+        let size = self.write_chunk(id, size, last_chunk).await?;
         let actual = self.upload_digest(id, size, digest.algorithm()).await?;
         if &actual != digest {
             self.discard_upload(id).await?;
@@ -152,7 +151,7 @@ impl Registry {
         body: BodyStream,
     ) -> Result<u64, ServiceError> {
         let upload = self.start_upload(repo).await?;
-        self.finish_upload(repo, &upload.id, digest, Some(body))
+        self.finish_upload(repo, &upload.id, digest, Chunk { start: None, body })
             .await
     }
 
@@ -185,12 +184,16 @@ impl Registry {
 
     /// Streams `body` onto the end of the upload, hashing as it goes. Bytes that arrived before
     /// the body broke off are kept, so the client can resume from the reported size.
-    async fn write_chunk(
-        &self,
-        id: &str,
-        offset: u64,
-        mut body: BodyStream,
-    ) -> Result<u64, ServiceError> {
+    async fn write_chunk(&self, id: &str, offset: u64, chunk: Chunk) -> Result<u64, ServiceError> {
+        if let Some(requested) = chunk.start
+            && requested != offset
+        {
+            return Err(ServiceError::RangeMismatch {
+                size: offset,
+                requested,
+            });
+        }
+        let mut body = chunk.body;
         let cached = self
             .hash_states
             .lock()
@@ -237,23 +240,18 @@ impl Registry {
         if let Some(e) = write_error {
             return Err(e.into());
         }
-        if let Some(e) = body_error {
-            // The hasher saw exactly what was written, so its state is still good.
-            if let Some(h) = hasher {
-                self.hash_states
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id.to_string(), (size, h));
-            }
-            return Err(ServiceError::Body(e));
-        }
+        // Even when the body broke off, the hasher saw exactly the bytes written, so its state
+        // is good for a resumed upload.
         if let Some(h) = hasher {
             self.hash_states
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(id.to_string(), (size, h));
         }
-        Ok(size)
+        match body_error {
+            Some(e) => Err(ServiceError::Body(e)),
+            None => Ok(size),
+        }
     }
 
     /// Digest of what the upload holds, from the running hash when it is current.
