@@ -16,6 +16,12 @@ pub struct RawConfig {
     pub listen: Option<String>,
     /// Directory for blobs, uploads and the metadata database. Default `./berth-data`.
     pub data_dir: Option<PathBuf>,
+    /// Where blobs live: `fs` (default: `<data_dir>`), `file:///PATH`, or `s3://BUCKET/PREFIX`
+    /// (endpoint, region and keys from the standard AWS settings or the `s3_*` keys).
+    pub storage: Option<String>,
+    /// Where metadata lives: `sqlite` (default: `<data_dir>/metadata.db`), `sqlite:///PATH`,
+    /// or `postgres://USER:PASSWORD@HOST:PORT/DB`.
+    pub metadata: Option<String>,
     /// An upload untouched for this long is cancelled and its bytes deleted. Default 86400.
     pub upload_idle_timeout_secs: Option<u64>,
     /// How often expired uploads are looked for. Default 600.
@@ -40,6 +46,8 @@ impl RawConfig {
         RawConfig {
             listen: over.listen.or(self.listen),
             data_dir: over.data_dir.or(self.data_dir),
+            storage: over.storage.or(self.storage),
+            metadata: over.metadata.or(self.metadata),
             upload_idle_timeout_secs: over
                 .upload_idle_timeout_secs
                 .or(self.upload_idle_timeout_secs),
@@ -69,9 +77,14 @@ impl RawConfig {
         );
         let purge = self.upload_purge_interval_secs.unwrap_or(600);
         anyhow::ensure!(purge > 0, "upload_purge_interval_secs must be positive");
+        let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from("berth-data"));
+        let storage = StorageConfig::parse(self.storage.as_deref(), &data_dir)?;
+        let metadata = MetadataConfig::parse(self.metadata.as_deref(), &data_dir)?;
         Ok(Config {
             listen,
-            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("berth-data")),
+            storage,
+            metadata,
+            data_dir,
             upload_idle_timeout: Duration::from_secs(
                 self.upload_idle_timeout_secs.unwrap_or(86_400),
             ),
@@ -89,11 +102,68 @@ pub enum LogFormat {
     Json,
 }
 
+/// Which blob store to open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageConfig {
+    Filesystem(PathBuf),
+    S3 { bucket: String, prefix: String },
+}
+
+impl StorageConfig {
+    pub fn parse(url: Option<&str>, data_dir: &Path) -> anyhow::Result<StorageConfig> {
+        match url {
+            None | Some("" | "fs" | "file") => {
+                Ok(StorageConfig::Filesystem(data_dir.to_path_buf()))
+            }
+            Some(u) if u.starts_with("file://") => Ok(StorageConfig::Filesystem(PathBuf::from(
+                &u["file://".len()..],
+            ))),
+            Some(u) if u.starts_with("s3://") => {
+                let rest = &u["s3://".len()..];
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                anyhow::ensure!(!bucket.is_empty(), "storage URL {u:?} has no bucket");
+                Ok(StorageConfig::S3 {
+                    bucket: bucket.to_string(),
+                    prefix: prefix.trim_matches('/').to_string(),
+                })
+            }
+            Some(u) => {
+                anyhow::bail!("storage must be fs, file:///PATH or s3://BUCKET/PREFIX, not {u:?}")
+            }
+        }
+    }
+}
+
+/// Which metadata store to open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetadataConfig {
+    Sqlite(PathBuf),
+    /// A libpq-style connection URL, kept whole (it may carry a password).
+    Postgres(String),
+}
+
+impl MetadataConfig {
+    pub fn parse(url: Option<&str>, data_dir: &Path) -> anyhow::Result<MetadataConfig> {
+        match url {
+            None | Some("" | "sqlite") => Ok(MetadataConfig::Sqlite(data_dir.join("metadata.db"))),
+            Some(u) if u.starts_with("sqlite://") => Ok(MetadataConfig::Sqlite(PathBuf::from(
+                &u["sqlite://".len()..],
+            ))),
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+                Ok(MetadataConfig::Postgres(u.to_string()))
+            }
+            Some(_) => anyhow::bail!("metadata must be sqlite, sqlite:///PATH or postgres://..."),
+        }
+    }
+}
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    pub storage: StorageConfig,
+    pub metadata: MetadataConfig,
     pub upload_idle_timeout: Duration,
     pub upload_purge_interval: Duration,
     pub max_manifest_bytes: usize,
@@ -121,6 +191,47 @@ mod tests {
         assert_eq!(cfg.max_manifest_bytes, 10);
         assert_eq!(cfg.data_dir, PathBuf::from("berth-data"));
         assert_eq!(cfg.shutdown_grace, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn backend_urls() {
+        let d = Path::new("/d");
+        let cases = [
+            (None, Some(StorageConfig::Filesystem("/d".into()))),
+            (
+                Some("file:///x/y"),
+                Some(StorageConfig::Filesystem("/x/y".into())),
+            ),
+            (
+                Some("s3://b/p/q/"),
+                Some(StorageConfig::S3 {
+                    bucket: "b".into(),
+                    prefix: "p/q".into(),
+                }),
+            ),
+            (
+                Some("s3://b"),
+                Some(StorageConfig::S3 {
+                    bucket: "b".into(),
+                    prefix: "".into(),
+                }),
+            ),
+            (Some("s3:///p"), None),
+            (Some("gs://b"), None),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(StorageConfig::parse(url, d).ok(), expected, "{url:?}");
+        }
+        let pg = "postgres://u:p@127.0.0.1:5432/berth";
+        assert_eq!(
+            MetadataConfig::parse(Some(pg), d).ok(),
+            Some(MetadataConfig::Postgres(pg.into()))
+        );
+        assert_eq!(
+            MetadataConfig::parse(None, d).ok(),
+            Some(MetadataConfig::Sqlite("/d/metadata.db".into()))
+        );
+        assert!(MetadataConfig::parse(Some("mysql://x"), d).is_err());
     }
 
     #[test]

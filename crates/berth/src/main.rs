@@ -38,6 +38,12 @@ struct ServeArgs {
     /// Directory for blobs, uploads and the metadata database (default ./berth-data).
     #[arg(long, env = "BERTH_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Blob storage: fs (default, under --data-dir), file:///PATH, or s3://BUCKET/PREFIX.
+    #[arg(long, env = "BERTH_STORAGE")]
+    storage: Option<String>,
+    /// Metadata store: sqlite (default, under --data-dir), sqlite:///PATH, or postgres://...
+    #[arg(long, env = "BERTH_METADATA")]
+    metadata: Option<String>,
 }
 
 fn env_number<T: std::str::FromStr>(key: &str) -> anyhow::Result<Option<T>> {
@@ -97,12 +103,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let flags = RawConfig {
         listen: args.listen,
         data_dir: args.data_dir,
+        storage: args.storage,
+        metadata: args.metadata,
         ..RawConfig::default()
     };
     let config = file.overlay(env_config()?).overlay(flags).validate()?;
     init_logging(config.log_format);
 
-    let registry = server::open_registry(&config)?;
+    let registry = server::open_registry(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

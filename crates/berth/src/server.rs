@@ -11,21 +11,35 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api;
-use crate::config::Config;
-use crate::metadata::SqliteMetadata;
+use crate::config::{Config, MetadataConfig, StorageConfig};
+use crate::metadata::{MetadataStore, SqliteMetadata};
 use crate::service::{Registry, RegistryOptions};
-use crate::storage::FsBlobStore;
+use crate::storage::{BlobStore, FsBlobStore};
 
-/// Opens the embedded stores under the data directory.
-pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| anyhow::anyhow!("creating data dir {}: {e}", config.data_dir.display()))?;
-    let blobs = FsBlobStore::open(&config.data_dir)
-        .map_err(|e| anyhow::anyhow!("opening blob store in {}: {e}", config.data_dir.display()))?;
-    let metadata = SqliteMetadata::open(&config.data_dir.join("metadata.db"))?;
+/// Opens the configured blob and metadata stores and builds the registry over them.
+pub async fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
+    let blobs: Arc<dyn BlobStore> = match &config.storage {
+        StorageConfig::Filesystem(dir) => Arc::new(
+            FsBlobStore::open(dir)
+                .map_err(|e| anyhow::anyhow!("opening blob store in {}: {e}", dir.display()))?,
+        ),
+        StorageConfig::S3 { .. } => anyhow::bail!("S3 storage is not available in this build"),
+    };
+    let metadata: Arc<dyn MetadataStore> = match &config.metadata {
+        MetadataConfig::Sqlite(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+            }
+            Arc::new(SqliteMetadata::open(path)?)
+        }
+        MetadataConfig::Postgres(_) => {
+            anyhow::bail!("PostgreSQL metadata is not available in this build")
+        }
+    };
     Ok(Arc::new(Registry::new(
-        Arc::new(blobs),
-        Arc::new(metadata),
+        blobs,
+        metadata,
         RegistryOptions {
             max_manifest_bytes: config.max_manifest_bytes,
             upload_idle_timeout: config.upload_idle_timeout,
