@@ -174,12 +174,20 @@ impl Registry {
     pub async fn purge_stale_uploads(&self) -> Result<usize, ServiceError> {
         let cutoff = now_secs() - self.options.upload_idle_timeout.as_secs() as i64;
         let stale = self.metadata.stale_uploads(cutoff).await?;
+        let mut purged = 0;
         for id in &stale {
             let lock = self.upload_lock(id);
             let _guard = lock.lock().await;
+            // A chunk may have been streaming while the list was taken: it touched the upload
+            // when it finished, so look again now that no writer holds it.
+            match self.metadata.get_upload(id).await? {
+                Some(session) if session.updated_at < cutoff => {}
+                _ => continue,
+            }
             self.discard_upload(id).await?;
+            purged += 1;
         }
-        Ok(stale.len())
+        Ok(purged)
     }
 
     /// Streams `body` onto the end of the upload, hashing as it goes. Bytes that arrived before
