@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real clients the end-to-end tests drive, from Debian. Install only what is missing.
-declare -A pkg_for=([skopeo]=skopeo [buildah]=buildah [podman]=podman [umoci]=umoci [curl]=curl)
+declare -A pkg_for=([skopeo]=skopeo [buildah]=buildah [podman]=podman [umoci]=umoci [ctr]=containerd [curl]=curl)
 missing=()
 for cmd in "${!pkg_for[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkg_for[$cmd]}")

@@ -9,5 +9,6 @@ mod api_referrers;
 mod api_tags;
 mod api_uploads;
 mod clients;
+mod containerd;
 mod crash;
 mod lifecycle;

@@ -536,3 +536,297 @@ pub fn digest_of(mut r: impl Read) -> (String, u64) {
     }
     (h.finish().to_string(), total)
 }
+
+// ---------------------------------------------------------------------------------------------
+// containerd: a private daemon per test, driven with `ctr`.
+// ---------------------------------------------------------------------------------------------
+
+static BYTES_RUNS: AtomicU64 = AtomicU64::new(0);
+
+impl Tools {
+    /// Like [`Tools::run`], for programs whose stdout is binary (`ctr content get`): returns it
+    /// byte for byte instead of as text.
+    pub fn run_bytes(&self, program: &str, args: &[String]) -> Vec<u8> {
+        let n = BYTES_RUNS.fetch_add(1, Ordering::SeqCst);
+        let out_path = self.dir.join(format!(".stdout-{n}"));
+        let out = std::fs::File::create(&out_path).expect("create stdout file");
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(Stdio::piped());
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        let shown = format!("{program} {}", args.join(" "));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {shown}: {e}"));
+        let mut err = child.stderr.take().expect("stderr");
+        let t_err = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = err.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        });
+        let deadline = Instant::now() + TOOL_TIMEOUT;
+        let status = loop {
+            match child.try_wait().expect("try_wait") {
+                Some(s) => break Some(s),
+                None if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let stderr = t_err.join().unwrap_or_default();
+        match status {
+            Some(s) if s.success() => {}
+            Some(s) => panic!("`{shown}` failed ({s})\n--- stderr ---\n{stderr}"),
+            None => panic!("`{shown}` timed out after {TOOL_TIMEOUT:?}\n--- stderr ---\n{stderr}"),
+        }
+        let bytes = std::fs::read(&out_path).expect("read stdout file");
+        let _ = std::fs::remove_file(&out_path);
+        bytes
+    }
+}
+
+/// A private `containerd` daemon (Debian's `containerd` package) for one test: root, state,
+/// temp and `opt` directories, the gRPC socket and the log all live in its own scratch directory,
+/// so it never touches the machine's containerd (if any) nor another test's. The CRI plugin (which
+/// wants CNI and cgroups) and the snapshotters that only probe the host are disabled; pulls use
+/// the `native` snapshotter (plain directories). Content is not shared between namespaces, so
+/// each namespace really fetches what it pulls. The daemon is stopped when this is dropped.
+pub struct Containerd {
+    child: Option<std::process::Child>,
+    /// The gRPC socket, for `ctr --address`.
+    pub address: PathBuf,
+    /// containerd's `root` directory.
+    pub root: PathBuf,
+    log: PathBuf,
+    tools: Tools,
+}
+
+impl Containerd {
+    pub fn start() -> Containerd {
+        let tools = Tools::new();
+        let base = tools.path("containerd");
+        let mk = |p: &str| {
+            let d = base.join(p);
+            std::fs::create_dir_all(&d).expect("mkdir");
+            d
+        };
+        let root = mk("root");
+        let state = mk("state");
+        let temp = mk("tmp");
+        let opt = mk("opt");
+        let address = base.join("containerd.sock");
+        assert!(
+            address.as_os_str().len() < 100,
+            "socket path too long for a unix socket: {}",
+            address.display()
+        );
+        let config = base.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"version = 2
+root = "{root}"
+state = "{state}"
+temp = "{temp}"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+]
+
+[grpc]
+  address = "{address}"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+
+[plugins."io.containerd.metadata.v1.bolt"]
+  content_sharing_policy = "isolated"
+"#,
+                root = root.display(),
+                state = state.display(),
+                temp = temp.display(),
+                address = address.display(),
+                opt = opt.display(),
+            ),
+        )
+        .expect("write containerd config.toml");
+        let log = base.join("containerd.log");
+        let log_file = std::fs::File::create(&log).expect("create containerd.log");
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--log-level")
+            .arg("info")
+            .current_dir(&base)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log"))
+            .stderr(log_file);
+        for (k, v) in &tools.envs {
+            cmd.env(k, v);
+        }
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                panic!("`containerd` is not installed (apt-get install containerd)")
+            }
+            Err(e) => panic!("spawning containerd: {e}"),
+        };
+        let mut c = Containerd {
+            child: Some(child),
+            address,
+            root,
+            log,
+            tools,
+        };
+        c.wait_ready();
+        c
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().expect("try_wait"))
+            {
+                panic!(
+                    "containerd exited ({status}) before serving\n--- containerd log ---\n{}",
+                    self.log()
+                );
+            }
+            if self.address.exists() && self.try_ctr("default", &["version"]).is_ok() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "containerd did not serve {} within 60s\n--- containerd log ---\n{}",
+                    self.address.display(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything the daemon has logged so far.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    fn ctr_args(&self, namespace: &str, args: &[&str]) -> Vec<String> {
+        let mut v = vec![
+            "--address".to_string(),
+            self.address.display().to_string(),
+            "--namespace".to_string(),
+            namespace.to_string(),
+        ];
+        v.extend(args.iter().map(|s| s.to_string()));
+        v
+    }
+
+    /// `ctr --address SOCK --namespace NS ARGS`; returns stdout, panics (with the daemon's log)
+    /// unless it exits 0.
+    pub fn ctr(&self, namespace: &str, args: &[&str]) -> String {
+        match self.try_ctr(namespace, args) {
+            Ok(r) => r.stdout,
+            Err(e) => panic!("{e}\n--- containerd log ---\n{}", self.log()),
+        }
+    }
+
+    pub fn try_ctr(&self, namespace: &str, args: &[&str]) -> Result<Ran, String> {
+        self.tools.try_run("ctr", &self.ctr_args(namespace, args))
+    }
+
+    /// `ctr content get DIGEST`: the bytes of a blob in the namespace's content store.
+    pub fn content(&self, namespace: &str, digest: &str) -> Vec<u8> {
+        self.tools.run_bytes(
+            "ctr",
+            &self.ctr_args(namespace, &["content", "get", digest]),
+        )
+    }
+
+    /// `ctr content ls -q`, sorted.
+    pub fn content_digests(&self, namespace: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .ctr(namespace, &["content", "ls", "-q"])
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// `ctr images ls`, as (REF, TYPE, DIGEST) rows.
+    pub fn images(&self, namespace: &str) -> Vec<(String, String, String)> {
+        self.ctr(namespace, &["images", "ls"])
+            .lines()
+            .skip(1)
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                assert!(f.len() >= 3, "unexpected `ctr images ls` row: {l:?}");
+                (f[0].to_string(), f[1].to_string(), f[2].to_string())
+            })
+            .collect()
+    }
+
+    /// `ctr snapshots --snapshotter native ls`, as (KEY, PARENT, KIND) rows; PARENT is empty for a
+    /// base layer.
+    pub fn native_snapshots(&self, namespace: &str) -> Vec<(String, String, String)> {
+        self.ctr(namespace, &["snapshots", "--snapshotter", "native", "ls"])
+            .lines()
+            .skip(1)
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                match f.as_slice() {
+                    [key, kind] => (key.to_string(), String::new(), kind.to_string()),
+                    [key, parent, kind] => (key.to_string(), parent.to_string(), kind.to_string()),
+                    _ => panic!("unexpected `ctr snapshots ls` row: {l:?}"),
+                }
+            })
+            .collect()
+    }
+
+    /// The native snapshotter's snapshot directories (each a complete root filesystem: the
+    /// native snapshotter copies the parent into every child).
+    pub fn native_snapshot_dirs(&self) -> Vec<PathBuf> {
+        let dir = self
+            .root
+            .join("io.containerd.snapshotter.v1.native/snapshots");
+        list_dir(&dir).into_iter().map(|n| dir.join(n)).collect()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
