@@ -22,6 +22,11 @@ pub struct RawConfig {
     /// Where metadata lives: `sqlite` (default: `<data_dir>/metadata.db`), `sqlite:///PATH`,
     /// or `postgres://USER:PASSWORD@HOST:PORT/DB`.
     pub metadata: Option<String>,
+    /// Most connections one node opens to PostgreSQL. Default 16.
+    pub metadata_pool_size: Option<usize>,
+    /// Bound on connecting to PostgreSQL and on waiting for a free pooled connection; past it a
+    /// request fails with 503. Default 5.
+    pub metadata_connect_timeout_secs: Option<u64>,
     /// An upload untouched for this long is cancelled and its bytes deleted. Default 86400.
     pub upload_idle_timeout_secs: Option<u64>,
     /// How often expired uploads are looked for. Default 600.
@@ -48,6 +53,10 @@ impl RawConfig {
             data_dir: over.data_dir.or(self.data_dir),
             storage: over.storage.or(self.storage),
             metadata: over.metadata.or(self.metadata),
+            metadata_pool_size: over.metadata_pool_size.or(self.metadata_pool_size),
+            metadata_connect_timeout_secs: over
+                .metadata_connect_timeout_secs
+                .or(self.metadata_connect_timeout_secs),
             upload_idle_timeout_secs: over
                 .upload_idle_timeout_secs
                 .or(self.upload_idle_timeout_secs),
@@ -80,10 +89,22 @@ impl RawConfig {
         let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from("berth-data"));
         let storage = StorageConfig::parse(self.storage.as_deref(), &data_dir)?;
         let metadata = MetadataConfig::parse(self.metadata.as_deref(), &data_dir)?;
+        let metadata_pool_size = self.metadata_pool_size.unwrap_or(16);
+        anyhow::ensure!(
+            metadata_pool_size > 0,
+            "metadata_pool_size must be positive"
+        );
+        let connect_timeout = self.metadata_connect_timeout_secs.unwrap_or(5);
+        anyhow::ensure!(
+            connect_timeout > 0,
+            "metadata_connect_timeout_secs must be positive"
+        );
         Ok(Config {
             listen,
             storage,
             metadata,
+            metadata_pool_size,
+            metadata_connect_timeout: Duration::from_secs(connect_timeout),
             data_dir,
             upload_idle_timeout: Duration::from_secs(
                 self.upload_idle_timeout_secs.unwrap_or(86_400),
@@ -164,6 +185,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub storage: StorageConfig,
     pub metadata: MetadataConfig,
+    pub metadata_pool_size: usize,
+    pub metadata_connect_timeout: Duration,
     pub upload_idle_timeout: Duration,
     pub upload_purge_interval: Duration,
     pub max_manifest_bytes: usize,

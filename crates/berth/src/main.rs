@@ -1,10 +1,10 @@
 //! The `berth` command line. `anyhow` lives here and nowhere below.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use berth::config::{LogFormat, RawConfig};
+use berth::config::{Config, LogFormat, RawConfig};
 use berth::server::{self, ServeOptions};
 use clap::{Parser, Subcommand};
 
@@ -25,6 +25,9 @@ enum Command {
     /// under ./berth-data. Settings come from, in rising precedence: a TOML file (--config),
     /// environment variables (BERTH_<KEY>), and these flags.
     Serve(ServeArgs),
+    /// Apply pending metadata schema migrations, then exit. `serve` applies them too; this is
+    /// for upgrading the database before starting new nodes.
+    Migrate(MigrateArgs),
 }
 
 #[derive(clap::Args)]
@@ -46,6 +49,19 @@ struct ServeArgs {
     metadata: Option<String>,
 }
 
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// TOML config file; every key is documented in README.md.
+    #[arg(long, env = "BERTH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory holding the default SQLite database (default ./berth-data).
+    #[arg(long, env = "BERTH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Metadata store: sqlite (default, under --data-dir), sqlite:///PATH, or postgres://...
+    #[arg(long, env = "BERTH_METADATA")]
+    metadata: Option<String>,
+}
+
 fn env_number<T: std::str::FromStr>(key: &str) -> anyhow::Result<Option<T>> {
     match std::env::var(key) {
         Ok(v) => v
@@ -62,6 +78,8 @@ fn env_config() -> anyhow::Result<RawConfig> {
         upload_idle_timeout_secs: env_number("BERTH_UPLOAD_IDLE_TIMEOUT_SECS")?,
         upload_purge_interval_secs: env_number("BERTH_UPLOAD_PURGE_INTERVAL_SECS")?,
         max_manifest_bytes: env_number("BERTH_MAX_MANIFEST_BYTES")?,
+        metadata_pool_size: env_number("BERTH_METADATA_POOL_SIZE")?,
+        metadata_connect_timeout_secs: env_number("BERTH_METADATA_CONNECT_TIMEOUT_SECS")?,
         shutdown_grace_secs: env_number("BERTH_SHUTDOWN_GRACE_SECS")?,
         log_format: std::env::var("BERTH_LOG_FORMAT").ok(),
         ..RawConfig::default()
@@ -95,11 +113,29 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let file = match &args.config {
+/// The config file, then the environment, then `flags`, validated.
+fn load_config(file: Option<&Path>, flags: RawConfig) -> anyhow::Result<Config> {
+    let file = match file {
         Some(path) => RawConfig::from_toml_file(path)?,
         None => RawConfig::default(),
     };
+    file.overlay(env_config()?).overlay(flags).validate()
+}
+
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let flags = RawConfig {
+        data_dir: args.data_dir,
+        metadata: args.metadata,
+        ..RawConfig::default()
+    };
+    let config = load_config(args.config.as_deref(), flags)?;
+    init_logging(config.log_format);
+    server::open_metadata(&config).await?;
+    tracing::info!("metadata schema is up to date");
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let flags = RawConfig {
         listen: args.listen,
         data_dir: args.data_dir,
@@ -107,7 +143,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metadata: args.metadata,
         ..RawConfig::default()
     };
-    let config = file.overlay(env_config()?).overlay(flags).validate()?;
+    let config = load_config(args.config.as_deref(), flags)?;
     init_logging(config.log_format);
 
     let registry = server::open_registry(&config).await?;
@@ -143,5 +179,6 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Migrate(args) => runtime.block_on(migrate(args)),
     }
 }

@@ -12,7 +12,8 @@ use tokio::sync::watch;
 
 use crate::api;
 use crate::config::{Config, MetadataConfig, StorageConfig};
-use crate::metadata::{MetadataStore, SqliteMetadata};
+use crate::metadata::postgres::PoolOptions;
+use crate::metadata::{MetadataStore, PostgresMetadata, SqliteMetadata};
 use crate::service::{Registry, RegistryOptions};
 use crate::storage::{BlobStore, FsBlobStore};
 
@@ -25,18 +26,7 @@ pub async fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
         ),
         StorageConfig::S3 { .. } => anyhow::bail!("S3 storage is not available in this build"),
     };
-    let metadata: Arc<dyn MetadataStore> = match &config.metadata {
-        MetadataConfig::Sqlite(path) => {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
-            }
-            Arc::new(SqliteMetadata::open(path)?)
-        }
-        MetadataConfig::Postgres(_) => {
-            anyhow::bail!("PostgreSQL metadata is not available in this build")
-        }
-    };
+    let metadata = open_metadata(config).await?;
     Ok(Arc::new(Registry::new(
         blobs,
         metadata,
@@ -45,6 +35,30 @@ pub async fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
             upload_idle_timeout: config.upload_idle_timeout,
         },
     )))
+}
+
+/// Opens the configured metadata store, applying any pending schema migrations.
+pub async fn open_metadata(config: &Config) -> anyhow::Result<Arc<dyn MetadataStore>> {
+    Ok(match &config.metadata {
+        MetadataConfig::Sqlite(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+            }
+            Arc::new(SqliteMetadata::open(path)?)
+        }
+        MetadataConfig::Postgres(url) => {
+            let options = PoolOptions {
+                size: config.metadata_pool_size,
+                timeout: config.metadata_connect_timeout,
+            };
+            Arc::new(
+                PostgresMetadata::connect(url, options)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("opening PostgreSQL metadata: {e}"))?,
+            )
+        }
+    })
 }
 
 pub struct ServeOptions {

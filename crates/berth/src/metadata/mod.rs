@@ -4,6 +4,7 @@
 //! Every reference a manifest makes is recorded as a row so that garbage collection can later
 //! find what is unreferenced with a query, online, instead of walking storage read-only.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use oci::{Digest, RepositoryName, Tag};
 
+pub use postgres::PostgresMetadata;
 pub use sqlite::SqliteMetadata;
 
 #[derive(Debug, thiserror::Error)]

@@ -12,3 +12,4 @@ mod clients;
 mod containerd;
 mod crash;
 mod lifecycle;
+mod postgres;
