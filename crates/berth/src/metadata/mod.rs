@@ -136,6 +136,24 @@ pub trait MetadataStore: Send + Sync + 'static {
     ) -> Result<Option<Vec<String>>, MetadataError>;
     /// Repositories holding at least one manifest, sorted.
     async fn list_repositories(&self, page: Page<'_>) -> Result<Vec<String>, MetadataError>;
+    /// Every repository, including those holding only blobs, sorted (for copying a registry).
+    async fn all_repositories(&self) -> Result<Vec<String>, MetadataError>;
+    /// Every blob the repository may read, with its size.
+    async fn repository_blobs(
+        &self,
+        repo: &RepositoryName,
+    ) -> Result<Vec<(Digest, u64)>, MetadataError>;
+    /// Every manifest of the repository, oldest first (so an index follows its children).
+    async fn repository_manifests(
+        &self,
+        repo: &RepositoryName,
+    ) -> Result<Vec<StoredManifest>, MetadataError>;
+    /// Every tag of the repository with the digest it points at, sorted by tag.
+    async fn repository_tags(
+        &self,
+        repo: &RepositoryName,
+    ) -> Result<Vec<(String, Digest)>, MetadataError>;
+
     /// Manifests in `repo` whose subject is `subject`, oldest first.
     async fn referrers(
         &self,
@@ -281,6 +299,36 @@ pub(crate) mod tests {
                 .await
                 .unwrap_or_default()
                 .is_empty()
+        );
+
+        // Exports, as a registry copy reads them.
+        assert_eq!(
+            store.all_repositories().await.ok(),
+            Some(vec!["team/a".to_string()])
+        );
+        assert_eq!(
+            store.repository_blobs(&a).await.ok(),
+            Some(vec![(blob.clone(), 5)])
+        );
+        let manifests: Vec<Digest> = store
+            .repository_manifests(&a)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| m.digest)
+            .collect();
+        assert_eq!(
+            manifests,
+            vec![
+                m1.digest.clone(),
+                m2.digest.clone(),
+                index.digest.clone(),
+                sig.digest.clone()
+            ]
+        );
+        assert_eq!(
+            store.repository_tags(&a).await.ok(),
+            Some(vec![("v1".to_string(), m2.digest.clone())])
         );
 
         // Deleting a manifest removes its tags.

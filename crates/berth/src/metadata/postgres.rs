@@ -718,6 +718,74 @@ impl MetadataStore for PostgresMetadata {
         .collect()
     }
 
+    async fn all_repositories(&self) -> Result<Vec<String>, MetadataError> {
+        self.query("SELECT name FROM repositories ORDER BY name", &[])
+            .await?
+            .iter()
+            .map(|r| r.try_get(0).map_err(db))
+            .collect()
+    }
+
+    async fn repository_blobs(
+        &self,
+        repo: &RepositoryName,
+    ) -> Result<Vec<(Digest, u64)>, MetadataError> {
+        self.query(
+            "SELECT b.digest, b.size FROM blobs b
+             JOIN repository_blobs rb ON rb.digest = b.digest
+             JOIN repositories r ON r.id = rb.repository_id
+             WHERE r.name = $1 ORDER BY b.digest",
+            &[&repo.as_str()],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                parse_digest(r.try_get(0).map_err(db)?)?,
+                r.try_get::<_, i64>(1).map_err(db)? as u64,
+            ))
+        })
+        .collect()
+    }
+
+    async fn repository_manifests(
+        &self,
+        repo: &RepositoryName,
+    ) -> Result<Vec<StoredManifest>, MetadataError> {
+        self.query(
+            "SELECT m.digest, m.media_type, m.content FROM manifests m
+             JOIN repositories r ON r.id = m.repository_id
+             WHERE r.name = $1 ORDER BY m.id",
+            &[&repo.as_str()],
+        )
+        .await?
+        .iter()
+        .map(stored_manifest)
+        .collect()
+    }
+
+    async fn repository_tags(
+        &self,
+        repo: &RepositoryName,
+    ) -> Result<Vec<(String, Digest)>, MetadataError> {
+        self.query(
+            "SELECT t.name, m.digest FROM tags t
+             JOIN manifests m ON m.id = t.manifest_id
+             JOIN repositories r ON r.id = t.repository_id
+             WHERE r.name = $1 ORDER BY t.name",
+            &[&repo.as_str()],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get(0).map_err(db)?,
+                parse_digest(r.try_get(1).map_err(db)?)?,
+            ))
+        })
+        .collect()
+    }
+
     async fn referrers(
         &self,
         repo: &RepositoryName,

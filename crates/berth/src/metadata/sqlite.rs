@@ -553,6 +553,75 @@ impl MetadataStore for SqliteMetadata {
         .await
     }
 
+    async fn all_repositories(&self) -> Result<Vec<String>, MetadataError> {
+        self.read(|c| {
+            c.prepare_cached("SELECT name FROM repositories ORDER BY name")?
+                .query_map([], |r| r.get(0))?
+                .collect()
+        })
+        .await
+    }
+
+    async fn repository_blobs(
+        &self,
+        repo: &RepositoryName,
+    ) -> Result<Vec<(Digest, u64)>, MetadataError> {
+        let repo = repo.to_string();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT b.digest, b.size FROM blobs b WHERE b.digest IN (
+                   SELECT digest FROM repository_blobs
+                   WHERE repository_id = (SELECT id FROM repositories WHERE name = ?1))",
+            )?
+            .query_map([repo], |r| {
+                Ok((parse_digest(r.get(0)?)?, r.get::<_, i64>(1)? as u64))
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn repository_manifests(
+        &self,
+        repo: &RepositoryName,
+    ) -> Result<Vec<StoredManifest>, MetadataError> {
+        let repo = repo.to_string();
+        self.read(move |c| {
+            let mut rows = c
+                .prepare_cached(
+                    "SELECT digest, media_type, content, id FROM manifests
+                     WHERE repository_id = (SELECT id FROM repositories WHERE name = ?1)",
+                )?
+                .query_map([repo], |r| Ok((r.get::<_, i64>(3)?, stored_manifest(r)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.sort_by_key(|(id, _)| *id);
+            Ok(rows.into_iter().map(|(_, m)| m).collect())
+        })
+        .await
+    }
+
+    async fn repository_tags(
+        &self,
+        repo: &RepositoryName,
+    ) -> Result<Vec<(String, Digest)>, MetadataError> {
+        let repo = repo.to_string();
+        self.read(move |c| {
+            let mut rows = c
+                .prepare_cached(
+                    "SELECT t.name, m.digest FROM tags t, manifests m
+                     WHERE m.id = t.manifest_id
+                     AND t.repository_id = (SELECT id FROM repositories WHERE name = ?1)",
+                )?
+                .query_map([repo], |r| {
+                    Ok((r.get::<_, String>(0)?, parse_digest(r.get(1)?)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.sort();
+            Ok(rows)
+        })
+        .await
+    }
+
     async fn referrers(
         &self,
         repo: &RepositoryName,

@@ -5,6 +5,7 @@
 //! then recorded in metadata. A crash in between leaves unreferenced bytes (harmless, reclaimable)
 //! but never metadata that points at missing bytes.
 
+mod copy;
 mod uploads;
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use oci::{Digest, Reference, RepositoryName};
 use crate::metadata::{MetadataError, MetadataStore, NewManifest, Page, Referrer, StoredManifest};
 use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
 
+pub use copy::CopyReport;
 pub use uploads::{BodyStream, Chunk, UploadState};
 
 #[derive(Debug, thiserror::Error)]
