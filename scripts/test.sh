@@ -20,6 +20,10 @@ fi
 # A scratch PostgreSQL for the metadata tests; a no-op when it is already running.
 eval "$(bash scripts/postgres.sh)"
 
+# A local single-node Garage for the S3 storage tests; exports their BERTH_TEST_S3_* and AWS_*
+# variables. On a new machine this first builds garage with cargo (about 20 minutes on 2 cores).
+eval "$(bash scripts/garage.sh)"
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::storage::s3::S3Settings;
+
 /// Every key the config file accepts. Each is also an environment variable (`BERTH_` + the key
 /// in upper case) and, for the common ones, a flag of `berth serve`.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -37,6 +39,22 @@ pub struct RawConfig {
     pub shutdown_grace_secs: Option<u64>,
     /// `text` (default) or `json`.
     pub log_format: Option<String>,
+    /// S3 endpoint URL, e.g. `http://127.0.0.1:3900`. Default: `AWS_ENDPOINT_URL`, else AWS.
+    pub s3_endpoint: Option<String>,
+    /// Default: `AWS_REGION`, else `us-east-1`.
+    pub s3_region: Option<String>,
+    /// Default: `AWS_ACCESS_KEY_ID`.
+    pub s3_access_key_id: Option<String>,
+    /// Default: `AWS_SECRET_ACCESS_KEY`.
+    pub s3_secret_access_key: Option<String>,
+    /// A file holding the secret access key (trailing whitespace ignored).
+    pub s3_secret_access_key_file: Option<PathBuf>,
+    /// Path-style URLs (`ENDPOINT/BUCKET/KEY`), as self-hosted stores expect. Default true.
+    pub s3_path_style: Option<bool>,
+    /// Requests to the object store in flight at once, per process. Default 64.
+    pub s3_max_concurrent_requests: Option<usize>,
+    /// Answer blob GETs with a 307 to a presigned URL. Default false.
+    pub s3_redirect_blob_gets: Option<bool>,
 }
 
 impl RawConfig {
@@ -66,6 +84,18 @@ impl RawConfig {
             max_manifest_bytes: over.max_manifest_bytes.or(self.max_manifest_bytes),
             shutdown_grace_secs: over.shutdown_grace_secs.or(self.shutdown_grace_secs),
             log_format: over.log_format.or(self.log_format),
+            s3_endpoint: over.s3_endpoint.or(self.s3_endpoint),
+            s3_region: over.s3_region.or(self.s3_region),
+            s3_access_key_id: over.s3_access_key_id.or(self.s3_access_key_id),
+            s3_secret_access_key: over.s3_secret_access_key.or(self.s3_secret_access_key),
+            s3_secret_access_key_file: over
+                .s3_secret_access_key_file
+                .or(self.s3_secret_access_key_file),
+            s3_path_style: over.s3_path_style.or(self.s3_path_style),
+            s3_max_concurrent_requests: over
+                .s3_max_concurrent_requests
+                .or(self.s3_max_concurrent_requests),
+            s3_redirect_blob_gets: over.s3_redirect_blob_gets.or(self.s3_redirect_blob_gets),
         }
     }
 
@@ -88,6 +118,31 @@ impl RawConfig {
         anyhow::ensure!(purge > 0, "upload_purge_interval_secs must be positive");
         let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from("berth-data"));
         let storage = StorageConfig::parse(self.storage.as_deref(), &data_dir)?;
+        let s3 = S3Settings {
+            endpoint: self.s3_endpoint,
+            region: self.s3_region,
+            access_key_id: self.s3_access_key_id,
+            secret_access_key: match (self.s3_secret_access_key, self.s3_secret_access_key_file) {
+                (Some(_), Some(_)) => {
+                    anyhow::bail!("set s3_secret_access_key or s3_secret_access_key_file, not both")
+                }
+                (Some(secret), None) => Some(secret),
+                (None, Some(file)) => Some(
+                    std::fs::read_to_string(&file)
+                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?
+                        .trim_end()
+                        .to_string(),
+                ),
+                (None, None) => None,
+            },
+            path_style: self.s3_path_style.unwrap_or(true),
+            max_concurrent_requests: self.s3_max_concurrent_requests.unwrap_or(64),
+            redirect_blob_gets: self.s3_redirect_blob_gets.unwrap_or(false),
+        };
+        anyhow::ensure!(
+            s3.max_concurrent_requests > 0,
+            "s3_max_concurrent_requests must be positive"
+        );
         let metadata = MetadataConfig::parse(self.metadata.as_deref(), &data_dir)?;
         let metadata_pool_size = self.metadata_pool_size.unwrap_or(16);
         anyhow::ensure!(
@@ -113,6 +168,7 @@ impl RawConfig {
             max_manifest_bytes,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs.unwrap_or(30)),
             log_format,
+            s3,
         })
     }
 }
@@ -192,6 +248,8 @@ pub struct Config {
     pub max_manifest_bytes: usize,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    /// How to reach the object store when `storage` is S3.
+    pub s3: S3Settings,
 }
 
 #[cfg(test)]

@@ -72,6 +72,15 @@ fn env_number<T: std::str::FromStr>(key: &str) -> anyhow::Result<Option<T>> {
     }
 }
 
+fn env_bool(key: &str) -> anyhow::Result<Option<bool>> {
+    match std::env::var(key).as_deref() {
+        Ok("true" | "1") => Ok(Some(true)),
+        Ok("false" | "0") => Ok(Some(false)),
+        Ok(v) => anyhow::bail!("{key}={v:?} is not true or false"),
+        Err(_) => Ok(None),
+    }
+}
+
 /// The keys without a flag, from the environment.
 fn env_config() -> anyhow::Result<RawConfig> {
     Ok(RawConfig {
@@ -82,6 +91,15 @@ fn env_config() -> anyhow::Result<RawConfig> {
         metadata_connect_timeout_secs: env_number("BERTH_METADATA_CONNECT_TIMEOUT_SECS")?,
         shutdown_grace_secs: env_number("BERTH_SHUTDOWN_GRACE_SECS")?,
         log_format: std::env::var("BERTH_LOG_FORMAT").ok(),
+        s3_endpoint: std::env::var("BERTH_S3_ENDPOINT").ok(),
+        s3_region: std::env::var("BERTH_S3_REGION").ok(),
+        s3_access_key_id: std::env::var("BERTH_S3_ACCESS_KEY_ID").ok(),
+        s3_secret_access_key: std::env::var("BERTH_S3_SECRET_ACCESS_KEY").ok(),
+        s3_secret_access_key_file: std::env::var_os("BERTH_S3_SECRET_ACCESS_KEY_FILE")
+            .map(PathBuf::from),
+        s3_path_style: env_bool("BERTH_S3_PATH_STYLE")?,
+        s3_max_concurrent_requests: env_number("BERTH_S3_MAX_CONCURRENT_REQUESTS")?,
+        s3_redirect_blob_gets: env_bool("BERTH_S3_REDIRECT_BLOB_GETS")?,
         ..RawConfig::default()
     })
 }
@@ -146,7 +164,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(args.config.as_deref(), flags)?;
     init_logging(config.log_format);
 
-    let registry = server::open_registry(&config).await?;
+    let (registry, blob_redirects) = server::open_registry(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -164,6 +182,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ServeOptions {
             shutdown_grace: config.shutdown_grace,
             upload_purge_interval: config.upload_purge_interval,
+            blob_redirects,
         },
         shutdown_signal(),
     )

@@ -1,5 +1,7 @@
 //! `GET`/`HEAD`/`DELETE /v2/<name>/blobs/<digest>`.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -7,7 +9,13 @@ use axum::response::{IntoResponse, Response};
 use oci::{Digest, RepositoryName};
 
 use super::error::{ApiError, ApiResult, ErrorCode};
-use crate::service::{RangeRequest, Registry};
+use crate::service::{RangeRequest, Registry, ServiceError};
+use crate::storage::BlobStore;
+
+/// A request extension, present when blob GETs are to be answered with a 307 to wherever the
+/// blob store says the bytes can be fetched (a presigned object-store URL).
+#[derive(Clone)]
+pub struct BlobRedirects(pub Arc<dyn BlobStore>);
 
 /// Parses `bytes=a-b`, `bytes=a-`, `bytes=-n`. Anything else (other units, several ranges,
 /// malformed values) is ignored and the whole blob is served, as RFC 9110 allows.
@@ -71,6 +79,29 @@ pub async fn get(
     {
         registry.stat_blob(repo, digest).await?;
         return Ok((StatusCode::NOT_MODIFIED, common).into_response());
+    }
+    if let Some(BlobRedirects(store)) = request.extensions.get::<BlobRedirects>() {
+        // The repository's permission first: a URL is handed out only for a readable blob.
+        registry.stat_blob(repo, digest).await?;
+        let location = store
+            .redirect_url(digest)
+            .await
+            .map_err(ServiceError::from)?;
+        if let Some(location) = location {
+            let mut r = (
+                StatusCode::TEMPORARY_REDIRECT,
+                common,
+                [(header::CONTENT_LENGTH, "0".to_string())],
+            )
+                .into_response();
+            r.headers_mut().insert(
+                header::LOCATION,
+                location
+                    .parse()
+                    .map_err(|_| ApiError::new(ErrorCode::Internal))?,
+            );
+            return Ok(r);
+        }
     }
     let range = parse_range(&request.headers);
     let read = match registry.read_blob(repo, digest, range).await? {

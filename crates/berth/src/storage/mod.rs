@@ -5,8 +5,12 @@
 //! - a committed blob is complete and durable before `commit_upload` returns, and is never
 //!   visible half-written, whatever instant the process dies at;
 //! - no call holds a whole blob in memory: bytes move in bounded chunks.
+//!
+//! Implementations: [`fs::FsBlobStore`] (a local directory) and [`s3::S3BlobStore`] (an
+//! S3-compatible bucket that several berth processes may share).
 
 pub mod fs;
+pub mod s3;
 
 use std::io;
 use std::pin::Pin;
@@ -17,6 +21,7 @@ use futures_util::Stream;
 use oci::Digest;
 
 pub use fs::FsBlobStore;
+pub use s3::S3BlobStore;
 
 /// Chunks of a blob as they are read.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
@@ -76,6 +81,12 @@ pub trait BlobStore: Send + Sync + 'static {
     /// If the blob already exists the upload is simply discarded.
     async fn commit_upload(&self, id: &str, digest: &Digest) -> Result<(), StorageError>;
     async fn delete_upload(&self, id: &str) -> Result<(), StorageError>;
+
+    /// A URL from which a client may fetch the committed blob directly (a presigned object-store
+    /// URL), for stores configured to redirect blob GETs; `None` means serve the bytes.
+    async fn redirect_url(&self, _digest: &Digest) -> Result<Option<String>, StorageError> {
+        Ok(None)
+    }
 }
 
 /// The suite every `BlobStore` implementation must pass.

@@ -13,3 +13,4 @@ mod containerd;
 mod crash;
 mod lifecycle;
 mod postgres;
+mod s3;
