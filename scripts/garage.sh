@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A scratch single-node Garage (S3-compatible object store) for Berth's S3 tests, idempotently:
-# installs garage with `cargo install` if it is missing (a long build: about 20 minutes on two
-# cores), writes a config under $BERTH_GARAGE_DIR (default /tmp/berth-garage), starts
+# installs garage with `cargo install` if it is missing (a long build: 45 minutes once on two
+# busy cores), writes a config under $BERTH_GARAGE_DIR (default /tmp/berth-garage), starts
 # `garage server` on 127.0.0.1 unless it already answers, gives the node its storage role,
 # creates the bucket and imports a fixed test key, then prints the lines to eval:
 #

@@ -21,7 +21,7 @@ fi
 eval "$(bash scripts/postgres.sh)"
 
 # A local single-node Garage for the S3 storage tests; exports their BERTH_TEST_S3_* and AWS_*
-# variables. On a new machine this first builds garage with cargo (about 20 minutes on 2 cores).
+# variables. On a new machine this first builds garage with cargo (45 minutes once on 2 busy cores).
 eval "$(bash scripts/garage.sh)"
 
 cargo fmt --all -- --check
