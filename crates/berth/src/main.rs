@@ -28,6 +28,20 @@ enum Command {
     /// Apply pending metadata schema migrations, then exit. `serve` applies them too; this is
     /// for upgrading the database before starting new nodes.
     Migrate(MigrateArgs),
+    /// Copy a whole registry from one configuration to another (for example from the embedded
+    /// defaults to PostgreSQL + S3), verifying every blob's digest on the way. Re-running it
+    /// skips what the target already holds, so an interrupted copy resumes.
+    Copy(CopyArgs),
+}
+
+#[derive(clap::Args)]
+struct CopyArgs {
+    /// TOML config of the source registry (its data_dir, storage, metadata and s3_* keys).
+    #[arg(long)]
+    from: PathBuf,
+    /// TOML config of the target registry.
+    #[arg(long)]
+    to: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -140,6 +154,37 @@ fn load_config(file: Option<&Path>, flags: RawConfig) -> anyhow::Result<Config> 
     file.overlay(env_config()?).overlay(flags).validate()
 }
 
+async fn copy(args: CopyArgs) -> anyhow::Result<()> {
+    let from = RawConfig::from_toml_file(&args.from)?.validate()?;
+    let to = RawConfig::from_toml_file(&args.to)?.validate()?;
+    init_logging(to.log_format);
+    let source = server::open_registry(&from)
+        .await
+        .context("opening the source")?;
+    let target = server::open_registry(&to)
+        .await
+        .context("opening the target")?;
+    let report = source
+        .copy_into(
+            &target,
+            |repo| tracing::info!(repository = %repo, "copying"),
+        )
+        .await
+        .context("copy stopped; run it again to resume")?;
+    #[allow(clippy::print_stdout)]
+    {
+        println!("repositories: {}", report.repositories);
+        println!(
+            "blobs copied: {} ({} bytes)",
+            report.blobs_copied, report.blob_bytes_copied
+        );
+        println!("blobs already there: {}", report.blobs_skipped);
+        println!("manifests: {}", report.manifests);
+        println!("tags: {}", report.tags);
+    }
+    Ok(())
+}
+
 async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let flags = RawConfig {
         data_dir: args.data_dir,
@@ -164,7 +209,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(args.config.as_deref(), flags)?;
     init_logging(config.log_format);
 
-    let (registry, blob_redirects) = server::open_registry(&config).await?;
+    let registry = server::open_registry(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -182,7 +227,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ServeOptions {
             shutdown_grace: config.shutdown_grace,
             upload_purge_interval: config.upload_purge_interval,
-            blob_redirects,
         },
         shutdown_signal(),
     )
@@ -199,5 +243,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Migrate(args) => runtime.block_on(migrate(args)),
+        Command::Copy(args) => runtime.block_on(copy(args)),
     }
 }

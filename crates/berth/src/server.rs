@@ -17,29 +17,18 @@ use crate::metadata::{MetadataStore, PostgresMetadata, SqliteMetadata};
 use crate::service::{Registry, RegistryOptions};
 use crate::storage::{BlobStore, FsBlobStore, S3BlobStore};
 
-/// Opens the configured blob and metadata stores and builds the registry over them. Also
-/// returns the blob store when it is to answer blob GETs with redirects (see
-/// [`ServeOptions::blob_redirects`]).
-pub async fn open_registry(
-    config: &Config,
-) -> anyhow::Result<(Arc<Registry>, Option<Arc<dyn BlobStore>>)> {
-    let mut redirects = None;
+/// Opens the configured blob and metadata stores and builds the registry over them.
+pub async fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
     let blobs: Arc<dyn BlobStore> = match &config.storage {
         StorageConfig::Filesystem(dir) => Arc::new(
             FsBlobStore::open(dir)
                 .map_err(|e| anyhow::anyhow!("opening blob store in {}: {e}", dir.display()))?,
         ),
-        StorageConfig::S3 { bucket, prefix } => {
-            let store: Arc<dyn BlobStore> = Arc::new(
-                S3BlobStore::open(bucket, prefix, &config.s3)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("opening S3 bucket {bucket:?}: {e}"))?,
-            );
-            if config.s3.redirect_blob_gets {
-                redirects = Some(store.clone());
-            }
-            store
-        }
+        StorageConfig::S3 { bucket, prefix } => Arc::new(
+            S3BlobStore::open(bucket, prefix, &config.s3)
+                .await
+                .map_err(|e| anyhow::anyhow!("opening S3 bucket {bucket:?}: {e}"))?,
+        ),
     };
     let metadata = open_metadata(config).await?;
     let registry = Arc::new(Registry::new(
@@ -50,7 +39,7 @@ pub async fn open_registry(
             upload_idle_timeout: config.upload_idle_timeout,
         },
     ));
-    Ok((registry, redirects))
+    Ok(registry)
 }
 
 /// Opens the configured metadata store, applying any pending schema migrations.
@@ -81,18 +70,10 @@ pub struct ServeOptions {
     /// How long in-flight requests may run after shutdown begins.
     pub shutdown_grace: Duration,
     pub upload_purge_interval: Duration,
-    /// A blob store whose [`BlobStore::redirect_url`] blob GETs are answered with (a 307 to a
-    /// presigned URL), after the registry has checked the repository may read the blob.
-    pub blob_redirects: Option<Arc<dyn BlobStore>>,
 }
 
-pub fn router(registry: Arc<Registry>, blob_redirects: Option<Arc<dyn BlobStore>>) -> Router {
-    let router = Router::new().fallback(api::handle);
-    match blob_redirects {
-        Some(store) => router.layer(axum::Extension(api::BlobRedirects(store))),
-        None => router,
-    }
-    .with_state(registry)
+pub fn router(registry: Arc<Registry>) -> Router {
+    Router::new().fallback(api::handle).with_state(registry)
 }
 
 /// Serves until `shutdown` completes; then stops accepting, and waits up to the grace period
@@ -120,10 +101,9 @@ pub async fn run(
         let _ = tcp.set_nodelay(true);
     });
     let mut graceful = stop_rx.clone();
-    let serve = axum::serve(listener, router(registry, options.blob_redirects))
-        .with_graceful_shutdown(async move {
-            let _ = graceful.wait_for(|stop| *stop).await;
-        });
+    let serve = axum::serve(listener, router(registry)).with_graceful_shutdown(async move {
+        let _ = graceful.wait_for(|stop| *stop).await;
+    });
     let mut deadline = stop_rx;
     let grace = options.shutdown_grace;
     let result = tokio::select! {

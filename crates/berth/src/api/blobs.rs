@@ -1,7 +1,5 @@
 //! `GET`/`HEAD`/`DELETE /v2/<name>/blobs/<digest>`.
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -9,13 +7,7 @@ use axum::response::{IntoResponse, Response};
 use oci::{Digest, RepositoryName};
 
 use super::error::{ApiError, ApiResult, ErrorCode};
-use crate::service::{RangeRequest, Registry, ServiceError};
-use crate::storage::BlobStore;
-
-/// A request extension, present when blob GETs are to be answered with a 307 to wherever the
-/// blob store says the bytes can be fetched (a presigned object-store URL).
-#[derive(Clone)]
-pub struct BlobRedirects(pub Arc<dyn BlobStore>);
+use crate::service::{RangeRequest, Registry};
 
 /// Parses `bytes=a-b`, `bytes=a-`, `bytes=-n`. Anything else (other units, several ranges,
 /// malformed values) is ignored and the whole blob is served, as RFC 9110 allows.
@@ -80,14 +72,8 @@ pub async fn get(
         registry.stat_blob(repo, digest).await?;
         return Ok((StatusCode::NOT_MODIFIED, common).into_response());
     }
-    if let Some(BlobRedirects(store)) = request.extensions.get::<BlobRedirects>() {
-        // The repository's permission first: a URL is handed out only for a readable blob.
-        registry.stat_blob(repo, digest).await?;
-        let location = store
-            .redirect_url(digest)
-            .await
-            .map_err(ServiceError::from)?;
-        if let Some(location) = location {
+    {
+        if let Some(location) = registry.blob_redirect(repo, digest).await? {
             let mut r = (
                 StatusCode::TEMPORARY_REDIRECT,
                 common,

@@ -216,8 +216,11 @@ impl IntoResponse for ApiError {
             tracing::error!(error.code = code, error.detail = ?self.detail, "request failed");
         }
         let detail = match (&self.code, self.detail) {
-            // Internal details may leak paths or queries; they are logged above instead.
-            (ErrorCode::Internal, _) | (_, None) => serde_json::Value::Null,
+            // Backend and internal details name hosts, buckets, paths or queries: they are
+            // logged above, and the client gets only the code and message.
+            (ErrorCode::Internal | ErrorCode::Unavailable, _) | (_, None) => {
+                serde_json::Value::Null
+            }
             (_, Some(d)) => serde_json::Value::String(d),
         };
         let mut errors =

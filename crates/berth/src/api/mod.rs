@@ -23,8 +23,6 @@ use oci::{Digest, Reference, RepositoryName};
 use crate::service::{BodyStream, Registry};
 use error::{ApiError, ApiResult, ErrorCode};
 
-pub use blobs::BlobRedirects;
-
 pub type AppState = Arc<Registry>;
 
 /// Every endpoint of the distribution API, with its path parameters validated.

@@ -11,6 +11,21 @@ use oci::{Digest, Reference, RepositoryName};
 use super::{Chunk, Registry, ServiceError};
 use crate::metadata::NewManifest;
 
+/// A copy that stopped, and at what.
+#[derive(Debug, thiserror::Error)]
+#[error("{at}: {source}")]
+pub struct CopyError {
+    pub at: String,
+    pub source: ServiceError,
+}
+
+fn at(what: impl std::fmt::Display) -> impl FnOnce(ServiceError) -> CopyError {
+    move |source| CopyError {
+        at: what.to_string(),
+        source,
+    }
+}
+
 /// What one copy did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CopyReport {
@@ -30,58 +45,79 @@ impl Registry {
         &self,
         target: &Registry,
         mut progress: impl FnMut(&RepositoryName),
-    ) -> Result<CopyReport, ServiceError> {
+    ) -> Result<CopyReport, CopyError> {
         let mut report = CopyReport::default();
-        for name in self.metadata.all_repositories().await? {
+        let names = self.metadata.all_repositories().await;
+        for name in names.map_err(|e| at("listing repositories")(e.into()))? {
             let repo: RepositoryName = name.parse().map_err(|_| {
-                ServiceError::Unavailable(format!("stored repository name {name:?} is invalid"))
+                at("reading the source")(ServiceError::ManifestInvalid(format!(
+                    "stored repository name {name:?} is invalid"
+                )))
             })?;
             progress(&repo);
             report.repositories += 1;
-            for (digest, size) in self.metadata.repository_blobs(&repo).await? {
+            let blobs = self.metadata.repository_blobs(&repo).await;
+            for (digest, size) in
+                blobs.map_err(|e| at(format!("listing blobs of {repo}"))(e.into()))?
+            {
                 self.copy_blob(target, &repo, &digest, size, &mut report)
-                    .await?;
+                    .await
+                    .map_err(at(format!("copying blob {digest} of {repo}")))?;
             }
             // Oldest first: an index's children were stored before it, so they exist in the
             // target by the time the index is checked.
-            for m in self.metadata.repository_manifests(&repo).await? {
+            let manifests = self.metadata.repository_manifests(&repo).await;
+            for m in manifests.map_err(|e| at(format!("listing manifests of {repo}"))(e.into()))? {
+                let reference = Reference::Digest(m.digest.clone());
                 target
-                    .put_manifest(
-                        &repo,
-                        &Reference::Digest(m.digest.clone()),
-                        Some(&m.media_type),
-                        m.bytes,
-                    )
-                    .await?;
+                    .put_manifest(&repo, &reference, Some(&m.media_type), m.bytes)
+                    .await
+                    .map_err(at(format!("copying manifest {reference} of {repo}")))?;
                 report.manifests += 1;
             }
-            for (tag, digest) in self.metadata.repository_tags(&repo).await? {
-                let tag = tag.parse().map_err(|_| {
-                    ServiceError::Unavailable(format!("stored tag {tag:?} is invalid"))
-                })?;
-                let m = target
-                    .get_manifest(&repo, &Reference::Digest(digest))
-                    .await?;
-                let parsed = oci::manifest::parse(Some(&m.media_type), &m.bytes)
-                    .map_err(|e| ServiceError::ManifestInvalid(e.to_string()))?;
-                let record = NewManifest {
-                    digest: m.digest,
-                    media_type: parsed.media_type,
-                    bytes: m.bytes,
-                    blobs: parsed.blobs,
-                    children: parsed.children,
-                    subject: parsed.subject,
-                    artifact_type: parsed.artifact_type,
-                    annotations: parsed.annotations,
-                };
+            let tags = self.metadata.repository_tags(&repo).await;
+            for (tag, digest) in
+                tags.map_err(|e| at(format!("listing tags of {repo}"))(e.into()))?
+            {
                 target
-                    .metadata
-                    .put_manifest(&repo, &record, Some(&tag))
-                    .await?;
+                    .copy_tag(&repo, &tag, &digest)
+                    .await
+                    .map_err(at(format!("copying tag {tag} of {repo}")))?;
                 report.tags += 1;
             }
         }
         Ok(report)
+    }
+
+    /// Points `tag` at a manifest this registry already holds.
+    async fn copy_tag(
+        &self,
+        repo: &RepositoryName,
+        tag: &str,
+        digest: &Digest,
+    ) -> Result<(), ServiceError> {
+        let tag = tag
+            .parse()
+            .map_err(|_| ServiceError::ManifestInvalid(format!("stored tag {tag:?} is invalid")))?;
+        let m = self
+            .get_manifest(repo, &Reference::Digest(digest.clone()))
+            .await?;
+        let parsed = oci::manifest::parse(Some(&m.media_type), &m.bytes)
+            .map_err(|e| ServiceError::ManifestInvalid(e.to_string()))?;
+        let record = NewManifest {
+            digest: m.digest,
+            media_type: parsed.media_type,
+            bytes: m.bytes,
+            blobs: parsed.blobs,
+            children: parsed.children,
+            subject: parsed.subject,
+            artifact_type: parsed.artifact_type,
+            annotations: parsed.annotations,
+        };
+        self.metadata
+            .put_manifest(repo, &record, Some(&tag))
+            .await?;
+        Ok(())
     }
 
     async fn copy_blob(

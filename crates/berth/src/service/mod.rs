@@ -18,7 +18,7 @@ use oci::{Digest, Reference, RepositoryName};
 use crate::metadata::{MetadataError, MetadataStore, NewManifest, Page, Referrer, StoredManifest};
 use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
 
-pub use copy::CopyReport;
+pub use copy::{CopyError, CopyReport};
 pub use uploads::{BodyStream, Chunk, UploadState};
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +173,20 @@ impl Registry {
             .blob_in_repository(repo, digest)
             .await?
             .ok_or(ServiceError::BlobUnknown)
+    }
+
+    /// Where to send a client for the blob's bytes instead of serving them (a presigned URL),
+    /// for stores configured to redirect. Checks the repository may read the blob first.
+    pub async fn blob_redirect(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<Option<String>, ServiceError> {
+        if !self.blobs.redirects_gets() {
+            return Ok(None);
+        }
+        self.stat_blob(repo, digest).await?;
+        Ok(self.blobs.redirect_url(digest).await?)
     }
 
     /// Opens a blob (or a range of it) for streaming. `Err(Ok(..))` is an unsatisfiable range.

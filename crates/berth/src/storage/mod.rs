@@ -82,6 +82,12 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn commit_upload(&self, id: &str, digest: &Digest) -> Result<(), StorageError>;
     async fn delete_upload(&self, id: &str) -> Result<(), StorageError>;
 
+    /// Whether blob GETs are to be answered with a redirect to [`BlobStore::redirect_url`].
+    /// Asked first so that stores that never redirect cost nothing on the pull path.
+    fn redirects_gets(&self) -> bool {
+        false
+    }
+
     /// A URL from which a client may fetch the committed blob directly (a presigned object-store
     /// URL), for stores configured to redirect blob GETs; `None` means serve the bytes.
     async fn redirect_url(&self, _digest: &Digest) -> Result<Option<String>, StorageError> {

@@ -452,6 +452,10 @@ impl BlobStore for S3BlobStore {
         }
     }
 
+    fn redirects_gets(&self) -> bool {
+        self.redirect_blob_gets
+    }
+
     async fn redirect_url(&self, digest: &Digest) -> Result<Option<String>, StorageError> {
         if !self.redirect_blob_gets {
             return Ok(None);

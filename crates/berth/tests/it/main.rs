@@ -10,6 +10,7 @@ mod api_tags;
 mod api_uploads;
 mod clients;
 mod containerd;
+mod copy;
 mod crash;
 mod lifecycle;
 mod postgres;

@@ -21,7 +21,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 /// Runs SQL on the server named by `BERTH_TEST_POSTGRES_URL`; returns that URL.
-fn admin_sql(sql: &str) -> String {
+pub(crate) fn admin_sql(sql: &str) -> String {
     let url = std::env::var("BERTH_TEST_POSTGRES_URL").unwrap_or_else(|_| {
         panic!(
             "BERTH_TEST_POSTGRES_URL is not set. The PostgreSQL tests need a server: run \
@@ -43,7 +43,7 @@ fn admin_sql(sql: &str) -> String {
 }
 
 /// `url` with its database name replaced.
-fn with_database(url: &str, db: &str) -> String {
+pub(crate) fn with_database(url: &str, db: &str) -> String {
     let (base, query) = url
         .split_once('?')
         .map_or((url, None), |(b, q)| (b, Some(q)));
@@ -108,7 +108,7 @@ fn push_and_pull_with_metadata_in_postgres() {
 
 /// A PostgreSQL cluster of this test's own, reachable only through a Unix socket in its
 /// temporary directory. As root, it runs as Debian's `postgres` user (initdb refuses root).
-struct Cluster {
+pub(crate) struct Cluster {
     tmp: tempfile::TempDir,
     bin: PathBuf,
 }
@@ -135,7 +135,7 @@ fn server_bin_dir() -> PathBuf {
 }
 
 impl Cluster {
-    fn init() -> Cluster {
+    pub(crate) fn init() -> Cluster {
         let tmp = tempfile::Builder::new()
             .prefix("berth-pg-")
             .tempdir()
@@ -178,7 +178,7 @@ impl Cluster {
     }
 
     /// The URL berth is given: the socket directory as `host`.
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!(
             "postgres:///postgres?host={}&user=postgres",
             self.socket_dir().display()
@@ -198,7 +198,7 @@ impl Cluster {
         assert!(out.status.success(), "{program} {args:?}: {out:?}");
     }
 
-    fn start(&self) {
+    pub(crate) fn start(&self) {
         let options = format!(
             "-c listen_addresses='' -c unix_socket_directories='{}' -c fsync=off",
             self.socket_dir().display()
@@ -211,7 +211,7 @@ impl Cluster {
         );
     }
 
-    fn stop(&self) {
+    pub(crate) fn stop(&self) {
         let data = self.data();
         self.run("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"]);
     }
