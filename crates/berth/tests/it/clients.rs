@@ -17,7 +17,7 @@ const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+
 const ALL_MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// A three-layer image (umoci, gzip layers) with pseudo-random file contents, tag `v1`.
-fn three_layer_image(tools: &Tools) -> OciLayout {
+pub(crate) fn three_layer_image(tools: &Tools) -> OciLayout {
     tools.umoci_image(
         "src",
         "v1",
@@ -101,7 +101,7 @@ fn assert_served(
     }
 }
 
-fn hexes(digests: &[String]) -> Vec<String> {
+pub(crate) fn hexes(digests: &[String]) -> Vec<String> {
     let mut v: Vec<String> = digests
         .iter()
         .map(|d| d.strip_prefix("sha256:").expect("sha256").to_string())
@@ -328,14 +328,12 @@ fn skopeo_docker_v2s2_push_and_pull_is_byte_identical() {
     assert!(m2.body == m.body);
 }
 
-/// Two single-arch images built from scratch with buildah, in a manifest list pushed with
-/// `buildah manifest push --all --format FORMAT`, pulled back with `skopeo copy --all`.
-fn buildah_manifest_list_roundtrip(format: &str, list_type: &str, child_type: &str) {
-    let app = TestApp::start();
-    let tools = Tools::new();
-    let arches = ["amd64", "arm64"];
+/// Builds one single-file image per architecture from scratch with buildah
+/// (`localhost/berth-test-<arch>`, `/hello.txt` = "hello from <arch>") and a local manifest list
+/// `list` over them; returns the image IDs (`sha256:...`, the config digests), in `arches` order.
+pub(crate) fn buildah_list(tools: &Tools, arches: &[&str], list: &str) -> Vec<String> {
     let mut image_ids = Vec::new();
-    for arch in arches {
+    for &arch in arches {
         let file = tools.path(&format!("{arch}.txt"));
         std::fs::write(&file, format!("hello from {arch}\n")).expect("write");
         let ctr = tools.buildah(&["from", "scratch"]).trim().to_string();
@@ -360,15 +358,25 @@ fn buildah_manifest_list_roundtrip(format: &str, list_type: &str, child_type: &s
         };
         image_ids.push(id);
     }
-    tools.buildah(&["manifest", "create", "localhost/berth-test-list"]);
-    for arch in arches {
+    tools.buildah(&["manifest", "create", list]);
+    for &arch in arches {
         tools.buildah(&[
             "manifest",
             "add",
-            "localhost/berth-test-list",
+            list,
             &format!("localhost/berth-test-{arch}"),
         ]);
     }
+    image_ids
+}
+
+/// Two single-arch images built from scratch with buildah, in a manifest list pushed with
+/// `buildah manifest push --all --format FORMAT`, pulled back with `skopeo copy --all`.
+fn buildah_manifest_list_roundtrip(format: &str, list_type: &str, child_type: &str) {
+    let app = TestApp::start();
+    let tools = Tools::new();
+    let arches = ["amd64", "arm64"];
+    let image_ids = buildah_list(&tools, &arches, "localhost/berth-test-list");
     let digestfile = tools.path("list.digest");
     let dest = format!("docker://{}/clients/multi-{format}:v1", app.host);
     tools.buildah(&[
@@ -526,7 +534,7 @@ fn buildah_docker_manifest_list_push_all_and_skopeo_copy_all_back() {
     buildah_manifest_list_roundtrip("v2s2", DOCKER_LIST, DOCKER_MANIFEST);
 }
 
-fn podman_inspect(tools: &Tools, reference: &str) -> Value {
+pub(crate) fn podman_inspect(tools: &Tools, reference: &str) -> Value {
     let out = tools.podman(&["image", "inspect", reference]);
     let v: Value = serde_json::from_str(&out).expect("podman inspect JSON");
     v[0].clone()

@@ -13,5 +13,6 @@ mod containerd;
 mod copy;
 mod crash;
 mod lifecycle;
+mod multinode;
 mod postgres;
 mod s3;

@@ -28,14 +28,14 @@ fn env(key: &str) -> String {
 }
 
 /// The store's endpoint; checks the credentials are there too (berth reads them from `AWS_*`).
-fn endpoint() -> String {
+pub(crate) fn endpoint() -> String {
     env("AWS_ACCESS_KEY_ID");
     env("AWS_SECRET_ACCESS_KEY");
     env("BERTH_TEST_S3_ENDPOINT")
 }
 
 /// `s3://BUCKET/it/<name>-<unique>`: each test has a prefix of its own in the shared bucket.
-fn storage_url(name: &str) -> String {
+pub(crate) fn storage_url(name: &str) -> String {
     let unique = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -47,7 +47,7 @@ fn storage_url(name: &str) -> String {
     )
 }
 
-fn s3_app(storage: &str, endpoint: &str) -> TestAppBuilder {
+pub(crate) fn s3_app(storage: &str, endpoint: &str) -> TestAppBuilder {
     TestApp::builder()
         .arg("--storage")
         .arg(storage)
@@ -216,7 +216,7 @@ fn an_upload_continues_on_another_process() {
 /// A TCP forwarder to the store that can be switched off (connections refused, open ones cut)
 /// and on again at the same address: the store going down and coming back, without stopping
 /// the Garage the other tests share.
-struct Proxy {
+pub(crate) struct Proxy {
     addr: SocketAddr,
     upstream: SocketAddr,
     running: Arc<AtomicBool>,
@@ -225,7 +225,7 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(upstream_url: &str) -> Proxy {
+    pub(crate) fn start(upstream_url: &str) -> Proxy {
         let host = upstream_url
             .split("://")
             .nth(1)
@@ -248,7 +248,7 @@ impl Proxy {
         proxy
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
@@ -285,7 +285,7 @@ impl Proxy {
         }));
     }
 
-    fn down(&mut self) {
+    pub(crate) fn down(&mut self) {
         self.running.store(false, Ordering::SeqCst);
         if let Some(t) = self.acceptor.take() {
             let _ = t.join();
@@ -300,7 +300,7 @@ impl Proxy {
         }
     }
 
-    fn up(&mut self) {
+    pub(crate) fn up(&mut self) {
         let listener = TcpListener::bind(self.addr).expect("rebind proxy");
         self.serve(listener);
     }
@@ -335,7 +335,7 @@ fn pipe(from: &TcpStream, to: &TcpStream) {
 
 /// 503 with the one non-spec code berth uses for a backend that is down.
 #[track_caller]
-fn assert_unavailable(reply: &Reply) {
+pub(crate) fn assert_unavailable(reply: &Reply) {
     reply.assert_status(503);
     assert_eq!(
         error_code(&reply.text()),
