@@ -1,10 +1,11 @@
-//! `berth copy`: moving a registry from the embedded defaults to PostgreSQL (and another blob
-//! directory), verifying digests, and resuming by running again.
+//! `berth copy`: moving a registry from the embedded defaults to PostgreSQL with another blob
+//! directory or S3, verifying digests, and resuming by running again.
 
 use std::path::Path;
 use std::process::{Command, Output};
 
 use crate::postgres::{admin_sql, with_database};
+use crate::s3::{endpoint, s3_app, storage_url};
 use crate::support::{TestApp, berth_bin, push_blob, push_image, sha256};
 
 fn copy(from: &Path, to: &Path) -> Output {
@@ -25,6 +26,17 @@ fn write_config(path: &Path, text: &str) {
 
 #[test]
 fn copies_a_registry_to_postgres_and_resumes_idempotently() {
+    copy_registry_to(None);
+}
+
+#[test]
+fn copies_a_registry_to_postgres_and_s3() {
+    copy_registry_to(Some(storage_url("copy")));
+}
+
+/// Copies a populated embedded registry to PostgreSQL plus `storage` (an S3 URL, or the
+/// target's data directory when `None`), twice, then serves the target and reads it back.
+fn copy_registry_to(storage: Option<String>) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let src_dir = tmp.path().join("src");
     let dst_dir = tmp.path().join("dst");
@@ -63,10 +75,14 @@ fn copies_a_registry_to_postgres_and_resumes_idempotently() {
     let from = tmp.path().join("from.toml");
     let to = tmp.path().join("to.toml");
     write_config(&from, &format!("data_dir = {:?}\n", src_dir));
-    write_config(
-        &to,
-        &format!("data_dir = {:?}\nmetadata = {url:?}\n", dst_dir),
-    );
+    let mut target = format!("data_dir = {:?}\nmetadata = {url:?}\n", dst_dir);
+    if let Some(storage) = &storage {
+        target.push_str(&format!(
+            "storage = {storage:?}\ns3_endpoint = {:?}\n",
+            endpoint()
+        ));
+    }
+    write_config(&to, &target);
 
     let first = copy(&from, &to);
     assert!(first.status.success(), "berth copy: {first:?}");
@@ -82,11 +98,14 @@ fn copies_a_registry_to_postgres_and_resumes_idempotently() {
     );
 
     // The target serves the same registry.
-    let dst = TestApp::builder()
-        .data_dir(&dst_dir)
-        .arg("--metadata")
-        .arg(&url)
-        .start();
+    let dst = match &storage {
+        Some(storage) => s3_app(storage, &endpoint()),
+        None => TestApp::builder(),
+    }
+    .data_dir(&dst_dir)
+    .arg("--metadata")
+    .arg(&url)
+    .start();
     for (tag, bytes) in [
         ("v1", &m1),
         ("v2", &m2),
@@ -109,6 +128,10 @@ fn copies_a_registry_to_postgres_and_resumes_idempotently() {
         .assert_status(200);
     dst.get(&format!("/v2/other/blobs/blobs/{only_blob}"))
         .assert_status(200);
+    if storage.is_some() {
+        // The blobs went to the bucket, not to the target's data directory.
+        assert!(!dst_dir.join("blobs/sha256").join(&only_blob[7..9]).exists());
+    }
     drop(dst);
     admin_sql(&format!("DROP DATABASE {db} WITH (FORCE)"));
 }
