@@ -184,6 +184,31 @@ fn stored_manifest(row: &Row) -> Result<StoredManifest, MetadataError> {
     })
 }
 
+/// The first of `digests` that `sql` (selecting the digests present among `$2` for
+/// repository `$1`) does not return.
+async fn first_missing<'a>(
+    c: &impl GenericClient,
+    sql: &str,
+    repo_id: i64,
+    digests: &'a [Digest],
+) -> Result<Option<&'a Digest>, tokio_postgres::Error> {
+    if digests.is_empty() {
+        return Ok(None);
+    }
+    let wanted: Vec<String> = digests.iter().map(|d| d.to_string()).collect();
+    let stmt = c.prepare_cached(sql).await?;
+    let present: HashSet<String> = c
+        .query(&stmt, &[&repo_id, &wanted])
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    Ok(wanted
+        .iter()
+        .position(|d| !present.contains(d))
+        .map(|i| &digests[i]))
+}
+
 /// The repository's id, creating the row if needed. Safe against another node creating it at
 /// the same moment: `ON CONFLICT DO NOTHING` waits for that node's insert, and the second
 /// `SELECT` (a new statement, so a new snapshot) then sees it.
@@ -342,45 +367,29 @@ impl PostgresMetadata {
 
         // FOR KEY SHARE: the rows checked here cannot be deleted until this commits, so the
         // check still holds when the manifest becomes visible.
-        if !m.blobs.is_empty() {
-            let digests: Vec<String> = m.blobs.iter().map(|d| d.to_string()).collect();
-            let stmt = tx
-                .prepare_cached(
-                    "SELECT digest FROM repository_blobs
-                     WHERE repository_id = $1 AND digest = ANY($2) FOR KEY SHARE",
-                )
-                .await?;
-            let present: HashSet<String> = tx
-                .query(&stmt, &[&repo_id, &digests])
-                .await?
-                .iter()
-                .map(|r| r.try_get(0))
-                .collect::<Result<_, _>>()?;
-            if let Some(i) = digests.iter().position(|d| !present.contains(d)) {
-                return Err(Failure::Metadata(MetadataError::MissingBlob(
-                    m.blobs[i].clone(),
-                )));
-            }
+        let missing_blob = first_missing(
+            &tx,
+            "SELECT digest FROM repository_blobs
+             WHERE repository_id = $1 AND digest = ANY($2) FOR KEY SHARE",
+            repo_id,
+            &m.blobs,
+        )
+        .await?;
+        if let Some(blob) = missing_blob {
+            return Err(Failure::Metadata(MetadataError::MissingBlob(blob.clone())));
         }
-        if !m.children.is_empty() {
-            let digests: Vec<String> = m.children.iter().map(|d| d.to_string()).collect();
-            let stmt = tx
-                .prepare_cached(
-                    "SELECT digest FROM manifests
-                     WHERE repository_id = $1 AND digest = ANY($2) FOR KEY SHARE",
-                )
-                .await?;
-            let present: HashSet<String> = tx
-                .query(&stmt, &[&repo_id, &digests])
-                .await?
-                .iter()
-                .map(|r| r.try_get(0))
-                .collect::<Result<_, _>>()?;
-            if let Some(i) = digests.iter().position(|d| !present.contains(d)) {
-                return Err(Failure::Metadata(MetadataError::MissingManifest(
-                    m.children[i].clone(),
-                )));
-            }
+        let missing_child = first_missing(
+            &tx,
+            "SELECT digest FROM manifests
+             WHERE repository_id = $1 AND digest = ANY($2) FOR KEY SHARE",
+            repo_id,
+            &m.children,
+        )
+        .await?;
+        if let Some(child) = missing_child {
+            return Err(Failure::Metadata(MetadataError::MissingManifest(
+                child.clone(),
+            )));
         }
 
         let digest = m.digest.to_string();
