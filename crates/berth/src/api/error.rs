@@ -188,7 +188,7 @@ impl From<ServiceError> for ApiError {
                     .header(header::RANGE, &super::upload_range(*size))
                     .detail(detail);
             }
-            ServiceError::UploadInvalid(_) | ServiceError::Body(_) => BlobUploadInvalid,
+            ServiceError::Body(_) => BlobUploadInvalid,
             ServiceError::ManifestInvalid(_) => ManifestInvalid,
             ServiceError::ManifestTooLarge { .. } => {
                 return ApiError::new(SizeInvalid)

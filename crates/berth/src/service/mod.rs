@@ -37,8 +37,6 @@ pub enum ServiceError {
     #[error("chunk starts at {requested} but the upload holds {size} bytes")]
     RangeMismatch { size: u64, requested: u64 },
     #[error("{0}")]
-    UploadInvalid(String),
-    #[error("{0}")]
     ManifestInvalid(String),
     #[error("manifest is {size} bytes, over the limit of {limit}")]
     ManifestTooLarge { size: usize, limit: usize },
