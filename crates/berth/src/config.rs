@@ -1,61 +1,132 @@
-//! Configuration: defaults, then a TOML file, then environment variables, then flags, merged by
-//! `main` into [`RawConfig`] and validated into [`Config`], the only type the server reads.
+//! Configuration, written once: [`RawConfig`] is the one definition of every key. Serde reads it
+//! from the TOML file; clap reads the same struct from the environment (`BERTH_<KEY>`) and from
+//! flags (`--<key-with-dashes>`), flags winning. `main` lays the two over each other with
+//! [`RawConfig::overlay`] and [`RawConfig::validate`] turns the result into [`Config`], the only
+//! type the server reads: defaults filled in, every number checked against a range.
 
+use std::fmt::Display;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use clap::builder::BoolishValueParser;
+use serde::{Deserialize, Serialize};
 
 pub use crate::storage::s3::S3Settings;
 
-/// Every key the config file accepts. Each is also an environment variable (`BERTH_` + the key
-/// in upper case) and, for the common ones, a flag of `berth serve`.
-#[derive(Debug, Default, Clone, Deserialize)]
+/// Every key. The TOML file uses the field names; each key is also the environment variable
+/// `BERTH_<KEY>` and the flag `--<key-with-dashes>` (a unit test holds the code and README.md's
+/// table to that). Doc comments are the `--help` text; the README says more.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    /// Address to listen on. Default `127.0.0.1:5000`.
+    /// Address to listen on; port 0 picks a free one [default: 127.0.0.1:5000]
+    #[arg(long, env = "BERTH_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
-    /// Directory for blobs, uploads and the metadata database. Default `./berth-data`.
+    /// Directory for blobs, uploads and the metadata database [default: ./berth-data]
+    #[arg(long, env = "BERTH_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Where blobs live: `fs` (default: `<data_dir>`), `file:///PATH`, or `s3://BUCKET/PREFIX`
-    /// (endpoint, region and keys from the standard AWS settings or the `s3_*` keys).
+    /// Blob storage: fs (under --data-dir), file:///PATH or s3://BUCKET/PREFIX [default: fs]
+    #[arg(long, env = "BERTH_STORAGE", value_name = "URL")]
     pub storage: Option<String>,
-    /// Where metadata lives: `sqlite` (default: `<data_dir>/metadata.db`), `sqlite:///PATH`,
-    /// or `postgres://USER:PASSWORD@HOST:PORT/DB`.
+    /// Metadata store: sqlite (under --data-dir), sqlite:///PATH or postgres://... [default: sqlite]
+    #[arg(
+        long,
+        env = "BERTH_METADATA",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub metadata: Option<String>,
-    /// Most connections one node opens to PostgreSQL. Default 16.
+    /// PostgreSQL: most connections one process opens [default: 16]
+    #[arg(long, env = "BERTH_METADATA_POOL_SIZE", value_name = "N")]
     pub metadata_pool_size: Option<usize>,
-    /// Bound on connecting to PostgreSQL and on waiting for a free pooled connection; past it a
-    /// request fails with 503. Default 5.
+    /// PostgreSQL: bound on connecting and on waiting for a pooled connection [default: 5]
+    #[arg(long, env = "BERTH_METADATA_CONNECT_TIMEOUT_SECS", value_name = "SECS")]
     pub metadata_connect_timeout_secs: Option<u64>,
-    /// An upload untouched for this long is cancelled and its bytes deleted. Default 86400.
+    /// An upload untouched this long is cancelled and its bytes deleted [default: 86400]
+    #[arg(long, env = "BERTH_UPLOAD_IDLE_TIMEOUT_SECS", value_name = "SECS")]
     pub upload_idle_timeout_secs: Option<u64>,
-    /// How often expired uploads are looked for. Default 600.
+    /// How often idle uploads are looked for [default: 600]
+    #[arg(long, env = "BERTH_UPLOAD_PURGE_INTERVAL_SECS", value_name = "SECS")]
     pub upload_purge_interval_secs: Option<u64>,
-    /// Largest manifest accepted, in bytes. Default 4194304 (4 MiB).
+    /// Largest manifest accepted, in bytes [default: 4194304]
+    #[arg(long, env = "BERTH_MAX_MANIFEST_BYTES", value_name = "BYTES")]
     pub max_manifest_bytes: Option<usize>,
-    /// On SIGTERM/SIGINT, in-flight requests get this long to finish. Default 30.
+    /// Most manifest bytes held in memory at once, across all requests [default: 67108864]
+    #[arg(long, env = "BERTH_MAX_BUFFERED_MANIFEST_BYTES", value_name = "BYTES")]
+    pub max_buffered_manifest_bytes: Option<usize>,
+    /// Largest blob accepted, in bytes [default: 68719476736]
+    #[arg(long, env = "BERTH_MAX_BLOB_BYTES", value_name = "BYTES")]
+    pub max_blob_bytes: Option<u64>,
+    /// Connections served at once; more wait in the accept backlog [default: 4096, lower if
+    /// the open-file limit needs it]
+    #[arg(long, env = "BERTH_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// A client gets this long to send a request's headers; also closes idle keep-alive
+    /// connections [default: 30]
+    #[arg(long, env = "BERTH_HEADER_READ_TIMEOUT_SECS", value_name = "SECS")]
+    pub header_read_timeout_secs: Option<u64>,
+    /// A request body that sends nothing for this long is aborted [default: 60]
+    #[arg(long, env = "BERTH_BODY_IDLE_TIMEOUT_SECS", value_name = "SECS")]
+    pub body_idle_timeout_secs: Option<u64>,
+    /// After SIGTERM/SIGINT, in-flight requests get this long to finish [default: 30]
+    #[arg(long, env = "BERTH_SHUTDOWN_GRACE_SECS", value_name = "SECS")]
     pub shutdown_grace_secs: Option<u64>,
-    /// `text` (default) or `json`.
+    /// text or json [default: text]
+    #[arg(long, env = "BERTH_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
-    /// S3 endpoint URL, e.g. `http://127.0.0.1:3900`. Default: `AWS_ENDPOINT_URL`, else AWS.
+    /// S3 API URL, e.g. http://127.0.0.1:3900 [default: AWS_ENDPOINT_URL, else AWS]
+    #[arg(long, env = "BERTH_S3_ENDPOINT", value_name = "URL")]
     pub s3_endpoint: Option<String>,
-    /// Default: `AWS_REGION`, else `us-east-1`.
+    /// Region the S3 requests are signed for [default: AWS_REGION, else us-east-1]
+    #[arg(long, env = "BERTH_S3_REGION", value_name = "REGION")]
     pub s3_region: Option<String>,
-    /// Default: `AWS_ACCESS_KEY_ID`.
+    /// [default: AWS_ACCESS_KEY_ID]
+    #[arg(
+        long,
+        env = "BERTH_S3_ACCESS_KEY_ID",
+        value_name = "ID",
+        hide_env_values = true
+    )]
     pub s3_access_key_id: Option<String>,
-    /// Default: `AWS_SECRET_ACCESS_KEY`.
+    /// [default: AWS_SECRET_ACCESS_KEY]
+    #[arg(
+        long,
+        env = "BERTH_S3_SECRET_ACCESS_KEY",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
     pub s3_secret_access_key: Option<String>,
-    /// A file holding the secret access key (trailing whitespace ignored).
+    /// Read the S3 secret access key from this file (trailing whitespace ignored)
+    #[arg(long, env = "BERTH_S3_SECRET_ACCESS_KEY_FILE", value_name = "FILE")]
     pub s3_secret_access_key_file: Option<PathBuf>,
-    /// Path-style URLs (`ENDPOINT/BUCKET/KEY`), as self-hosted stores expect. Default true.
+    /// ENDPOINT/BUCKET/KEY URLs, as self-hosted stores expect [default: true]
+    #[arg(long, env = "BERTH_S3_PATH_STYLE", value_name = "BOOL",
+          value_parser = BoolishValueParser::new())]
     pub s3_path_style: Option<bool>,
-    /// Requests to the object store in flight at once, per process. Default 64.
+    /// Requests to the object store in flight at once [default: 64]
+    #[arg(long, env = "BERTH_S3_MAX_CONCURRENT_REQUESTS", value_name = "N")]
     pub s3_max_concurrent_requests: Option<usize>,
-    /// Answer blob GETs with a 307 to a presigned URL. Default false.
+    /// Answer blob GETs with 307 to a presigned URL [default: false]
+    #[arg(long, env = "BERTH_S3_REDIRECT_BLOB_GETS", value_name = "BOOL",
+          value_parser = BoolishValueParser::new())]
     pub s3_redirect_blob_gets: Option<bool>,
 }
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+const TIB: u64 = 1024 * GIB;
+const DAY_SECS: u64 = 86_400;
+
+/// Connections served at once when neither the config nor the open-file limit says otherwise.
+const DEFAULT_MAX_CONNECTIONS: u64 = 4096;
+/// File descriptors a connection may hold: its socket, plus a blob or upload file while it
+/// streams one.
+const FDS_PER_CONNECTION: u64 = 2;
+/// File descriptors kept for everything but connections: stdio, the listener, the runtime,
+/// SQLite's database, WAL and shared-memory files per connection, temporary files.
+const RESERVED_FDS: u64 = 128;
 
 impl RawConfig {
     pub fn from_toml_file(path: &Path) -> anyhow::Result<RawConfig> {
@@ -64,39 +135,29 @@ impl RawConfig {
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("parsing config {}: {e}", path.display()))
     }
 
-    /// Fields set in `over` replace those in `self`.
-    pub fn overlay(self, over: RawConfig) -> RawConfig {
-        RawConfig {
-            listen: over.listen.or(self.listen),
-            data_dir: over.data_dir.or(self.data_dir),
-            storage: over.storage.or(self.storage),
-            metadata: over.metadata.or(self.metadata),
-            metadata_pool_size: over.metadata_pool_size.or(self.metadata_pool_size),
-            metadata_connect_timeout_secs: over
-                .metadata_connect_timeout_secs
-                .or(self.metadata_connect_timeout_secs),
-            upload_idle_timeout_secs: over
-                .upload_idle_timeout_secs
-                .or(self.upload_idle_timeout_secs),
-            upload_purge_interval_secs: over
-                .upload_purge_interval_secs
-                .or(self.upload_purge_interval_secs),
-            max_manifest_bytes: over.max_manifest_bytes.or(self.max_manifest_bytes),
-            shutdown_grace_secs: over.shutdown_grace_secs.or(self.shutdown_grace_secs),
-            log_format: over.log_format.or(self.log_format),
-            s3_endpoint: over.s3_endpoint.or(self.s3_endpoint),
-            s3_region: over.s3_region.or(self.s3_region),
-            s3_access_key_id: over.s3_access_key_id.or(self.s3_access_key_id),
-            s3_secret_access_key: over.s3_secret_access_key.or(self.s3_secret_access_key),
-            s3_secret_access_key_file: over
-                .s3_secret_access_key_file
-                .or(self.s3_secret_access_key_file),
-            s3_path_style: over.s3_path_style.or(self.s3_path_style),
-            s3_max_concurrent_requests: over
-                .s3_max_concurrent_requests
-                .or(self.s3_max_concurrent_requests),
-            s3_redirect_blob_gets: over.s3_redirect_blob_gets.or(self.s3_redirect_blob_gets),
+    /// Every key, as the config file spells it.
+    pub fn keys() -> Vec<String> {
+        match serde_json::to_value(RawConfig::default()) {
+            Ok(serde_json::Value::Object(map)) => map.into_iter().map(|(k, _)| k).collect(),
+            _ => Vec::new(),
         }
+    }
+
+    /// Keys set in `over` replace those in `self`. Works key by key through the serde form, so
+    /// a new key needs no code here.
+    pub fn overlay(self, over: RawConfig) -> anyhow::Result<RawConfig> {
+        let object = |raw: RawConfig| match serde_json::to_value(raw) {
+            Ok(serde_json::Value::Object(map)) => Ok(map),
+            Ok(_) => anyhow::bail!("the config did not serialize to a map"),
+            Err(e) => anyhow::bail!("a config value is not representable: {e}"),
+        };
+        let mut merged = object(self)?;
+        for (key, value) in object(over)? {
+            if !value.is_null() {
+                merged.insert(key, value);
+            }
+        }
+        Ok(serde_json::from_value(serde_json::Value::Object(merged))?)
     }
 
     pub fn validate(self) -> anyhow::Result<Config> {
@@ -109,15 +170,58 @@ impl RawConfig {
             "json" => LogFormat::Json,
             other => anyhow::bail!("log_format must be text or json, not {other:?}"),
         };
-        let max_manifest_bytes = self.max_manifest_bytes.unwrap_or(4 * 1024 * 1024);
-        anyhow::ensure!(
-            max_manifest_bytes > 0,
-            "max_manifest_bytes must be positive"
-        );
-        let purge = self.upload_purge_interval_secs.unwrap_or(600);
-        anyhow::ensure!(purge > 0, "upload_purge_interval_secs must be positive");
         let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from("berth-data"));
         let storage = StorageConfig::parse(self.storage.as_deref(), &data_dir)?;
+        let metadata = MetadataConfig::parse(self.metadata.as_deref(), &data_dir)?;
+
+        // Every number has a range: a value past it is refused here, by name, rather than
+        // wrapping or overflowing somewhere below (seconds become i64 timestamps in SQL).
+        let max_manifest_bytes = within(
+            "max_manifest_bytes",
+            self.max_manifest_bytes,
+            4 * MIB,
+            1,
+            256 * MIB,
+        )?;
+        let max_buffered_manifest_bytes = within(
+            "max_buffered_manifest_bytes",
+            self.max_buffered_manifest_bytes,
+            64 * MIB,
+            1,
+            GIB,
+        )?;
+        anyhow::ensure!(
+            max_buffered_manifest_bytes >= max_manifest_bytes,
+            "max_buffered_manifest_bytes ({max_buffered_manifest_bytes}) must be at least \
+             max_manifest_bytes ({max_manifest_bytes}), or a largest manifest could never be read"
+        );
+        let max_blob_bytes = within("max_blob_bytes", self.max_blob_bytes, 64 * GIB, 1, 16 * TIB)?;
+        let metadata_pool_size =
+            within("metadata_pool_size", self.metadata_pool_size, 16, 1, 1024)?;
+        let s3_max_concurrent_requests = within(
+            "s3_max_concurrent_requests",
+            self.s3_max_concurrent_requests,
+            64,
+            1,
+            4096,
+        )?;
+        let reserved_fds = RESERVED_FDS
+            + match metadata {
+                MetadataConfig::Postgres(_) => metadata_pool_size as u64,
+                MetadataConfig::Sqlite(_) => 0,
+            }
+            + match storage {
+                StorageConfig::S3 { .. } => s3_max_concurrent_requests as u64,
+                StorageConfig::Filesystem(_) => 0,
+            };
+        let max_connections = within(
+            "max_connections",
+            self.max_connections,
+            default_max_connections(open_file_limit(), reserved_fds),
+            1,
+            1_000_000,
+        )?;
+
         let s3 = S3Settings {
             endpoint: self.s3_endpoint,
             region: self.s3_region,
@@ -136,41 +240,107 @@ impl RawConfig {
                 (None, None) => None,
             },
             path_style: self.s3_path_style.unwrap_or(true),
-            max_concurrent_requests: self.s3_max_concurrent_requests.unwrap_or(64),
+            max_concurrent_requests: s3_max_concurrent_requests,
             redirect_blob_gets: self.s3_redirect_blob_gets.unwrap_or(false),
         };
-        anyhow::ensure!(
-            s3.max_concurrent_requests > 0,
-            "s3_max_concurrent_requests must be positive"
-        );
-        let metadata = MetadataConfig::parse(self.metadata.as_deref(), &data_dir)?;
-        let metadata_pool_size = self.metadata_pool_size.unwrap_or(16);
-        anyhow::ensure!(
-            metadata_pool_size > 0,
-            "metadata_pool_size must be positive"
-        );
-        let connect_timeout = self.metadata_connect_timeout_secs.unwrap_or(5);
-        anyhow::ensure!(
-            connect_timeout > 0,
-            "metadata_connect_timeout_secs must be positive"
-        );
+
         Ok(Config {
             listen,
             storage,
             metadata,
             metadata_pool_size,
-            metadata_connect_timeout: Duration::from_secs(connect_timeout),
+            metadata_connect_timeout: secs(
+                "metadata_connect_timeout_secs",
+                self.metadata_connect_timeout_secs,
+                5,
+                1,
+                3600,
+            )?,
             data_dir,
-            upload_idle_timeout: Duration::from_secs(
-                self.upload_idle_timeout_secs.unwrap_or(86_400),
-            ),
-            upload_purge_interval: Duration::from_secs(purge),
+            upload_idle_timeout: secs(
+                "upload_idle_timeout_secs",
+                self.upload_idle_timeout_secs,
+                DAY_SECS,
+                1,
+                365 * DAY_SECS,
+            )?,
+            upload_purge_interval: secs(
+                "upload_purge_interval_secs",
+                self.upload_purge_interval_secs,
+                600,
+                1,
+                DAY_SECS,
+            )?,
             max_manifest_bytes,
-            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs.unwrap_or(30)),
+            max_buffered_manifest_bytes,
+            max_blob_bytes,
+            max_connections,
+            reserved_fds,
+            header_read_timeout: secs(
+                "header_read_timeout_secs",
+                self.header_read_timeout_secs,
+                30,
+                1,
+                3600,
+            )?,
+            body_idle_timeout: secs(
+                "body_idle_timeout_secs",
+                self.body_idle_timeout_secs,
+                60,
+                1,
+                3600,
+            )?,
+            shutdown_grace: secs("shutdown_grace_secs", self.shutdown_grace_secs, 30, 0, 3600)?,
             log_format,
             s3,
         })
     }
+}
+
+/// The value of `key` (or its default), refused unless `min <= value <= max`. Limits are given
+/// as u64 so that one table of constants serves every integer type.
+fn within<T>(key: &str, value: Option<T>, default: u64, min: u64, max: u64) -> anyhow::Result<T>
+where
+    T: Copy + Display + TryFrom<u64> + TryInto<u64>,
+{
+    let Some(value) = value else {
+        return T::try_from(default).map_err(|_| anyhow::anyhow!("{key}: default out of range"));
+    };
+    let in_range = value
+        .try_into()
+        .is_ok_and(|v: u64| (min..=max).contains(&v));
+    anyhow::ensure!(
+        in_range,
+        "{key} = {value} is out of range: it must be at least {min} and at most {max}"
+    );
+    Ok(value)
+}
+
+fn secs(
+    key: &str,
+    value: Option<u64>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> anyhow::Result<Duration> {
+    within(key, value, default, min, max).map(Duration::from_secs)
+}
+
+/// `min(4096, what the open-file limit leaves for connections)`, so that the default never
+/// lets connections run the process out of file descriptors (a 1024 limit gives 448).
+fn default_max_connections(fd_limit: Option<u64>, reserved_fds: u64) -> u64 {
+    match fd_limit {
+        Some(limit) => (limit.saturating_sub(reserved_fds) / FDS_PER_CONNECTION)
+            .clamp(16, DEFAULT_MAX_CONNECTIONS),
+        None => DEFAULT_MAX_CONNECTIONS,
+    }
+}
+
+/// The soft limit on open files (`ulimit -n`), if this platform says (Linux: /proc).
+pub fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,32 +416,145 @@ pub struct Config {
     pub upload_idle_timeout: Duration,
     pub upload_purge_interval: Duration,
     pub max_manifest_bytes: usize,
+    /// Most manifest bytes buffered in memory at once, across all requests.
+    pub max_buffered_manifest_bytes: usize,
+    /// Largest blob an upload may grow to.
+    pub max_blob_bytes: u64,
+    /// Connections served at once; the accept loop stops accepting at this many.
+    pub max_connections: usize,
+    /// File descriptors the process needs besides its connections (see [`Config::fd_warning`]).
+    pub reserved_fds: u64,
+    /// Bound on receiving a request's headers, and on an idle keep-alive connection.
+    pub header_read_timeout: Duration,
+    /// Bound on a request body's silence between two chunks.
+    pub body_idle_timeout: Duration,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     /// How to reach the object store when `storage` is S3.
     pub s3: S3Settings,
 }
 
+impl Config {
+    /// A warning when `max_connections` could run the process out of file descriptors under
+    /// the current open-file limit; the server still starts.
+    pub fn fd_warning(&self) -> Option<String> {
+        let limit = open_file_limit()?;
+        let needed = self.max_connections as u64 * FDS_PER_CONNECTION + self.reserved_fds;
+        (needed > limit).then(|| {
+            format!(
+                "max_connections = {} may need {needed} file descriptors but the open-file limit \
+                 (ulimit -n) is {limit}; raise the limit or lower max_connections to at most {}",
+                self.max_connections,
+                limit.saturating_sub(self.reserved_fds) / FDS_PER_CONNECTION
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(toml: &str) -> RawConfig {
+        toml::from_str(toml).unwrap_or_else(|e| panic!("{toml:?}: {e}"))
+    }
+
     #[test]
     fn later_layers_win_and_defaults_fill_the_rest() {
-        let file: RawConfig = toml::from_str("listen = \"127.0.0.1:1\"\nmax_manifest_bytes = 10")
-            .unwrap_or_else(|e| panic!("{e}"));
+        let file =
+            parse("listen = \"127.0.0.1:1\"\nmax_manifest_bytes = 10\nshutdown_grace_secs = 7");
         let env = RawConfig {
             listen: Some("127.0.0.1:2".into()),
+            shutdown_grace_secs: Some(0),
             ..RawConfig::default()
         };
         let cfg = file
             .overlay(env)
-            .validate()
+            .and_then(RawConfig::validate)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(cfg.listen.port(), 2);
         assert_eq!(cfg.max_manifest_bytes, 10);
+        assert_eq!(cfg.shutdown_grace, Duration::ZERO);
         assert_eq!(cfg.data_dir, PathBuf::from("berth-data"));
-        assert_eq!(cfg.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(cfg.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.body_idle_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.max_blob_bytes, 64 << 30);
+        assert_eq!(cfg.max_buffered_manifest_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_by_name() {
+        let cases = [
+            (
+                "upload_idle_timeout_secs = 9223372036854775808",
+                Some("upload_idle_timeout_secs"),
+            ),
+            (
+                "upload_idle_timeout_secs = 31536001",
+                Some("upload_idle_timeout_secs"),
+            ),
+            ("upload_idle_timeout_secs = 31536000", None),
+            (
+                "upload_idle_timeout_secs = 0",
+                Some("upload_idle_timeout_secs"),
+            ),
+            (
+                "upload_purge_interval_secs = 0",
+                Some("upload_purge_interval_secs"),
+            ),
+            (
+                "header_read_timeout_secs = 0",
+                Some("header_read_timeout_secs"),
+            ),
+            (
+                "body_idle_timeout_secs = 3601",
+                Some("body_idle_timeout_secs"),
+            ),
+            ("shutdown_grace_secs = 0", None),
+            (
+                "shutdown_grace_secs = 18446744073709551615",
+                Some("shutdown_grace_secs"),
+            ),
+            (
+                "metadata_connect_timeout_secs = 0",
+                Some("metadata_connect_timeout_secs"),
+            ),
+            ("metadata_pool_size = 0", Some("metadata_pool_size")),
+            ("max_connections = 0", Some("max_connections")),
+            ("max_connections = 50", None),
+            ("max_blob_bytes = 0", Some("max_blob_bytes")),
+            ("max_blob_bytes = 17592186044417", Some("max_blob_bytes")),
+            ("max_manifest_bytes = 0", Some("max_manifest_bytes")),
+            (
+                "max_buffered_manifest_bytes = 1000",
+                Some("max_buffered_manifest_bytes"),
+            ),
+            (
+                "s3_max_concurrent_requests = 0",
+                Some("s3_max_concurrent_requests"),
+            ),
+        ];
+        for (toml, refused) in cases {
+            match (parse(toml).validate(), refused) {
+                (Ok(_), None) => {}
+                (Ok(_), Some(key)) => panic!("{toml:?} was accepted; {key} should be refused"),
+                (Err(e), None) => panic!("{toml:?} was refused: {e}"),
+                (Err(e), Some(key)) => {
+                    assert!(
+                        e.to_string().contains(key),
+                        "{toml:?}: {e} does not name {key}"
+                    )
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn default_max_connections_leaves_room_under_the_open_file_limit() {
+        assert_eq!(default_max_connections(None, 128), 4096);
+        assert_eq!(default_max_connections(Some(1_048_576), 128), 4096);
+        assert_eq!(default_max_connections(Some(1024), 128), 448);
+        assert_eq!(default_max_connections(Some(100), 128), 16);
     }
 
     #[test]
@@ -323,5 +606,54 @@ mod tests {
             ..RawConfig::default()
         };
         assert!(bad.validate().is_err());
+    }
+
+    /// Each key's environment variable and flag follow from its name, so the README states the
+    /// rule once instead of listing them.
+    #[test]
+    fn every_key_is_an_env_var_and_a_flag_named_after_it() {
+        let command = <RawConfig as clap::Args>::augment_args(clap::Command::new("berth"));
+        let mut seen = Vec::new();
+        for arg in command.get_arguments() {
+            let key = arg.get_id().as_str().to_string();
+            let long = arg.get_long().unwrap_or_default();
+            let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_default();
+            assert_eq!(long, key.replace('_', "-"), "flag of {key}");
+            assert_eq!(env, format!("BERTH_{}", key.to_uppercase()), "env of {key}");
+            seen.push(key);
+        }
+        let mut keys = RawConfig::keys();
+        seen.sort();
+        keys.sort();
+        assert_eq!(
+            seen, keys,
+            "every config key has a flag, and nothing else does"
+        );
+    }
+
+    /// The README's configuration table lists exactly the keys the code knows.
+    #[test]
+    fn readme_table_lists_exactly_the_config_keys() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md");
+        let readme = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let section = readme
+            .split("### Configuration")
+            .nth(1)
+            .unwrap_or_else(|| panic!("README.md has no ### Configuration section"));
+        let mut documented: Vec<String> = section
+            .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .skip(2) // header and separator
+            .filter_map(|row| row.split('|').nth(1))
+            .map(|cell| cell.trim().trim_matches('`').to_string())
+            .collect();
+        let mut keys = RawConfig::keys();
+        documented.sort();
+        keys.sort();
+        assert_eq!(
+            documented, keys,
+            "README.md's configuration table vs RawConfig"
+        );
     }
 }

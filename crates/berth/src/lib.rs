@@ -10,7 +10,7 @@
 //!   one table of spec error codes.
 //! - [`service`]: pushes, pulls, deletes, uploads, referrers; background upload expiry.
 //! - [`storage`]: the [`storage::BlobStore`] trait and its filesystem implementation.
-//! - [`metadata`]: the [`metadata::MetadataStore`] trait and its SQLite implementation.
+//! - [`metadata`]: [`metadata::Metadata`], one SQL layer over SQLite and PostgreSQL.
 
 pub mod api;
 pub mod config;

@@ -1,7 +1,7 @@
 //! The `berth` command line. `anyhow` lives here and nowhere below.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use berth::config::{Config, LogFormat, RawConfig};
@@ -24,10 +24,10 @@ enum Command {
     /// Run the registry. With no options it serves 127.0.0.1:5000 and keeps blobs and metadata
     /// under ./berth-data. Settings come from, in rising precedence: a TOML file (--config),
     /// environment variables (BERTH_<KEY>), and these flags.
-    Serve(ServeArgs),
+    Serve(ConfigArgs),
     /// Apply pending metadata schema migrations, then exit. `serve` applies them too; this is
     /// for upgrading the database before starting new nodes.
-    Migrate(MigrateArgs),
+    Migrate(ConfigArgs),
     /// Copy a whole registry from one configuration to another (for example from the embedded
     /// defaults to PostgreSQL + S3), verifying every blob's digest on the way. Re-running it
     /// skips what the target already holds, so an interrupted copy resumes.
@@ -44,85 +44,27 @@ struct CopyArgs {
     to: PathBuf,
 }
 
+/// Where settings come from: a TOML file, then `BERTH_*` environment variables, then flags.
 #[derive(clap::Args)]
-struct ServeArgs {
+struct ConfigArgs {
     /// TOML config file; every key is documented in README.md.
-    #[arg(long, env = "BERTH_CONFIG")]
+    #[arg(long, env = "BERTH_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Address to listen on (default 127.0.0.1:5000; port 0 picks a free one).
-    #[arg(long, env = "BERTH_LISTEN")]
-    listen: Option<String>,
-    /// Directory for blobs, uploads and the metadata database (default ./berth-data).
-    #[arg(long, env = "BERTH_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// Blob storage: fs (default, under --data-dir), file:///PATH, or s3://BUCKET/PREFIX.
-    #[arg(long, env = "BERTH_STORAGE")]
-    storage: Option<String>,
-    /// Metadata store: sqlite (default, under --data-dir), sqlite:///PATH, or postgres://...
-    #[arg(long, env = "BERTH_METADATA")]
-    metadata: Option<String>,
-}
-
-#[derive(clap::Args)]
-struct MigrateArgs {
-    /// TOML config file; every key is documented in README.md.
-    #[arg(long, env = "BERTH_CONFIG")]
-    config: Option<PathBuf>,
-    /// Directory holding the default SQLite database (default ./berth-data).
-    #[arg(long, env = "BERTH_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// Metadata store: sqlite (default, under --data-dir), sqlite:///PATH, or postgres://...
-    #[arg(long, env = "BERTH_METADATA")]
-    metadata: Option<String>,
-}
-
-fn env_number<T: std::str::FromStr>(key: &str) -> anyhow::Result<Option<T>> {
-    match std::env::var(key) {
-        Ok(v) => v
-            .parse()
-            .map(Some)
-            .map_err(|_| anyhow::anyhow!("{key}={v:?} is not a valid number")),
-        Err(_) => Ok(None),
-    }
-}
-
-fn env_bool(key: &str) -> anyhow::Result<Option<bool>> {
-    match std::env::var(key).as_deref() {
-        Ok("true" | "1") => Ok(Some(true)),
-        Ok("false" | "0") => Ok(Some(false)),
-        Ok(v) => anyhow::bail!("{key}={v:?} is not true or false"),
-        Err(_) => Ok(None),
-    }
-}
-
-/// The keys without a flag, from the environment.
-fn env_config() -> anyhow::Result<RawConfig> {
-    Ok(RawConfig {
-        upload_idle_timeout_secs: env_number("BERTH_UPLOAD_IDLE_TIMEOUT_SECS")?,
-        upload_purge_interval_secs: env_number("BERTH_UPLOAD_PURGE_INTERVAL_SECS")?,
-        max_manifest_bytes: env_number("BERTH_MAX_MANIFEST_BYTES")?,
-        metadata_pool_size: env_number("BERTH_METADATA_POOL_SIZE")?,
-        metadata_connect_timeout_secs: env_number("BERTH_METADATA_CONNECT_TIMEOUT_SECS")?,
-        shutdown_grace_secs: env_number("BERTH_SHUTDOWN_GRACE_SECS")?,
-        log_format: std::env::var("BERTH_LOG_FORMAT").ok(),
-        s3_endpoint: std::env::var("BERTH_S3_ENDPOINT").ok(),
-        s3_region: std::env::var("BERTH_S3_REGION").ok(),
-        s3_access_key_id: std::env::var("BERTH_S3_ACCESS_KEY_ID").ok(),
-        s3_secret_access_key: std::env::var("BERTH_S3_SECRET_ACCESS_KEY").ok(),
-        s3_secret_access_key_file: std::env::var_os("BERTH_S3_SECRET_ACCESS_KEY_FILE")
-            .map(PathBuf::from),
-        s3_path_style: env_bool("BERTH_S3_PATH_STYLE")?,
-        s3_max_concurrent_requests: env_number("BERTH_S3_MAX_CONCURRENT_REQUESTS")?,
-        s3_redirect_blob_gets: env_bool("BERTH_S3_REDIRECT_BLOB_GETS")?,
-        ..RawConfig::default()
-    })
+    /// Every config key, as an environment variable and a flag.
+    #[command(
+        flatten,
+        next_help_heading = "Settings (each also BERTH_<KEY> in the environment)"
+    )]
+    settings: RawConfig,
 }
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal, not in files and journals.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -145,13 +87,14 @@ async fn shutdown_signal() {
     }
 }
 
-/// The config file, then the environment, then `flags`, validated.
-fn load_config(file: Option<&Path>, flags: RawConfig) -> anyhow::Result<Config> {
-    let file = match file {
+/// The config file, then the environment and flags (clap has already laid flags over the
+/// environment), validated.
+fn load_config(args: ConfigArgs) -> anyhow::Result<Config> {
+    let file = match args.config.as_deref() {
         Some(path) => RawConfig::from_toml_file(path)?,
         None => RawConfig::default(),
     };
-    file.overlay(env_config()?).overlay(flags).validate()
+    file.overlay(args.settings)?.validate()
 }
 
 async fn copy(args: CopyArgs) -> anyhow::Result<()> {
@@ -185,29 +128,20 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
-    let flags = RawConfig {
-        data_dir: args.data_dir,
-        metadata: args.metadata,
-        ..RawConfig::default()
-    };
-    let config = load_config(args.config.as_deref(), flags)?;
+async fn migrate(args: ConfigArgs) -> anyhow::Result<()> {
+    let config = load_config(args)?;
     init_logging(config.log_format);
     server::open_metadata(&config).await?;
     tracing::info!("metadata schema is up to date");
     Ok(())
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let flags = RawConfig {
-        listen: args.listen,
-        data_dir: args.data_dir,
-        storage: args.storage,
-        metadata: args.metadata,
-        ..RawConfig::default()
-    };
-    let config = load_config(args.config.as_deref(), flags)?;
+async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
+    let config = load_config(args)?;
     init_logging(config.log_format);
+    if let Some(warning) = config.fd_warning() {
+        tracing::warn!("{warning}");
+    }
 
     let registry = server::open_registry(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -220,14 +154,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!("berth listening on http://{addr}");
     }
     std::io::stdout().flush()?;
-    tracing::info!(listen = %addr, data_dir = %config.data_dir.display(), "serving");
+    tracing::info!(
+        listen = %addr,
+        data_dir = %config.data_dir.display(),
+        max_connections = config.max_connections,
+        "serving"
+    );
     server::run(
         listener,
         registry,
-        ServeOptions {
-            shutdown_grace: config.shutdown_grace,
-            upload_purge_interval: config.upload_purge_interval,
-        },
+        ServeOptions::from_config(&config),
         shutdown_signal(),
     )
     .await?;

@@ -1,19 +1,30 @@
 //! Wires the stores into a [`Registry`] and serves it on an already-bound listener until a
-//! shutdown signal, then lets in-flight requests finish within a bound.
+//! shutdown signal, then lets in-flight requests finish within a bound. The accept loop is
+//! where a client's hold on the server is bounded: connections at once, time to send headers
+//! (which also reaps idle keep-alive connections), and silence inside a request body.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::serve::ListenerExt;
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::api;
 use crate::config::{Config, MetadataConfig, StorageConfig};
-use crate::metadata::postgres::PoolOptions;
-use crate::metadata::{MetadataStore, PostgresMetadata, SqliteMetadata};
+use crate::metadata::{Metadata, PoolOptions};
 use crate::service::{Registry, RegistryOptions};
 use crate::storage::{BlobStore, FsBlobStore, S3BlobStore};
 
@@ -37,47 +48,103 @@ pub async fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
         RegistryOptions {
             max_manifest_bytes: config.max_manifest_bytes,
             upload_idle_timeout: config.upload_idle_timeout,
+            max_blob_bytes: config.max_blob_bytes,
+            max_buffered_manifest_bytes: config.max_buffered_manifest_bytes,
         },
     ));
     Ok(registry)
 }
 
 /// Opens the configured metadata store, applying any pending schema migrations.
-pub async fn open_metadata(config: &Config) -> anyhow::Result<Arc<dyn MetadataStore>> {
+pub async fn open_metadata(config: &Config) -> anyhow::Result<Metadata> {
     Ok(match &config.metadata {
         MetadataConfig::Sqlite(path) => {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
             }
-            Arc::new(SqliteMetadata::open(path)?)
+            Metadata::open_sqlite(path)
+                .await
+                .map_err(|e| anyhow::anyhow!("opening SQLite metadata {}: {e}", path.display()))?
         }
         MetadataConfig::Postgres(url) => {
             let options = PoolOptions {
                 size: config.metadata_pool_size,
                 timeout: config.metadata_connect_timeout,
             };
-            Arc::new(
-                PostgresMetadata::connect(url, options)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("opening PostgreSQL metadata: {e}"))?,
-            )
+            Metadata::connect_postgres(url, options)
+                .await
+                .map_err(|e| anyhow::anyhow!("opening PostgreSQL metadata: {e}"))?
         }
     })
 }
 
+/// How [`run`] serves: the limits that keep what one client can hold bounded.
+#[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// How long in-flight requests may run after shutdown begins.
     pub shutdown_grace: Duration,
     pub upload_purge_interval: Duration,
+    /// Bound on receiving a request's headers; it also closes a keep-alive connection that
+    /// sends no next request (hyper starts the timer whenever it waits for a request head).
+    pub header_read_timeout: Duration,
+    /// A request body silent this long fails, and the handler sees a body error.
+    pub body_idle_timeout: Duration,
+    /// Connections served at once. Past it the server stops accepting, so further
+    /// connections wait in the kernel's accept backlog instead of taking file descriptors.
+    pub max_connections: usize,
 }
 
-pub fn router(registry: Arc<Registry>) -> Router {
-    Router::new().fallback(api::handle).with_state(registry)
+impl ServeOptions {
+    pub fn from_config(config: &Config) -> ServeOptions {
+        ServeOptions {
+            shutdown_grace: config.shutdown_grace,
+            upload_purge_interval: config.upload_purge_interval,
+            header_read_timeout: config.header_read_timeout,
+            body_idle_timeout: config.body_idle_timeout,
+            max_connections: config.max_connections,
+        }
+    }
 }
 
-/// Serves until `shutdown` completes; then stops accepting, and waits up to the grace period
-/// for in-flight requests before returning.
+/// The API with its request middleware: a bound on body silence, and a debug line per request.
+pub fn router(registry: Arc<Registry>, body_idle_timeout: Duration) -> Router {
+    Router::new()
+        .fallback(api::handle)
+        .with_state(registry)
+        .layer(RequestBodyTimeoutLayer::new(body_idle_timeout))
+        .layer(middleware::from_fn(log_request))
+}
+
+/// One debug line per request once its response head is ready: method, path with query,
+/// status, and the time taken (a streamed body may still be on its way).
+async fn log_request(request: Request, next: Next) -> Response {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return next.run(request).await;
+    }
+    let method = request.method().clone();
+    let uri = request.uri().clone();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    tracing::debug!(
+        method = %method,
+        uri = %uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()),
+        status = response.status().as_u16(),
+        duration_ms = started.elapsed().as_secs_f64() * 1e3,
+        "request"
+    );
+    response
+}
+
+/// Serves until `shutdown` completes; then closes the listener (new connections are refused),
+/// closes idle connections at once, and waits up to the grace period for in-flight requests
+/// before returning.
+///
+/// Most bytes hyper buffers per connection, each way.
+const HYPER_MAX_BUF: usize = 64 * 1024;
+
+/// axum::serve hides hyper's connection builder, so this is the accept loop itself: it is where
+/// the header timeout, the connection limit and the graceful close of idle connections live.
 pub async fn run(
     listener: TcpListener,
     registry: Arc<Registry>,
@@ -96,28 +163,97 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
-    let listener = listener.tap_io(|tcp| {
+    let app = router(registry, options.body_idle_timeout);
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        // hyper keeps pulling a response body into its write buffer until this much is queued;
+        // its default (~400 KiB) per stalled pull made 600 clients that stop reading cost
+        // ~400 MiB. 64 KiB still fills a socket, and bounds request heads as well.
+        .max_buf_size(HYPER_MAX_BUF);
+    let connections = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(options.max_connections));
+    let mut stop = stop_rx;
+    loop {
+        // A slot first, then a connection: at the limit nothing is accepted, and the kernel's
+        // backlog holds new connections until a slot frees up.
+        let slot = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
+        let tcp = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+        };
         // Small responses (manifests, statuses) must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
-    });
-    let mut graceful = stop_rx.clone();
-    let serve = axum::serve(listener, router(registry)).with_graceful_shutdown(async move {
-        let _ = graceful.wait_for(|stop| *stop).await;
-    });
-    let mut deadline = stop_rx;
+        let answered = Arc::new(AtomicBool::new(false));
+        let service = {
+            let inner = TowerToHyperService::new(app.clone());
+            let answered = answered.clone();
+            service_fn(move |request| {
+                answered.store(true, Ordering::Relaxed);
+                hyper::service::Service::call(&inner, request)
+            })
+        };
+        let connection = connections.watch(http.serve_connection(TokioIo::new(tcp), service));
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                result = connection => if let Err(e) = result {
+                    // Timeouts and clients that hang up land here; nothing to act on.
+                    tracing::debug!(error = %e, "connection ended with an error");
+                },
+                // hyper's graceful shutdown closes an idle connection at once but waits for
+                // one still sending its first request's headers (a slow client or slowloris)
+                // until the header timeout. Nothing was ever answered on it, so nothing can be
+                // cut short: close it at once too.
+                _ = async {
+                    let _ = stop.wait_for(|s| *s).await;
+                    if answered.load(Ordering::Relaxed) {
+                        std::future::pending::<()>().await;
+                    }
+                } => {}
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+
     let grace = options.shutdown_grace;
-    let result = tokio::select! {
-        r = serve.into_future() => r,
-        _ = async move {
-            let _ = deadline.wait_for(|stop| *stop).await;
-            tokio::time::sleep(grace).await;
-        } => {
+    tokio::select! {
+        _ = connections.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
             tracing::warn!(grace_secs = grace.as_secs(), "grace period over; abandoning in-flight requests");
-            Ok(())
         }
-    };
+    }
     janitor.abort();
-    result
+    Ok(())
+}
+
+/// An accept error: one connection's (it is gone; go on) or the process's, such as running out
+/// of file descriptors, where retrying at once would spin.
+async fn accept_failed(error: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        error.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::warn!(error = %error, "accept failed; retrying in 250 ms");
+    tokio::time::sleep(Duration::from_millis(250)).await;
 }
 
 /// Background worker: cancels uploads idle past the timeout, until told to stop.

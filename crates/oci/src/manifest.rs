@@ -24,6 +24,9 @@ pub struct Descriptor {
     pub annotations: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub urls: Option<Vec<String>>,
+    /// The content itself, base64-encoded, embedded in the descriptor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
 }
 
 /// The fields of a manifest or index Berth reads; unknown fields are ignored.
@@ -48,6 +51,9 @@ pub struct ParsedManifest {
     pub blobs: Vec<Digest>,
     /// Manifests an index points at; they must exist in the repository.
     pub children: Vec<Digest>,
+    /// The size each descriptor of `blobs` and `children` declares, which must be the size the
+    /// registry holds under that digest.
+    pub declared_sizes: Vec<(Digest, u64)>,
     pub subject: Option<Digest>,
     /// What the referrers API reports: `artifactType`, else an image manifest's config type.
     pub artifact_type: Option<String>,
@@ -68,6 +74,14 @@ pub enum ManifestError {
     MissingField(&'static str),
     #[error("invalid digest {digest:?} in {field}")]
     BadDescriptor { field: &'static str, digest: String },
+    #[error(
+        "the data field of descriptor {digest} in {field} is not base64 of {size} bytes hashing to its digest"
+    )]
+    BadData {
+        field: &'static str,
+        digest: String,
+        size: u64,
+    },
 }
 
 /// Content types clients send when they do not name the manifest's own type.
@@ -75,11 +89,28 @@ fn is_generic_content_type(ct: &str) -> bool {
     matches!(ct, "" | "application/json" | "application/octet-stream")
 }
 
+/// The descriptor's digest, after checking that embedded `data`, if any, is the content it
+/// describes: valid base64 of exactly `size` bytes that hash to `digest`.
 fn descriptor_digest(field: &'static str, d: &Descriptor) -> Result<Digest, ManifestError> {
-    d.digest.parse().map_err(|_| ManifestError::BadDescriptor {
+    let digest: Digest = d.digest.parse().map_err(|_| ManifestError::BadDescriptor {
         field,
         digest: d.digest.clone(),
-    })
+    })?;
+    if let Some(data) = &d.data {
+        use base64::Engine as _;
+        let bad = || ManifestError::BadData {
+            field,
+            digest: d.digest.clone(),
+            size: d.size,
+        };
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .map_err(|_| bad())?;
+        if bytes.len() as u64 != d.size || Digest::of(digest.algorithm(), &bytes) != digest {
+            return Err(bad());
+        }
+    }
+    Ok(digest)
 }
 
 fn is_foreign_layer(d: &Descriptor) -> bool {
@@ -114,6 +145,7 @@ pub fn parse(content_type: Option<&str>, bytes: &[u8]) -> Result<ParsedManifest,
 
     let mut blobs = Vec::new();
     let mut children = Vec::new();
+    let mut declared_sizes = Vec::new();
     // An empty artifactType is the same as none (the referrers API then falls back).
     let mut artifact_type = raw.artifact_type.clone().filter(|t| !t.is_empty());
     match kind {
@@ -122,10 +154,13 @@ pub fn parse(content_type: Option<&str>, bytes: &[u8]) -> Result<ParsedManifest,
                 .config
                 .as_ref()
                 .ok_or(ManifestError::MissingField("config"))?;
-            blobs.push(descriptor_digest("config", config)?);
+            let digest = descriptor_digest("config", config)?;
+            declared_sizes.push((digest.clone(), config.size));
+            blobs.push(digest);
             for layer in raw.layers.iter().flatten() {
                 let digest = descriptor_digest("layers", layer)?;
                 if !is_foreign_layer(layer) {
+                    declared_sizes.push((digest.clone(), layer.size));
                     blobs.push(digest);
                 }
             }
@@ -139,7 +174,9 @@ pub fn parse(content_type: Option<&str>, bytes: &[u8]) -> Result<ParsedManifest,
                 .as_ref()
                 .ok_or(ManifestError::MissingField("manifests"))?;
             for m in manifests {
-                children.push(descriptor_digest("manifests", m)?);
+                let digest = descriptor_digest("manifests", m)?;
+                declared_sizes.push((digest.clone(), m.size));
+                children.push(digest);
             }
         }
     }
@@ -153,6 +190,7 @@ pub fn parse(content_type: Option<&str>, bytes: &[u8]) -> Result<ParsedManifest,
         kind,
         blobs,
         children,
+        declared_sizes,
         subject,
         artifact_type,
         annotations: raw.annotations,
@@ -244,6 +282,33 @@ mod tests {
             parse(None, bad.as_bytes()),
             Err(ManifestError::BadDescriptor { .. })
         ));
+    }
+
+    #[test]
+    fn embedded_data_must_be_the_described_content() {
+        let hello = Digest::sha256_of(b"hello");
+        let check = |data: &str, size: u64, digest: &Digest| {
+            let body = format!(
+                r#"{{"schemaVersion":2,"config":{{"mediaType":"a/b","digest":"{digest}","size":{size},"data":"{data}"}}}}"#
+            );
+            parse(Some(OCI_MANIFEST), body.as_bytes()).map(|m| m.declared_sizes)
+        };
+        // "aGVsbG8=" is base64 of "hello".
+        assert_eq!(check("aGVsbG8=", 5, &hello), Ok(vec![(hello.clone(), 5)]));
+        for (data, size, digest) in [
+            ("aGVsbG8=", 6, hello.clone()),
+            ("aGVsbG8=", 5, Digest::sha256_of(b"other")),
+            ("not base64!", 5, hello.clone()),
+            ("aGVsbG8", 5, hello.clone()),
+        ] {
+            assert!(
+                matches!(
+                    check(data, size, &digest),
+                    Err(ManifestError::BadData { .. })
+                ),
+                "{data} {size}"
+            );
+        }
     }
 
     #[test]

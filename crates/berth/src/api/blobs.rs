@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use oci::{Digest, RepositoryName};
 
 use super::error::{ApiError, ApiResult, ErrorCode};
-use crate::service::{RangeRequest, Registry};
+use crate::service::{RangeRequest, Registry, RequestContext};
 
 /// Parses `bytes=a-b`, `bytes=a-`, `bytes=-n`. Anything else (other units, several ranges,
 /// malformed values) is ignored and the whole blob is served, as RFC 9110 allows.
@@ -42,6 +42,7 @@ fn unsatisfiable(size: u64) -> ApiError {
 
 pub async fn get(
     registry: &Registry,
+    ctx: &RequestContext,
     repo: &RepositoryName,
     digest: &Digest,
     request: &Parts,
@@ -59,7 +60,7 @@ pub async fn get(
         (header::ACCEPT_RANGES, "bytes".to_string()),
     ];
     if !with_body {
-        let size = registry.stat_blob(repo, digest).await?;
+        let size = registry.stat_blob(ctx, repo, digest).await?;
         let mut r = (common, [(header::CONTENT_LENGTH, size.to_string())]).into_response();
         *r.body_mut() = Body::empty();
         return Ok(r);
@@ -69,11 +70,11 @@ pub async fn get(
         .get(header::IF_NONE_MATCH)
         .is_some_and(|v| v.as_bytes() == etag.as_bytes())
     {
-        registry.stat_blob(repo, digest).await?;
+        registry.stat_blob(ctx, repo, digest).await?;
         return Ok((StatusCode::NOT_MODIFIED, common).into_response());
     }
     {
-        if let Some(location) = registry.blob_redirect(repo, digest).await? {
+        if let Some(location) = registry.blob_redirect(ctx, repo, digest).await? {
             let mut r = (
                 StatusCode::TEMPORARY_REDIRECT,
                 common,
@@ -90,7 +91,7 @@ pub async fn get(
         }
     }
     let range = parse_range(&request.headers);
-    let read = match registry.read_blob(repo, digest, range).await? {
+    let read = match registry.read_blob(ctx, repo, digest, range).await? {
         Ok(read) => read,
         Err(u) => return Err(unsatisfiable(u.size)),
     };
@@ -124,8 +125,13 @@ pub async fn get(
     Ok(response)
 }
 
-pub async fn delete(registry: &Registry, repo: &RepositoryName, digest: &Digest) -> ApiResult {
-    registry.delete_blob(repo, digest).await?;
+pub async fn delete(
+    registry: &Registry,
+    ctx: &RequestContext,
+    repo: &RepositoryName,
+    digest: &Digest,
+) -> ApiResult {
+    registry.delete_blob(ctx, repo, digest).await?;
     Ok((StatusCode::ACCEPTED, [(header::CONTENT_LENGTH, "0")]).into_response())
 }
 

@@ -189,6 +189,24 @@ impl From<ServiceError> for ApiError {
                     .detail(detail);
             }
             ServiceError::Body(_) => BlobUploadInvalid,
+            ServiceError::ChunkOverrun { size } => {
+                return ApiError::new(BlobUploadInvalid)
+                    .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                    .header(header::RANGE, &super::upload_range(*size))
+                    .detail(detail);
+            }
+            ServiceError::BlobTooLarge { .. } => {
+                return ApiError::new(SizeInvalid)
+                    .status(StatusCode::PAYLOAD_TOO_LARGE)
+                    .detail(detail);
+            }
+            // 409: the request is valid but conflicts with what the repository holds now;
+            // the detail names what to delete first.
+            ServiceError::BlobReferenced { .. } | ServiceError::ManifestReferenced { .. } => {
+                return ApiError::new(Denied)
+                    .status(StatusCode::CONFLICT)
+                    .detail(detail);
+            }
             ServiceError::ManifestInvalid(_) => ManifestInvalid,
             ServiceError::ManifestTooLarge { .. } => {
                 return ApiError::new(SizeInvalid)
@@ -203,7 +221,13 @@ impl From<ServiceError> for ApiError {
                 error.also = Some(ManifestUnknown);
                 return error;
             }
+            ServiceError::Busy(_) => {
+                return ApiError::new(TooManyRequests)
+                    .header(header::RETRY_AFTER, "1")
+                    .detail(detail);
+            }
             ServiceError::Unavailable(_) => Unavailable,
+            ServiceError::Internal(_) => Internal,
         };
         ApiError::new(code).detail(detail)
     }
@@ -212,8 +236,15 @@ impl From<ServiceError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (code, _, message) = self.code.describe();
-        if self.status.is_server_error() {
-            tracing::error!(error.code = code, error.detail = ?self.detail, "request failed");
+        match self.code {
+            // A bug: logged with its cause, once, here.
+            ErrorCode::Internal => {
+                tracing::error!(error.code = code, error.detail = ?self.detail, "request failed: internal error")
+            }
+            _ if self.status.is_server_error() => {
+                tracing::warn!(error.code = code, error.detail = ?self.detail, "request failed: backend unavailable")
+            }
+            _ => {}
         }
         let detail = match (&self.code, self.detail) {
             // Backend and internal details name hosts, buckets, paths or queries: they are

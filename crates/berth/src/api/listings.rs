@@ -8,19 +8,21 @@ use serde_json::json;
 
 use super::error::{ApiError, ErrorCode};
 use super::{ApiResult, query_pairs, query_param};
-use crate::service::{Listing, Registry};
+use crate::service::{Listing, MAX_PAGE_SIZE, Registry, RequestContext};
 
 /// `n` and `last` from the query.
 fn page(request: &Parts) -> Result<(Option<usize>, Option<String>), ApiError> {
     let pairs = query_pairs(request);
     let n = query_param(&pairs, "n")
-        .map(|n| n.parse::<usize>())
+        .map(|n| n.parse::<u64>())
         .transpose()
         .map_err(|_| {
             ApiError::new(ErrorCode::Unsupported)
                 .status(axum::http::StatusCode::BAD_REQUEST)
                 .detail("n must be a non-negative integer")
         })?;
+    // Larger pages are cut to the maximum; the Link header then asks for pages of that size.
+    let n = n.map(|n| n.min(MAX_PAGE_SIZE as u64) as usize);
     Ok((n, query_param(&pairs, "last")))
 }
 
@@ -56,28 +58,36 @@ fn listing_response(
     Ok(response)
 }
 
-pub async fn tags(registry: &Registry, repo: &RepositoryName, request: &Parts) -> ApiResult {
+pub async fn tags(
+    registry: &Registry,
+    ctx: &RequestContext,
+    repo: &RepositoryName,
+    request: &Parts,
+) -> ApiResult {
     let (n, last) = page(request)?;
-    let listing = registry.list_tags(repo, last.as_deref(), n).await?;
+    let listing = registry.list_tags(ctx, repo, last.as_deref(), n).await?;
     let body = json!({ "name": repo.as_str(), "tags": listing.items });
     listing_response(&format!("/v2/{repo}/tags/list"), n, &listing, body)
 }
 
-pub async fn catalog(registry: &Registry, request: &Parts) -> ApiResult {
+pub async fn catalog(registry: &Registry, ctx: &RequestContext, request: &Parts) -> ApiResult {
     let (n, last) = page(request)?;
-    let listing = registry.list_repositories(last.as_deref(), n).await?;
+    let listing = registry.list_repositories(ctx, last.as_deref(), n).await?;
     let body = json!({ "repositories": listing.items });
     listing_response("/v2/_catalog", n, &listing, body)
 }
 
 pub async fn referrers(
     registry: &Registry,
+    ctx: &RequestContext,
     repo: &RepositoryName,
     subject: &Digest,
     request: &Parts,
 ) -> ApiResult {
     let filter = query_param(&query_pairs(request), "artifactType");
-    let referrers = registry.referrers(repo, subject, filter.as_deref()).await?;
+    let referrers = registry
+        .referrers(ctx, repo, subject, filter.as_deref())
+        .await?;
     let manifests: Vec<oci::Descriptor> = referrers
         .into_iter()
         .map(|r| oci::Descriptor {
@@ -87,6 +97,7 @@ pub async fn referrers(
             artifact_type: r.artifact_type,
             annotations: r.annotations,
             urls: None,
+            data: None,
         })
         .collect();
     let body = json!({

@@ -7,20 +7,49 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use oci::{Reference, RepositoryName};
 
-use super::ApiResult;
 use super::error::{ApiError, ErrorCode};
-use crate::service::{Registry, ServiceError};
+use super::{ApiResult, digest, query_pairs};
+use crate::service::{ManifestPut, Registry, RequestContext, ServiceError};
 
 const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 const OCI_SUBJECT: HeaderName = HeaderName::from_static("oci-subject");
+const OCI_TAG: HeaderName = HeaderName::from_static("oci-tag");
+/// Most `?tag=` parameters one push may carry.
+const MAX_TAGS_PER_PUSH: usize = 100;
+
+/// `?tag=` (repeatable) and `?digest=` of a manifest push.
+fn push_options(request: &Parts) -> Result<ManifestPut, ApiError> {
+    let mut options = ManifestPut::default();
+    for (key, value) in query_pairs(request) {
+        match key.as_str() {
+            "tag" => {
+                let tag = value.parse().map_err(|_| {
+                    ApiError::new(ErrorCode::TagInvalid).detail(format!(
+                        "tag parameter {value:?} does not match the grammar"
+                    ))
+                })?;
+                options.tags.push(tag);
+            }
+            "digest" => options.digest = Some(digest(&value)?),
+            _ => {}
+        }
+    }
+    if options.tags.len() > MAX_TAGS_PER_PUSH {
+        return Err(ApiError::new(ErrorCode::TagInvalid).detail(format!(
+            "at most {MAX_TAGS_PER_PUSH} tag parameters per push"
+        )));
+    }
+    Ok(options)
+}
 
 pub async fn get(
     registry: &Registry,
+    ctx: &RequestContext,
     repo: &RepositoryName,
     reference: &Reference,
     with_body: bool,
 ) -> ApiResult {
-    let m = registry.get_manifest(repo, reference).await?;
+    let m = registry.get_manifest(ctx, repo, reference).await?;
     let digest = m.digest.to_string();
     let headers = [
         (header::CONTENT_TYPE, m.media_type),
@@ -61,6 +90,7 @@ async fn read_limited(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
 
 pub async fn put(
     registry: &Registry,
+    ctx: &RequestContext,
     repo: &RepositoryName,
     reference: &Reference,
     request: &Parts,
@@ -71,9 +101,25 @@ pub async fn put(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let options = push_options(request)?;
+    let by_digest_with_tags = matches!(reference, Reference::Digest(_)) && !options.tags.is_empty();
+    let declared = request
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    // Reserved before any byte is read, held until the manifest is stored.
+    let _buffer = registry.reserve_manifest_buffer(declared).await?;
     let bytes = read_limited(body, registry.max_manifest_bytes()).await?;
     let pushed = registry
-        .put_manifest(repo, reference, content_type.as_deref(), bytes)
+        .put_manifest(
+            ctx,
+            repo,
+            reference,
+            content_type.as_deref(),
+            bytes,
+            options,
+        )
         .await?;
     let digest = pushed.digest.to_string();
     let mut response = (
@@ -90,15 +136,24 @@ pub async fn put(
     {
         response.headers_mut().insert(OCI_SUBJECT, v);
     }
+    // A push by digest with `?tag=` names each tag it applied (distribution-spec main).
+    if by_digest_with_tags {
+        for tag in &pushed.tags {
+            if let Ok(v) = tag.as_str().parse() {
+                response.headers_mut().append(OCI_TAG, v);
+            }
+        }
+    }
     Ok(response)
 }
 
 pub async fn delete(
     registry: &Registry,
+    ctx: &RequestContext,
     repo: &RepositoryName,
     reference: &Reference,
 ) -> ApiResult {
-    registry.delete_manifest(repo, reference).await?;
+    registry.delete_manifest(ctx, repo, reference).await?;
     Ok(accepted())
 }
 

@@ -20,10 +20,15 @@ use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
 use oci::{Digest, Reference, RepositoryName};
 
-use crate::service::{BodyStream, Registry};
+use crate::service::{Actor, BodyStream, Registry, RequestContext};
 use error::{ApiError, ApiResult, ErrorCode};
 
 pub type AppState = Arc<Registry>;
+
+/// The address of the peer a request came from, put into each request's extensions by the
+/// server's accept loop.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::SocketAddr);
 
 /// Every endpoint of the distribution API, with its path parameters validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +37,9 @@ pub enum Route {
     Catalog,
     Tags(RepositoryName),
     Manifest(RepositoryName, Reference),
+    /// A manifest path whose reference is neither a tag nor a digest: a PUT is refused as
+    /// TAG_INVALID, while a read or delete finds nothing by that name (404 MANIFEST_UNKNOWN).
+    InvalidTag(RepositoryName),
     Blob(RepositoryName, Digest),
     /// `/blobs/uploads/`: starting an upload (or a mount, or a monolithic push).
     Uploads(RepositoryName),
@@ -91,14 +99,13 @@ pub fn parse_route(path: &str) -> Result<Route, ApiError> {
             ["blobs", "uploads"] => return Ok(Route::Uploads(name(head(2))?)),
             ["manifests", reference] => {
                 let repo = name(head(2))?;
-                let reference = reference.parse().map_err(|e| match e {
-                    oci::NameError::InvalidDigest(d) => {
-                        ApiError::new(ErrorCode::DigestInvalid).detail(d.to_string())
+                return match reference.parse() {
+                    Ok(reference) => Ok(Route::Manifest(repo, reference)),
+                    Err(oci::NameError::InvalidDigest(d)) => {
+                        Err(ApiError::new(ErrorCode::DigestInvalid).detail(d.to_string()))
                     }
-                    _ => ApiError::new(ErrorCode::TagInvalid)
-                        .detail("tag does not match the spec's grammar"),
-                })?;
-                return Ok(Route::Manifest(repo, reference));
+                    Err(_) => Ok(Route::InvalidTag(repo)),
+                };
             }
             ["blobs", d] => return Ok(Route::Blob(name(head(2))?, digest(d)?)),
             ["referrers", d] => return Ok(Route::Referrers(name(head(2))?, digest(d)?)),
@@ -124,6 +131,7 @@ pub async fn handle(State(registry): State<AppState>, request: Request) -> Respo
 async fn dispatch(registry: &Registry, request: Request) -> ApiResult {
     let route = parse_route(request.uri().path())?;
     let (parts, body) = request.into_parts();
+    let ctx = &request_context(&parts);
     let method = parts.method.clone();
     tracing::debug!(http.method = %method, http.path = parts.uri.path(), "request");
     let request = &parts;
@@ -131,37 +139,82 @@ async fn dispatch(registry: &Registry, request: Request) -> ApiResult {
         (Route::Base, Method::GET | Method::HEAD) => {
             Ok(([(header::CONTENT_TYPE, "application/json")], "{}").into_response())
         }
-        (Route::Catalog, Method::GET) => listings::catalog(registry, request).await,
-        (Route::Tags(repo), Method::GET) => listings::tags(registry, &repo, request).await,
+        (Route::Catalog, Method::GET) => listings::catalog(registry, ctx, request).await,
+        (Route::Tags(repo), Method::GET) => listings::tags(registry, ctx, &repo, request).await,
         (Route::Referrers(repo, d), Method::GET) => {
-            listings::referrers(registry, &repo, &d, request).await
+            listings::referrers(registry, ctx, &repo, &d, request).await
         }
-        (Route::Manifest(repo, r), Method::GET) => manifests::get(registry, &repo, &r, true).await,
+        (Route::Manifest(repo, r), Method::GET) => {
+            manifests::get(registry, ctx, &repo, &r, true).await
+        }
         (Route::Manifest(repo, r), Method::HEAD) => {
-            manifests::get(registry, &repo, &r, false).await
+            manifests::get(registry, ctx, &repo, &r, false).await
         }
         (Route::Manifest(repo, r), Method::PUT) => {
-            manifests::put(registry, &repo, &r, request, body).await
+            manifests::put(registry, ctx, &repo, &r, request, body).await
         }
-        (Route::Manifest(repo, r), Method::DELETE) => manifests::delete(registry, &repo, &r).await,
-        (Route::Blob(repo, d), Method::GET) => blobs::get(registry, &repo, &d, request, true).await,
+        (Route::Manifest(repo, r), Method::DELETE) => {
+            manifests::delete(registry, ctx, &repo, &r).await
+        }
+        (Route::InvalidTag(_), Method::PUT) => {
+            Err(ApiError::new(ErrorCode::TagInvalid)
+                .detail("tag does not match the spec's grammar"))
+        }
+        (Route::InvalidTag(_), Method::GET | Method::HEAD | Method::DELETE) => {
+            Err(ApiError::new(ErrorCode::ManifestUnknown)
+                .detail("no tag or digest by that name: it is not valid tag grammar"))
+        }
+        (Route::Blob(repo, d), Method::GET) => {
+            blobs::get(registry, ctx, &repo, &d, request, true).await
+        }
         (Route::Blob(repo, d), Method::HEAD) => {
-            blobs::get(registry, &repo, &d, request, false).await
+            blobs::get(registry, ctx, &repo, &d, request, false).await
         }
-        (Route::Blob(repo, d), Method::DELETE) => blobs::delete(registry, &repo, &d).await,
+        (Route::Blob(repo, d), Method::DELETE) => blobs::delete(registry, ctx, &repo, &d).await,
         (Route::Uploads(repo), Method::POST) => {
-            uploads::start(registry, &repo, request, body).await
+            uploads::start(registry, ctx, &repo, request, body).await
         }
-        (Route::Upload(repo, id), Method::GET) => uploads::status(registry, &repo, &id).await,
+        (Route::Upload(repo, id), Method::GET) => uploads::status(registry, ctx, &repo, &id).await,
         (Route::Upload(repo, id), Method::PATCH) => {
-            uploads::patch(registry, &repo, &id, request, body).await
+            uploads::patch(registry, ctx, &repo, &id, request, body).await
         }
         (Route::Upload(repo, id), Method::PUT) => {
-            uploads::put(registry, &repo, &id, request, body).await
+            uploads::put(registry, ctx, &repo, &id, request, body).await
         }
-        (Route::Upload(repo, id), Method::DELETE) => uploads::cancel(registry, &repo, &id).await,
+        (Route::Upload(repo, id), Method::DELETE) => {
+            uploads::cancel(registry, ctx, &repo, &id).await
+        }
         (_, method) => Err(ApiError::new(ErrorCode::Unsupported)
             .detail(format!("method {method} is not supported on this endpoint"))),
+    }
+}
+
+/// Who is asking and from where, as the service sees it. The peer address is the one the
+/// server recorded for the connection (`ConnectInfo`), when it did.
+fn request_context(parts: &Parts) -> RequestContext {
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    // A client's own request id is kept if it is short and plain, so logs can be joined with
+    // the client's; anything else is replaced rather than echoed into logs.
+    let request_id = header("x-request-id")
+        .filter(|id| {
+            !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    RequestContext {
+        request_id,
+        actor: Actor::Anonymous,
+        client_addr: parts.extensions.get::<ClientAddr>().map(|c| c.0.ip()),
+        user_agent: header("user-agent"),
     }
 }
 
@@ -224,7 +277,7 @@ mod tests {
         check(&format!("/v2/a/referrers/{d}"), Ok("Referrers"));
         check("/v2/A/tags/list", Err("NAME_INVALID"));
         check("/v2//tags/list", Err("NAME_INVALID"));
-        check("/v2/a/manifests/-bad", Err("TAG_INVALID"));
+        check("/v2/a/manifests/-bad", Ok("InvalidTag"));
         check("/v2/a/blobs/sha256:zz", Err("DIGEST_INVALID"));
         check("/v2/a/blobs/uploads/../../x", Err("UNSUPPORTED"));
         check("/v2/a/blobs/uploads/a.b", Err("BLOB_UPLOAD_UNKNOWN"));

@@ -9,7 +9,7 @@ use oci::{Digest, RepositoryName};
 
 use super::error::{ApiError, ApiResult, ErrorCode};
 use super::{body_stream, digest, query_pairs, query_param, upload_range};
-use crate::service::{Chunk, Registry, UploadState};
+use crate::service::{Chunk, Registry, RequestContext, UploadState};
 
 const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
 const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
@@ -46,6 +46,7 @@ fn created(repo: &RepositoryName, digest: &Digest) -> ApiResult {
 
 pub async fn start(
     registry: &Registry,
+    ctx: &RequestContext,
     repo: &RepositoryName,
     request: &Parts,
     body: Body,
@@ -53,29 +54,40 @@ pub async fn start(
     let pairs = query_pairs(request);
     if let Some(mount) = query_param(&pairs, "mount") {
         let mount = digest(&mount)?;
-        // Without `from` (or with one we cannot read) a mount degrades to an ordinary upload.
-        if let Some(from) =
-            query_param(&pairs, "from").and_then(|f| f.parse::<RepositoryName>().ok())
-            && registry.mount_blob(repo, &from, &mount).await?.is_some()
-        {
+        // With `from`, only that repository is asked; without it, the whole registry is. A
+        // mount that finds nothing (or names a repository we cannot parse) degrades to an
+        // ordinary upload, as the spec asks.
+        let mounted = match query_param(&pairs, "from") {
+            Some(from) => match from.parse::<RepositoryName>() {
+                Ok(from) => registry.mount_blob(ctx, repo, &from, &mount).await?,
+                Err(_) => None,
+            },
+            None => registry.mount_known_blob(ctx, repo, &mount).await?,
+        };
+        if mounted.is_some() {
             return created(repo, &mount);
         }
-        let upload = registry.start_upload(repo).await?;
+        let upload = registry.start_upload(ctx, repo).await?;
         return in_progress(StatusCode::ACCEPTED, repo, &upload);
     }
     if let Some(d) = query_param(&pairs, "digest") {
         let d = digest(&d)?;
         registry
-            .upload_monolithic(repo, &d, body_stream(body))
+            .upload_monolithic(ctx, repo, &d, body_stream(body))
             .await?;
         return created(repo, &d);
     }
-    let upload = registry.start_upload(repo).await?;
+    let upload = registry.start_upload(ctx, repo).await?;
     in_progress(StatusCode::ACCEPTED, repo, &upload)
 }
 
-pub async fn status(registry: &Registry, repo: &RepositoryName, id: &str) -> ApiResult {
-    let upload = registry.upload_status(repo, id).await?;
+pub async fn status(
+    registry: &Registry,
+    ctx: &RequestContext,
+    repo: &RepositoryName,
+    id: &str,
+) -> ApiResult {
+    let upload = registry.upload_status(ctx, repo, id).await?;
     in_progress(StatusCode::NO_CONTENT, repo, &upload)
 }
 
@@ -116,6 +128,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// A Content-Range whose length disagrees with Content-Length is refused before any byte is read.
 async fn chunk(
     registry: &Registry,
+    ctx: &RequestContext,
     repo: &RepositoryName,
     id: &str,
     request: &Parts,
@@ -125,7 +138,7 @@ async fn chunk(
     if let (Some((start, end)), Some(len)) = (range, content_length(&request.headers))
         && end - start + 1 != len
     {
-        let current = registry.upload_status(repo, id).await?;
+        let current = registry.upload_status(ctx, repo, id).await?;
         return Err(ApiError::new(ErrorCode::BlobUploadInvalid)
             .status(StatusCode::RANGE_NOT_SATISFIABLE)
             .header(header::RANGE, &upload_range(current.size))
@@ -134,20 +147,24 @@ async fn chunk(
     }
     Ok(Chunk {
         start: range.map(|(start, _)| start),
+        // With Content-Length too, the two agree (checked above); with a chunked body the
+        // range is the only bound, and the service cuts the body there.
+        len: range.map(|(start, end)| end - start + 1),
         body: body_stream(body),
     })
 }
 
 pub async fn patch(
     registry: &Registry,
+    ctx: &RequestContext,
     repo: &RepositoryName,
     id: &str,
     request: &Parts,
     body: Body,
 ) -> ApiResult {
-    let chunk = chunk(registry, repo, id, request, body).await?;
+    let chunk = chunk(registry, ctx, repo, id, request, body).await?;
     let upload = registry
-        .append_upload(repo, id, chunk)
+        .append_upload(ctx, repo, id, chunk)
         .await
         .map_err(|e| ApiError::from(e).header(header::LOCATION, &upload_location(repo, id)))?;
     in_progress(StatusCode::ACCEPTED, repo, &upload)
@@ -155,6 +172,7 @@ pub async fn patch(
 
 pub async fn put(
     registry: &Registry,
+    ctx: &RequestContext,
     repo: &RepositoryName,
     id: &str,
     request: &Parts,
@@ -166,15 +184,20 @@ pub async fn put(
             .detail("the digest query parameter is required"));
     };
     let d = digest(&d)?;
-    let chunk = chunk(registry, repo, id, request, body).await?;
+    let chunk = chunk(registry, ctx, repo, id, request, body).await?;
     registry
-        .finish_upload(repo, id, &d, chunk)
+        .finish_upload(ctx, repo, id, &d, chunk)
         .await
         .map_err(|e| ApiError::from(e).header(header::LOCATION, &upload_location(repo, id)))?;
     created(repo, &d)
 }
 
-pub async fn cancel(registry: &Registry, repo: &RepositoryName, id: &str) -> ApiResult {
-    registry.cancel_upload(repo, id).await?;
+pub async fn cancel(
+    registry: &Registry,
+    ctx: &RequestContext,
+    repo: &RepositoryName,
+    id: &str,
+) -> ApiResult {
+    registry.cancel_upload(ctx, repo, id).await?;
     Ok((StatusCode::NO_CONTENT, [(header::CONTENT_LENGTH, "0")]).into_response())
 }

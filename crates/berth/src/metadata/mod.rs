@@ -3,17 +3,28 @@
 //!
 //! Every reference a manifest makes is recorded as a row so that garbage collection can later
 //! find what is unreferenced with a query, online, instead of walking storage read-only.
+//!
+//! One SQL implementation over two engines: [`db`] is the driver layer (SQLite or PostgreSQL
+//! behind one [`db::Tx`]), [`queries`] the registry's statements written once, [`schema`] the
+//! migrations. [`Metadata`] is what the rest of the crate holds: a convenience method per
+//! operation, each one transaction, and [`Metadata::write`] / [`Metadata::read`] to compose
+//! several [`queries`] into one.
 
-pub mod postgres;
-pub mod sqlite;
+pub mod db;
+pub mod queries;
+pub mod schema;
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
 
-use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 use oci::{Digest, RepositoryName, Tag};
 
-pub use postgres::PostgresMetadata;
-pub use sqlite::SqliteMetadata;
+pub use db::{Dialect, PoolOptions, Tx};
+
+/// The typed cause of an [`MetadataError::Unavailable`] or [`MetadataError::Internal`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {
@@ -23,8 +34,55 @@ pub enum MetadataError {
     /// An index references a manifest the repository does not have.
     #[error("manifest {0} is not in the repository")]
     MissingManifest(Digest),
-    #[error("metadata store unavailable: {0}")]
-    Unavailable(String),
+    /// A blob may not leave a repository while a manifest there references it.
+    #[error("blob is referenced by manifest {by}")]
+    BlobReferenced { by: Digest },
+    /// A manifest may not be deleted while an index in its repository lists it.
+    #[error("manifest is listed by index {by}")]
+    ManifestReferenced { by: Digest },
+    /// A manifest declares a size for a blob other than the size stored.
+    #[error("blob {digest} is {stored} bytes, but the manifest declares {declared}")]
+    SizeMismatch {
+        digest: Digest,
+        declared: u64,
+        stored: u64,
+    },
+    /// Garbage collection is deleting this blob's bytes; it must be uploaded again once done.
+    #[error("blob {0} is being garbage collected")]
+    BlobDeleting(Digest),
+    /// The database cannot be reached or cannot do the work now (connection refused or
+    /// closed, timeouts, pool exhausted, busy or locked, disk full, IO errors): 503.
+    #[error("metadata store unavailable: {}", Chain(&**.0))]
+    Unavailable(#[source] BoxError),
+    /// A bug or corruption (constraint violations, malformed SQL, a stored value that does not
+    /// parse, a panicked task): 500.
+    #[error("metadata store internal error: {}", Chain(&**.0))]
+    Internal(#[source] BoxError),
+}
+
+impl MetadataError {
+    pub fn internal(e: impl Into<BoxError>) -> MetadataError {
+        MetadataError::Internal(e.into())
+    }
+}
+
+/// An error and its causes on one line (tokio-postgres puts the server's message in a source).
+struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut text = self.0.to_string();
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            let s_text = s.to_string();
+            if !text.contains(&s_text) {
+                text.push_str(": ");
+                text.push_str(&s_text);
+            }
+            source = s.source();
+        }
+        f.write_str(&text)
+    }
 }
 
 /// A manifest about to be stored, with the references parsed out of it.
@@ -34,6 +92,9 @@ pub struct NewManifest {
     pub media_type: String,
     pub bytes: Vec<u8>,
     pub blobs: Vec<Digest>,
+    /// Sizes the manifest's descriptors declare for some of `blobs`; each is checked against
+    /// the stored size in the put's transaction. Empty: nothing checked.
+    pub declared_sizes: Vec<(Digest, u64)>,
     pub children: Vec<Digest>,
     pub subject: Option<Digest>,
     pub artifact_type: Option<String>,
@@ -73,307 +134,256 @@ pub struct Page<'a> {
     pub limit: Option<usize>,
 }
 
-#[async_trait]
-pub trait MetadataStore: Send + Sync + 'static {
+/// The metadata store, cheap to clone.
+#[derive(Clone)]
+pub struct Metadata {
+    db: db::Db,
+}
+
+impl Metadata {
+    /// Opens (creating if needed) a SQLite database and applies pending migrations.
+    pub async fn open_sqlite(path: &Path) -> Result<Metadata, MetadataError> {
+        let metadata = Metadata {
+            db: db::Db::open_sqlite(path)?,
+        };
+        schema::migrate(&metadata.db).await?;
+        Ok(metadata)
+    }
+
+    /// Connects to PostgreSQL at `url` (`postgres://USER:PASSWORD@HOST:PORT/DB`, or libpq
+    /// key=value pairs) and applies pending migrations. Fails if the database is unreachable.
+    pub async fn connect_postgres(
+        url: &str,
+        options: PoolOptions,
+    ) -> Result<Metadata, MetadataError> {
+        let metadata = Metadata {
+            db: db::Db::connect_postgres(url, options).await?,
+        };
+        schema::migrate(&metadata.db).await?;
+        Ok(metadata)
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.db.dialect()
+    }
+
+    /// Runs [`queries`] in one transaction, committed if `f` returns `Ok`, rolled back if it
+    /// returns `Err`. On PostgreSQL `f` may run again if the transaction lost a deadlock, so it
+    /// is `FnMut`: borrow what it needs rather than moving it in.
+    pub async fn write<'env, T, F>(&self, f: F) -> Result<T, MetadataError>
+    where
+        F: for<'a> FnMut(&'a mut Tx<'env>) -> BoxFuture<'a, Result<T, MetadataError>>,
+    {
+        self.db.write(f).await
+    }
+
+    /// Runs read-only [`queries`]; each statement sees what was committed before it began.
+    pub async fn read<'env, T, F>(&self, f: F) -> Result<T, MetadataError>
+    where
+        F: for<'a> FnOnce(&'a mut Tx<'env>) -> BoxFuture<'a, Result<T, MetadataError>>,
+    {
+        self.db.read(f).await
+    }
+
     /// The blob's size if `repo` may read it.
-    async fn blob_in_repository(
+    pub async fn blob_in_repository(
         &self,
         repo: &RepositoryName,
         digest: &Digest,
-    ) -> Result<Option<u64>, MetadataError>;
+    ) -> Result<Option<u64>, MetadataError> {
+        self.read(|tx| Box::pin(queries::blob_in_repository(tx, repo, digest)))
+            .await
+    }
+
     /// Lets `repo` read a committed blob (creating the repository if needed).
-    async fn link_blob(
+    pub async fn link_blob(
         &self,
         repo: &RepositoryName,
         digest: &Digest,
         size: u64,
-    ) -> Result<(), MetadataError>;
-    /// Returns false if the repository did not have the blob.
-    async fn unlink_blob(
+    ) -> Result<(), MetadataError> {
+        self.write(|tx| Box::pin(queries::link_blob(tx, repo, digest, size)))
+            .await
+    }
+
+    /// Returns false if the repository did not have the blob; refused with
+    /// [`MetadataError::BlobReferenced`] while a manifest of the repository references it.
+    pub async fn unlink_blob(
         &self,
         repo: &RepositoryName,
         digest: &Digest,
-    ) -> Result<bool, MetadataError>;
+    ) -> Result<bool, MetadataError> {
+        self.write(|tx| Box::pin(queries::unlink_blob(tx, repo, digest)))
+            .await
+    }
 
-    async fn create_upload(&self, session: &UploadSession) -> Result<(), MetadataError>;
-    async fn get_upload(&self, id: &str) -> Result<Option<UploadSession>, MetadataError>;
-    async fn touch_upload(&self, id: &str, now: i64) -> Result<(), MetadataError>;
-    async fn delete_upload(&self, id: &str) -> Result<(), MetadataError>;
+    /// Links the uploaded blob into `repo` and ends upload session `upload_id`, atomically.
+    pub async fn finish_upload(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+        size: u64,
+        upload_id: &str,
+    ) -> Result<(), MetadataError> {
+        self.write(|tx| {
+            Box::pin(async move {
+                queries::link_blob(tx, repo, digest, size).await?;
+                queries::delete_upload(tx, upload_id).await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    pub async fn create_upload(&self, session: &UploadSession) -> Result<(), MetadataError> {
+        self.write(|tx| Box::pin(queries::create_upload(tx, session)))
+            .await
+    }
+
+    pub async fn get_upload(&self, id: &str) -> Result<Option<UploadSession>, MetadataError> {
+        self.read(|tx| Box::pin(queries::get_upload(tx, id))).await
+    }
+
+    /// Marks the upload active at `now` (coarsely: see [`queries::touch_upload`]).
+    /// See [`queries::touch_upload`].
+    pub async fn touch_upload(
+        &self,
+        id: &str,
+        now: i64,
+        granularity_secs: i64,
+    ) -> Result<(), MetadataError> {
+        self.write(|tx| Box::pin(queries::touch_upload(tx, id, now, granularity_secs)))
+            .await
+    }
+
+    pub async fn delete_upload(&self, id: &str) -> Result<(), MetadataError> {
+        self.write(|tx| Box::pin(queries::delete_upload(tx, id)))
+            .await
+            .map(drop)
+    }
+
     /// Uploads last touched before `before`.
-    async fn stale_uploads(&self, before: i64) -> Result<Vec<String>, MetadataError>;
+    pub async fn stale_uploads(&self, before: i64) -> Result<Vec<String>, MetadataError> {
+        self.read(|tx| Box::pin(queries::stale_uploads(tx, before)))
+            .await
+    }
+
+    /// Every upload session's id, sorted.
+    pub async fn upload_ids(&self) -> Result<Vec<String>, MetadataError> {
+        self.read(|tx| Box::pin(queries::upload_ids(tx))).await
+    }
 
     /// Stores a manifest and, atomically with it, points `tag` at it. Fails without changing
-    /// anything if a referenced blob or child manifest is missing from the repository.
-    async fn put_manifest(
+    /// anything if a referenced blob or child manifest is missing from the repository, or a
+    /// declared blob size differs from the stored one.
+    pub async fn put_manifest(
         &self,
         repo: &RepositoryName,
         manifest: &NewManifest,
         tag: Option<&Tag>,
-    ) -> Result<(), MetadataError>;
-    async fn manifest_by_digest(
+    ) -> Result<(), MetadataError> {
+        self.write(|tx| Box::pin(queries::put_manifest(tx, repo, manifest, tag)))
+            .await
+    }
+
+    pub async fn manifest_by_digest(
         &self,
         repo: &RepositoryName,
         digest: &Digest,
-    ) -> Result<Option<StoredManifest>, MetadataError>;
-    async fn manifest_by_tag(
+    ) -> Result<Option<StoredManifest>, MetadataError> {
+        self.read(|tx| Box::pin(queries::manifest_by_digest(tx, repo, digest)))
+            .await
+    }
+
+    pub async fn manifest_by_tag(
         &self,
         repo: &RepositoryName,
         tag: &Tag,
-    ) -> Result<Option<StoredManifest>, MetadataError>;
-    /// Removes the manifest and every tag pointing at it. False if it was not there.
-    async fn delete_manifest(
+    ) -> Result<Option<StoredManifest>, MetadataError> {
+        self.read(|tx| Box::pin(queries::manifest_by_tag(tx, repo, tag)))
+            .await
+    }
+
+    /// Removes the manifest and every tag pointing at it. False if it was not there; refused
+    /// with [`MetadataError::ManifestReferenced`] while an index of the repository lists it.
+    pub async fn delete_manifest(
         &self,
         repo: &RepositoryName,
         digest: &Digest,
-    ) -> Result<bool, MetadataError>;
+    ) -> Result<bool, MetadataError> {
+        self.write(|tx| Box::pin(queries::delete_manifest(tx, repo, digest)))
+            .await
+    }
+
     /// False if the tag was not there.
-    async fn delete_tag(&self, repo: &RepositoryName, tag: &Tag) -> Result<bool, MetadataError>;
+    pub async fn delete_tag(
+        &self,
+        repo: &RepositoryName,
+        tag: &Tag,
+    ) -> Result<bool, MetadataError> {
+        self.write(|tx| Box::pin(queries::delete_tag(tx, repo, tag)))
+            .await
+    }
+
     /// Tags sorted lexically (by byte), or `None` if the repository is unknown.
-    async fn list_tags(
+    pub async fn list_tags(
         &self,
         repo: &RepositoryName,
         page: Page<'_>,
-    ) -> Result<Option<Vec<String>>, MetadataError>;
+    ) -> Result<Option<Vec<String>>, MetadataError> {
+        self.read(|tx| Box::pin(queries::list_tags(tx, repo, page)))
+            .await
+    }
+
     /// Repositories holding at least one manifest, sorted.
-    async fn list_repositories(&self, page: Page<'_>) -> Result<Vec<String>, MetadataError>;
+    pub async fn list_repositories(&self, page: Page<'_>) -> Result<Vec<String>, MetadataError> {
+        self.read(|tx| Box::pin(queries::list_repositories(tx, page)))
+            .await
+    }
+
     /// Every repository, including those holding only blobs, sorted (for copying a registry).
-    async fn all_repositories(&self) -> Result<Vec<String>, MetadataError>;
+    pub async fn all_repositories(&self) -> Result<Vec<String>, MetadataError> {
+        self.read(|tx| Box::pin(queries::all_repositories(tx)))
+            .await
+    }
+
     /// Every blob the repository may read, with its size.
-    async fn repository_blobs(
+    pub async fn repository_blobs(
         &self,
         repo: &RepositoryName,
-    ) -> Result<Vec<(Digest, u64)>, MetadataError>;
+    ) -> Result<Vec<(Digest, u64)>, MetadataError> {
+        self.read(|tx| Box::pin(queries::repository_blobs(tx, repo)))
+            .await
+    }
+
     /// Every manifest of the repository, oldest first (so an index follows its children).
-    async fn repository_manifests(
+    pub async fn repository_manifests(
         &self,
         repo: &RepositoryName,
-    ) -> Result<Vec<StoredManifest>, MetadataError>;
+    ) -> Result<Vec<StoredManifest>, MetadataError> {
+        self.read(|tx| Box::pin(queries::repository_manifests(tx, repo)))
+            .await
+    }
+
     /// Every tag of the repository with the digest it points at, sorted by tag.
-    async fn repository_tags(
+    pub async fn repository_tags(
         &self,
         repo: &RepositoryName,
-    ) -> Result<Vec<(String, Digest)>, MetadataError>;
+    ) -> Result<Vec<(String, Digest)>, MetadataError> {
+        self.read(|tx| Box::pin(queries::repository_tags(tx, repo)))
+            .await
+    }
 
     /// Manifests in `repo` whose subject is `subject`, oldest first.
-    async fn referrers(
+    pub async fn referrers(
         &self,
         repo: &RepositoryName,
         subject: &Digest,
-    ) -> Result<Vec<Referrer>, MetadataError>;
+    ) -> Result<Vec<Referrer>, MetadataError> {
+        self.read(|tx| Box::pin(queries::referrers(tx, repo, subject)))
+            .await
+    }
 }
 
-/// The suite every `MetadataStore` implementation must pass.
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-
-    fn name(s: &str) -> RepositoryName {
-        s.parse().unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    fn tag(s: &str) -> Tag {
-        s.parse().unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    fn manifest(seed: &str, blobs: Vec<Digest>, subject: Option<Digest>) -> NewManifest {
-        let bytes = format!("{{\"seed\":\"{seed}\"}}").into_bytes();
-        NewManifest {
-            digest: Digest::sha256_of(&bytes),
-            media_type: oci::media_type::OCI_MANIFEST.into(),
-            bytes,
-            blobs,
-            children: vec![],
-            subject,
-            artifact_type: Some("application/x-test".into()),
-            annotations: Some([("k".to_string(), seed.to_string())].into()),
-        }
-    }
-
-    const ALL: Page<'static> = Page {
-        last: None,
-        limit: None,
-    };
-
-    pub(crate) async fn metadata_suite(store: &dyn MetadataStore) {
-        let (a, b) = (name("team/a"), name("team/b"));
-        let blob = Digest::sha256_of(b"layer");
-
-        // Blobs are per repository.
-        store
-            .link_blob(&a, &blob, 5)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            store.blob_in_repository(&a, &blob).await.ok().flatten(),
-            Some(5)
-        );
-        assert_eq!(
-            store.blob_in_repository(&b, &blob).await.ok().flatten(),
-            None
-        );
-
-        // A manifest whose blob is missing from the repository is refused and changes nothing.
-        let m1 = manifest("one", vec![blob.clone()], None);
-        assert!(matches!(
-            store.put_manifest(&b, &m1, Some(&tag("v1"))).await,
-            Err(MetadataError::MissingBlob(_))
-        ));
-        assert_eq!(store.list_tags(&b, ALL).await.ok().flatten(), None);
-
-        // Tags: put, move, sorted listing with pages, delete.
-        store
-            .put_manifest(&a, &m1, Some(&tag("v1")))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        store
-            .put_manifest(&a, &m1, Some(&tag("latest")))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let got = store.manifest_by_tag(&a, &tag("v1")).await.ok().flatten();
-        assert_eq!(got.map(|m| m.bytes), Some(m1.bytes.clone()));
-        let m2 = manifest("two", vec![], None);
-        store
-            .put_manifest(&a, &m2, Some(&tag("v1")))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let got = store.manifest_by_tag(&a, &tag("v1")).await.ok().flatten();
-        assert_eq!(got.map(|m| m.digest), Some(m2.digest.clone()));
-        assert_eq!(
-            store.list_tags(&a, ALL).await.ok().flatten(),
-            Some(vec!["latest".to_string(), "v1".to_string()])
-        );
-        let page = Page {
-            last: Some("latest"),
-            limit: Some(1),
-        };
-        assert_eq!(
-            store.list_tags(&a, page).await.ok().flatten(),
-            Some(vec!["v1".to_string()])
-        );
-        assert!(store.delete_tag(&a, &tag("latest")).await.unwrap_or(false));
-        assert!(!store.delete_tag(&a, &tag("latest")).await.unwrap_or(true));
-        assert!(
-            store
-                .manifest_by_digest(&a, &m1.digest)
-                .await
-                .ok()
-                .flatten()
-                .is_some()
-        );
-
-        // Catalog lists repositories that hold manifests.
-        assert_eq!(
-            store.list_repositories(ALL).await.ok(),
-            Some(vec!["team/a".to_string()])
-        );
-
-        // Index children must exist.
-        let mut index = manifest("index", vec![], None);
-        index.children = vec![Digest::sha256_of(b"nope")];
-        assert!(matches!(
-            store.put_manifest(&a, &index, None).await,
-            Err(MetadataError::MissingManifest(_))
-        ));
-        index.children = vec![m1.digest.clone()];
-        store
-            .put_manifest(&a, &index, None)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-
-        // Referrers, even when pushed before their subject.
-        let subject = Digest::sha256_of(b"not pushed yet");
-        let sig = manifest("sig", vec![], Some(subject.clone()));
-        store
-            .put_manifest(&a, &sig, None)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let refs = store.referrers(&a, &subject).await.unwrap_or_default();
-        assert_eq!(refs.len(), 1);
-        assert_eq!(refs[0].digest, sig.digest);
-        assert_eq!(refs[0].size, sig.bytes.len() as u64);
-        assert_eq!(refs[0].artifact_type.as_deref(), Some("application/x-test"));
-        assert_eq!(refs[0].annotations, sig.annotations);
-        assert!(
-            store
-                .referrers(&b, &subject)
-                .await
-                .unwrap_or_default()
-                .is_empty()
-        );
-
-        // Exports, as a registry copy reads them.
-        assert_eq!(
-            store.all_repositories().await.ok(),
-            Some(vec!["team/a".to_string()])
-        );
-        assert_eq!(
-            store.repository_blobs(&a).await.ok(),
-            Some(vec![(blob.clone(), 5)])
-        );
-        let manifests: Vec<Digest> = store
-            .repository_manifests(&a)
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .map(|m| m.digest)
-            .collect();
-        assert_eq!(
-            manifests,
-            vec![
-                m1.digest.clone(),
-                m2.digest.clone(),
-                index.digest.clone(),
-                sig.digest.clone()
-            ]
-        );
-        assert_eq!(
-            store.repository_tags(&a).await.ok(),
-            Some(vec![("v1".to_string(), m2.digest.clone())])
-        );
-
-        // Deleting a manifest removes its tags.
-        assert!(store.delete_manifest(&a, &m2.digest).await.unwrap_or(false));
-        assert!(
-            store
-                .manifest_by_tag(&a, &tag("v1"))
-                .await
-                .ok()
-                .flatten()
-                .is_none()
-        );
-        assert_eq!(store.list_tags(&a, ALL).await.ok().flatten(), Some(vec![]));
-
-        // Unlinking a blob.
-        assert!(store.unlink_blob(&a, &blob).await.unwrap_or(false));
-        assert_eq!(
-            store.blob_in_repository(&a, &blob).await.ok().flatten(),
-            None
-        );
-
-        // Upload sessions and their expiry.
-        let s = UploadSession {
-            id: "u1".into(),
-            repository: a.clone(),
-            updated_at: 100,
-        };
-        store
-            .create_upload(&s)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(store.get_upload("u1").await.ok().flatten(), Some(s));
-        assert_eq!(
-            store.stale_uploads(101).await.ok(),
-            Some(vec!["u1".to_string()])
-        );
-        store
-            .touch_upload("u1", 200)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(store.stale_uploads(101).await.ok(), Some(vec![]));
-        store
-            .delete_upload("u1")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(store.get_upload("u1").await.ok().flatten(), None);
-    }
-}
+pub(crate) mod tests;

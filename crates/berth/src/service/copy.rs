@@ -8,7 +8,7 @@
 use futures_util::TryStreamExt;
 use oci::{Digest, Reference, RepositoryName};
 
-use super::{Chunk, Registry, ServiceError};
+use super::{Chunk, ManifestPut, Registry, RequestContext, ServiceError};
 use crate::metadata::NewManifest;
 
 /// A copy that stopped, and at what.
@@ -46,6 +46,7 @@ impl Registry {
         target: &Registry,
         mut progress: impl FnMut(&RepositoryName),
     ) -> Result<CopyReport, CopyError> {
+        let ctx = &RequestContext::system("copy");
         let mut report = CopyReport::default();
         let names = self.metadata.all_repositories().await;
         for name in names.map_err(|e| at("listing repositories")(e.into()))? {
@@ -60,7 +61,7 @@ impl Registry {
             for (digest, size) in
                 blobs.map_err(|e| at(format!("listing blobs of {repo}"))(e.into()))?
             {
-                self.copy_blob(target, &repo, &digest, size, &mut report)
+                self.copy_blob(ctx, target, &repo, &digest, size, &mut report)
                     .await
                     .map_err(at(format!("copying blob {digest} of {repo}")))?;
             }
@@ -70,7 +71,14 @@ impl Registry {
             for m in manifests.map_err(|e| at(format!("listing manifests of {repo}"))(e.into()))? {
                 let reference = Reference::Digest(m.digest.clone());
                 target
-                    .put_manifest(&repo, &reference, Some(&m.media_type), m.bytes)
+                    .put_manifest(
+                        ctx,
+                        &repo,
+                        &reference,
+                        Some(&m.media_type),
+                        m.bytes,
+                        ManifestPut::default(),
+                    )
                     .await
                     .map_err(at(format!("copying manifest {reference} of {repo}")))?;
                 report.manifests += 1;
@@ -80,7 +88,7 @@ impl Registry {
                 tags.map_err(|e| at(format!("listing tags of {repo}"))(e.into()))?
             {
                 target
-                    .copy_tag(&repo, &tag, &digest)
+                    .copy_tag(ctx, &repo, &tag, &digest)
                     .await
                     .map_err(at(format!("copying tag {tag} of {repo}")))?;
                 report.tags += 1;
@@ -92,6 +100,7 @@ impl Registry {
     /// Points `tag` at a manifest this registry already holds.
     async fn copy_tag(
         &self,
+        ctx: &RequestContext,
         repo: &RepositoryName,
         tag: &str,
         digest: &Digest,
@@ -100,7 +109,7 @@ impl Registry {
             .parse()
             .map_err(|_| ServiceError::ManifestInvalid(format!("stored tag {tag:?} is invalid")))?;
         let m = self
-            .get_manifest(repo, &Reference::Digest(digest.clone()))
+            .get_manifest(ctx, repo, &Reference::Digest(digest.clone()))
             .await?;
         let parsed = oci::manifest::parse(Some(&m.media_type), &m.bytes)
             .map_err(|e| ServiceError::ManifestInvalid(e.to_string()))?;
@@ -109,6 +118,7 @@ impl Registry {
             media_type: parsed.media_type,
             bytes: m.bytes,
             blobs: parsed.blobs,
+            declared_sizes: Vec::new(),
             children: parsed.children,
             subject: parsed.subject,
             artifact_type: parsed.artifact_type,
@@ -122,6 +132,7 @@ impl Registry {
 
     async fn copy_blob(
         &self,
+        ctx: &RequestContext,
         target: &Registry,
         repo: &RepositoryName,
         digest: &Digest,
@@ -133,15 +144,15 @@ impl Registry {
             report.blobs_skipped += 1;
             return Ok(());
         }
-        let read = match self.read_blob(repo, digest, None).await? {
+        let read = match self.read_blob(ctx, repo, digest, None).await? {
             Ok(read) => read,
             Err(_) => return Err(ServiceError::BlobUnknown),
         };
         let body = Box::pin(read.body.map_err(|e| e.to_string()));
         // The target's upload path hashes the bytes and refuses them if they do not match.
-        let upload = target.start_upload(repo).await?;
+        let upload = target.start_upload(ctx, repo).await?;
         target
-            .finish_upload(repo, &upload.id, digest, Chunk { start: None, body })
+            .finish_upload(ctx, repo, &upload.id, digest, Chunk::whole(body))
             .await?;
         report.blobs_copied += 1;
         report.blob_bytes_copied += size;

@@ -5,6 +5,7 @@
 //! then recorded in metadata. A crash in between leaves unreferenced bytes (harmless, reclaimable)
 //! but never metadata that points at missing bytes.
 
+mod context;
 mod copy;
 mod uploads;
 
@@ -13,13 +14,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use oci::manifest;
-use oci::{Digest, Reference, RepositoryName};
+use oci::{Digest, Reference, RepositoryName, Tag};
 
-use crate::metadata::{MetadataError, MetadataStore, NewManifest, Page, Referrer, StoredManifest};
+use crate::metadata::{Metadata, MetadataError, NewManifest, Page, Referrer, StoredManifest};
 use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
 
+pub use context::{Actor, RequestContext};
 pub use copy::{CopyError, CopyReport};
 pub use uploads::{BodyStream, Chunk, UploadState};
+use uploads::{HashState, UploadLocks};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -44,16 +47,41 @@ pub enum ServiceError {
     ManifestBlobUnknown(Digest),
     #[error("manifest {0} referenced by the index is not in the repository")]
     ManifestChildUnknown(Digest),
-    /// The request body broke off (client went away or sent garbage framing).
+    /// The request body broke off (client went away, stalled, or sent garbage framing).
     #[error("request body: {0}")]
     Body(String),
+    /// A chunk's body went on past the length its Content-Range declared; the bytes within the
+    /// range were kept.
+    #[error("chunk is longer than its Content-Range; the upload now holds {size} bytes")]
+    ChunkOverrun { size: u64 },
+    #[error("blob exceeds the limit of {limit} bytes")]
+    BlobTooLarge { limit: u64 },
+    /// A blob delete refused because a manifest of the repository still references it.
+    #[error("blob is referenced by manifest {by}; delete that manifest first")]
+    BlobReferenced { by: Digest },
+    /// A manifest delete refused because an index of the repository still lists it.
+    #[error("manifest is listed by index {by}; delete that index first")]
+    ManifestReferenced { by: Digest },
+    /// Berth itself is at a configured limit; the client should retry shortly.
+    #[error("{0}")]
+    Busy(String),
+    /// A backend is unreachable, timed out or out of capacity: worth retrying.
     #[error("backend unavailable: {0}")]
     Unavailable(String),
+    /// A bug or corrupted state: retrying will not help.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl From<StorageError> for ServiceError {
     fn from(e: StorageError) -> Self {
-        ServiceError::Unavailable(e.to_string())
+        match e {
+            StorageError::Internal(_) => ServiceError::Internal(e.to_string()),
+            StorageError::Io(ref io) if io.kind() == std::io::ErrorKind::InvalidData => {
+                ServiceError::Internal(e.to_string())
+            }
+            _ => ServiceError::Unavailable(e.to_string()),
+        }
     }
 }
 
@@ -62,7 +90,13 @@ impl From<MetadataError> for ServiceError {
         match e {
             MetadataError::MissingBlob(d) => ServiceError::ManifestBlobUnknown(d),
             MetadataError::MissingManifest(d) => ServiceError::ManifestChildUnknown(d),
-            MetadataError::Unavailable(s) => ServiceError::Unavailable(s),
+            MetadataError::BlobReferenced { by } => ServiceError::BlobReferenced { by },
+            MetadataError::ManifestReferenced { by } => ServiceError::ManifestReferenced { by },
+            e @ MetadataError::SizeMismatch { .. } => ServiceError::ManifestInvalid(e.to_string()),
+            e @ (MetadataError::BlobDeleting(_) | MetadataError::Unavailable(_)) => {
+                ServiceError::Unavailable(e.to_string())
+            }
+            e @ MetadataError::Internal(_) => ServiceError::Internal(e.to_string()),
         }
     }
 }
@@ -70,17 +104,32 @@ impl From<MetadataError> for ServiceError {
 pub struct RegistryOptions {
     pub max_manifest_bytes: usize,
     pub upload_idle_timeout: Duration,
+    /// The largest blob an upload may grow to; more gets 413.
+    pub max_blob_bytes: u64,
+    /// Most manifest bytes held in memory at once across all pushes in flight.
+    pub max_buffered_manifest_bytes: usize,
+}
+
+/// How long a manifest push waits for room in the manifest buffer before it is told to come
+/// back later (429).
+const MANIFEST_BUFFER_WAIT: Duration = Duration::from_secs(10);
+
+/// Room reserved in the manifest buffer; released when dropped.
+pub struct ManifestBuffer {
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 pub struct Registry {
     blobs: Arc<dyn BlobStore>,
-    metadata: Arc<dyn MetadataStore>,
+    metadata: Metadata,
     options: RegistryOptions,
     /// Hash state of each upload at its current size, so an append continues hashing where the
     /// last one stopped. Lost on restart; rebuilt by re-reading the upload.
-    hash_states: Mutex<HashMap<String, (u64, oci::Hasher)>>,
+    hash_states: Mutex<HashMap<String, HashState>>,
     /// Serialises writers of one upload: a chunk must see the size the previous chunk left.
-    upload_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    upload_locks: Arc<UploadLocks>,
+    /// One permit per byte of manifest body that may be buffered at once.
+    manifest_buffer: Arc<tokio::sync::Semaphore>,
 }
 
 /// A blob ready to stream: its total size, the part being sent, and the bytes.
@@ -124,6 +173,9 @@ impl RangeRequest {
     }
 }
 
+/// The most entries one page of the tags list or catalog holds; a larger `n` is cut to it.
+pub const MAX_PAGE_SIZE: usize = 10_000;
+
 /// A page of a listing and whether more follow.
 pub struct Listing {
     pub items: Vec<String>,
@@ -133,6 +185,17 @@ pub struct Listing {
 pub struct PushedManifest {
     pub digest: Digest,
     pub subject: Option<Digest>,
+    /// Every tag now pointing at the manifest.
+    pub tags: Vec<Tag>,
+}
+
+/// What a manifest push asks for beyond its reference.
+#[derive(Debug, Default)]
+pub struct ManifestPut {
+    /// Tags to point at the manifest besides the reference (`?tag=`, repeatable).
+    pub tags: Vec<Tag>,
+    /// The digest, in the algorithm the client wants, when pushing by tag (`?digest=`).
+    pub digest: Option<Digest>,
 }
 
 pub(crate) fn now_secs() -> i64 {
@@ -145,15 +208,21 @@ pub(crate) fn now_secs() -> i64 {
 impl Registry {
     pub fn new(
         blobs: Arc<dyn BlobStore>,
-        metadata: Arc<dyn MetadataStore>,
+        metadata: Metadata,
         options: RegistryOptions,
     ) -> Registry {
+        let manifest_buffer = Arc::new(tokio::sync::Semaphore::new(
+            options
+                .max_buffered_manifest_bytes
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         Registry {
+            manifest_buffer,
             blobs,
             metadata,
             options,
             hash_states: Mutex::new(HashMap::new()),
-            upload_locks: Mutex::new(HashMap::new()),
+            upload_locks: Arc::new(UploadLocks::default()),
         }
     }
 
@@ -161,9 +230,33 @@ impl Registry {
         self.options.max_manifest_bytes
     }
 
+    /// Reserves room to buffer a manifest body of up to `len` bytes (a body without a known
+    /// length reserves the largest a manifest may be), so that many stalled pushes cannot hold
+    /// more than `max_buffered_manifest_bytes` between them. Whole or nothing: a push never
+    /// holds part of the buffer while waiting for the rest.
+    pub async fn reserve_manifest_buffer(
+        &self,
+        len: Option<usize>,
+    ) -> Result<ManifestBuffer, ServiceError> {
+        let want = len
+            .unwrap_or(self.options.max_manifest_bytes)
+            .min(self.options.max_manifest_bytes)
+            .max(1);
+        let want = u32::try_from(want).unwrap_or(u32::MAX);
+        let acquire = self.manifest_buffer.clone().acquire_many_owned(want);
+        match tokio::time::timeout(MANIFEST_BUFFER_WAIT, acquire).await {
+            Ok(Ok(permit)) => Ok(ManifestBuffer { _permit: permit }),
+            Ok(Err(closed)) => Err(ServiceError::Internal(closed.to_string())),
+            Err(_) => Err(ServiceError::Busy(
+                "too many manifest pushes in flight; retry shortly".into(),
+            )),
+        }
+    }
+
     /// Size of a blob the repository may read.
     pub async fn stat_blob(
         &self,
+        _ctx: &RequestContext,
         repo: &RepositoryName,
         digest: &Digest,
     ) -> Result<u64, ServiceError> {
@@ -177,24 +270,26 @@ impl Registry {
     /// for stores configured to redirect. Checks the repository may read the blob first.
     pub async fn blob_redirect(
         &self,
+        _ctx: &RequestContext,
         repo: &RepositoryName,
         digest: &Digest,
     ) -> Result<Option<String>, ServiceError> {
         if !self.blobs.redirects_gets() {
             return Ok(None);
         }
-        self.stat_blob(repo, digest).await?;
+        self.stat_blob(_ctx, repo, digest).await?;
         Ok(self.blobs.redirect_url(digest).await?)
     }
 
     /// Opens a blob (or a range of it) for streaming. `Err(Ok(..))` is an unsatisfiable range.
     pub async fn read_blob(
         &self,
+        _ctx: &RequestContext,
         repo: &RepositoryName,
         digest: &Digest,
         range: Option<RangeRequest>,
     ) -> Result<Result<BlobRead, Unsatisfiable>, ServiceError> {
-        let size = self.stat_blob(repo, digest).await?;
+        let size = self.stat_blob(_ctx, repo, digest).await?;
         let range = match range.map(|r| r.resolve(size)).transpose() {
             Ok(r) => r,
             Err(unsatisfiable) => return Ok(Err(unsatisfiable)),
@@ -212,20 +307,22 @@ impl Registry {
     /// repositories may share them.
     pub async fn delete_blob(
         &self,
+        ctx: &RequestContext,
         repo: &RepositoryName,
         digest: &Digest,
     ) -> Result<(), ServiceError> {
-        if self.metadata.unlink_blob(repo, digest).await? {
-            Ok(())
-        } else {
-            Err(ServiceError::BlobUnknown)
+        if !self.metadata.unlink_blob(repo, digest).await? {
+            return Err(ServiceError::BlobUnknown);
         }
+        ctx.log_change("blob deleted", repo, digest, &[]);
+        Ok(())
     }
 
     /// Cross-repository mount: links a blob `from` may read into `repo`. `None` when `from`
     /// does not have it, in which case the caller falls back to an ordinary upload.
     pub async fn mount_blob(
         &self,
+        ctx: &RequestContext,
         repo: &RepositoryName,
         from: &RepositoryName,
         digest: &Digest,
@@ -237,15 +334,43 @@ impl Registry {
             return Ok(None);
         }
         self.metadata.link_blob(repo, digest, size).await?;
+        ctx.log_change("blob mounted", repo, digest, &[]);
         Ok(Some(size))
     }
 
+    /// Mount without `from` (the spec's automatic content discovery): links the blob if the
+    /// registry holds it at all. Every committed blob was verified against its digest when it
+    /// was stored, so holding its bytes proves it; with no access control yet, any caller may
+    /// read every repository. `None` sends the client to an ordinary upload.
+    pub async fn mount_known_blob(
+        &self,
+        ctx: &RequestContext,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, ServiceError> {
+        if let Some(size) = self.metadata.blob_in_repository(repo, digest).await? {
+            return Ok(Some(size));
+        }
+        let Some(size) = self.blobs.stat(digest).await? else {
+            return Ok(None);
+        };
+        self.metadata.link_blob(repo, digest, size).await?;
+        ctx.log_change("blob mounted", repo, digest, &[]);
+        Ok(Some(size))
+    }
+
+    /// Stores a manifest pushed to `reference`, and points every tag in `options.tags` (and
+    /// the reference itself, if a tag) at it. `options.digest` asks for the manifest's digest
+    /// in a given algorithm (regctl's `?digest=` on a tag push) and is verified like a digest
+    /// reference.
     pub async fn put_manifest(
         &self,
+        ctx: &RequestContext,
         repo: &RepositoryName,
         reference: &Reference,
         content_type: Option<&str>,
         bytes: Vec<u8>,
+        options: ManifestPut,
     ) -> Result<PushedManifest, ServiceError> {
         if bytes.len() > self.options.max_manifest_bytes {
             return Err(ServiceError::ManifestTooLarge {
@@ -255,37 +380,98 @@ impl Registry {
         }
         let parsed = manifest::parse(content_type, &bytes)
             .map_err(|e| ServiceError::ManifestInvalid(e.to_string()))?;
-        let (digest, tag) = match reference {
-            Reference::Digest(expected) => {
+        let mut tags = options.tags;
+        let expected = match reference {
+            Reference::Digest(d) => Some(d),
+            Reference::Tag(tag) => {
+                tags.insert(0, tag.clone());
+                options.digest.as_ref()
+            }
+        };
+        if let (Reference::Digest(d), Some(other)) = (reference, &options.digest)
+            && d != other
+        {
+            return Err(ServiceError::DigestInvalid(format!(
+                "the digest parameter {other} disagrees with the reference {d}"
+            )));
+        }
+        let digest = match expected {
+            Some(expected) => {
                 let actual = Digest::of(expected.algorithm(), &bytes);
                 if &actual != expected {
                     return Err(ServiceError::DigestInvalid(format!(
                         "manifest digest is {actual}, not {expected}"
                     )));
                 }
-                (actual, None)
+                actual
             }
-            Reference::Tag(tag) => (Digest::sha256_of(&bytes), Some(tag)),
+            None => Digest::sha256_of(&bytes),
         };
+        self.check_declared_sizes(repo, &parsed).await?;
         let record = NewManifest {
             digest: digest.clone(),
             media_type: parsed.media_type,
             bytes,
             blobs: parsed.blobs,
+            declared_sizes: Vec::new(),
             children: parsed.children,
             subject: parsed.subject.clone(),
             artifact_type: parsed.artifact_type,
             annotations: parsed.annotations,
         };
-        self.metadata.put_manifest(repo, &record, tag).await?;
+        let mut distinct = Vec::with_capacity(tags.len());
+        for tag in tags {
+            if !distinct.contains(&tag) {
+                distinct.push(tag);
+            }
+        }
+        let tags = distinct;
+        self.metadata
+            .put_manifest(repo, &record, tags.first())
+            .await?;
+        // Further tags point at the manifest just stored; each is its own small transaction.
+        for tag in tags.iter().skip(1) {
+            self.metadata.put_manifest(repo, &record, Some(tag)).await?;
+        }
+        ctx.log_change("manifest pushed", repo, &digest, &tags);
         Ok(PushedManifest {
             digest,
             subject: parsed.subject,
+            tags,
         })
+    }
+
+    /// Each descriptor's size must be the size stored under its digest. A digest's size never
+    /// changes, so checking outside the put's transaction is as good as inside it; whether the
+    /// repository still holds the blob is checked in the transaction.
+    async fn check_declared_sizes(
+        &self,
+        repo: &RepositoryName,
+        parsed: &manifest::ParsedManifest,
+    ) -> Result<(), ServiceError> {
+        for (digest, declared) in &parsed.declared_sizes {
+            let stored = if parsed.children.contains(digest) {
+                self.metadata
+                    .manifest_by_digest(repo, digest)
+                    .await?
+                    .map(|m| m.bytes.len() as u64)
+            } else {
+                self.metadata.blob_in_repository(repo, digest).await?
+            };
+            if let Some(stored) = stored
+                && stored != *declared
+            {
+                return Err(ServiceError::ManifestInvalid(format!(
+                    "descriptor {digest} declares size {declared}, but the registry holds {stored} bytes under that digest"
+                )));
+            }
+        }
+        Ok(())
     }
 
     pub async fn get_manifest(
         &self,
+        _ctx: &RequestContext,
         repo: &RepositoryName,
         reference: &Reference,
     ) -> Result<StoredManifest, ServiceError> {
@@ -299,6 +485,7 @@ impl Registry {
     /// By digest: the manifest and all its tags. By tag: only the tag.
     pub async fn delete_manifest(
         &self,
+        ctx: &RequestContext,
         repo: &RepositoryName,
         reference: &Reference,
     ) -> Result<(), ServiceError> {
@@ -306,15 +493,19 @@ impl Registry {
             Reference::Tag(tag) => self.metadata.delete_tag(repo, tag).await?,
             Reference::Digest(digest) => self.metadata.delete_manifest(repo, digest).await?,
         };
-        if deleted {
-            Ok(())
-        } else {
-            Err(ServiceError::ManifestUnknown)
+        if !deleted {
+            return Err(ServiceError::ManifestUnknown);
         }
+        match reference {
+            Reference::Tag(tag) => ctx.log_tag_deleted(repo, tag),
+            Reference::Digest(digest) => ctx.log_change("manifest deleted", repo, digest, &[]),
+        }
+        Ok(())
     }
 
     pub async fn list_tags(
         &self,
+        _ctx: &RequestContext,
         repo: &RepositoryName,
         last: Option<&str>,
         limit: Option<usize>,
@@ -333,6 +524,7 @@ impl Registry {
 
     pub async fn list_repositories(
         &self,
+        _ctx: &RequestContext,
         last: Option<&str>,
         limit: Option<usize>,
     ) -> Result<Listing, ServiceError> {
@@ -347,6 +539,7 @@ impl Registry {
     /// Manifests whose subject is `subject`, optionally only those of one artifact type.
     pub async fn referrers(
         &self,
+        _ctx: &RequestContext,
         repo: &RepositoryName,
         subject: &Digest,
         artifact_type: Option<&str>,

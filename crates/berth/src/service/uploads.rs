@@ -1,28 +1,57 @@
 //! Blob uploads: sessions, chunks, verification, commit, mounts and expiry.
 //!
 //! Bytes are hashed as they stream past on their way to storage, so finishing an upload costs no
-//! second read (unless the process restarted mid-upload or the client chose sha512, in which
-//! case the stored bytes are re-read once).
+//! second read (unless the process restarted mid-upload, another node wrote the last chunk, or
+//! the client chose sha512, in which case the stored bytes are re-read once).
+//!
+//! One writer per upload at a time, and a writer's bytes are all on disk before the next one
+//! starts: each upload has a lock, and the storage writer keeps the held lock
+//! ([`crate::storage::WriteGuard`]) until its last write has landed, even when the request that
+//! started it was dropped because the client hung up. So a retry never races a late append.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use oci::{Algorithm, Digest, Hasher, RepositoryName};
 
-use super::{Registry, ServiceError, now_secs};
+use super::{Registry, RequestContext, ServiceError, now_secs};
 use crate::metadata::UploadSession;
-use crate::storage::StorageError;
+use crate::storage::{StorageError, WriteGuard};
 
 /// A request body as the service consumes it.
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
+
+/// How long the janitor waits for one upload's lock before moving on to the next: a client
+/// streaming a chunk holds it, and must not stop expiry for everyone else.
+const JANITOR_LOCK_WAIT: Duration = Duration::from_secs(2);
+/// Bytes in storage with no upload session are reclaimed once they have not changed for this
+/// long: a session is recorded right after its bytes are created, so anything older was left by
+/// a crash or a failed metadata write.
+const ORPHAN_GRACE: Duration = Duration::from_secs(15 * 60);
 
 /// Bytes to append to an upload.
 pub struct Chunk {
     /// Where the client says the chunk starts (its Content-Range); must equal the current size.
     pub start: Option<u64>,
+    /// How many bytes the client says the chunk holds (its Content-Range); a body that goes
+    /// past it is cut there and refused with 416.
+    pub len: Option<u64>,
     pub body: BodyStream,
+}
+
+impl Chunk {
+    /// A body with no Content-Range: whatever it holds is appended.
+    pub fn whole(body: BodyStream) -> Chunk {
+        Chunk {
+            start: None,
+            len: None,
+            body,
+        }
+    }
 }
 
 /// Where an upload stands.
@@ -33,23 +62,143 @@ pub struct UploadState {
     pub size: u64,
 }
 
-impl Registry {
-    fn upload_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.upload_locks.lock().unwrap_or_else(|p| p.into_inner());
+/// The per-upload locks of this process. An entry lives while someone holds or waits for it.
+#[derive(Default)]
+pub(super) struct UploadLocks {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// One upload's lock, held. Dropping the last clone releases the lock and forgets the entry
+/// if nobody is waiting for it.
+pub(super) struct HeldUpload {
+    id: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    locks: Arc<UploadLocks>,
+}
+
+impl Drop for HeldUpload {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut locks = self.locks.locks.lock().unwrap_or_else(|p| p.into_inner());
+        // Two references: the map's and ours. Anyone waiting holds a third.
+        if Arc::strong_count(&self.lock) == 2 {
+            locks.remove(&self.id);
+        }
+    }
+}
+
+impl UploadLocks {
+    fn entry(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(id.to_string()).or_default().clone()
     }
 
-    fn forget_upload(&self, id: &str) {
-        self.hash_states
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        self.upload_locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+    pub(super) async fn hold(self: &Arc<Self>, id: &str) -> Arc<HeldUpload> {
+        let lock = self.entry(id);
+        let guard = lock.clone().lock_owned().await;
+        Arc::new(HeldUpload {
+            id: id.to_string(),
+            lock,
+            guard: Some(guard),
+            locks: self.clone(),
+        })
     }
 
+    /// Like [`UploadLocks::hold`], but gives up after `wait`.
+    async fn hold_within(self: &Arc<Self>, id: &str, wait: Duration) -> Option<Arc<HeldUpload>> {
+        tokio::time::timeout(wait, self.hold(id)).await.ok()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.locks.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// The running hash of an upload at a size, as this node last left it.
+pub(super) struct HashState {
+    size: u64,
+    hasher: Hasher,
+    touched: Instant,
+}
+
+/// Cuts a body at the length its Content-Range declared and at the largest blob allowed,
+/// remembering which limit stopped it.
+struct Limits {
+    /// Bytes the chunk may still hold, per its Content-Range.
+    declared: Option<u64>,
+    /// Bytes the upload may still grow by, per `max_blob_bytes`.
+    allowed: u64,
+}
+
+enum Overrun {
+    Declared,
+    BlobTooLarge,
+}
+
+impl Limits {
+    /// The part of `bytes` within both limits, and which limit (if any) cut the rest off.
+    fn admit(&mut self, mut bytes: Bytes) -> (Bytes, Option<Overrun>) {
+        let mut overrun = None;
+        if let Some(declared) = self.declared
+            && bytes.len() as u64 > declared
+        {
+            bytes.truncate(declared as usize);
+            overrun = Some(Overrun::Declared);
+        }
+        if bytes.len() as u64 > self.allowed {
+            bytes.truncate(self.allowed as usize);
+            overrun = Some(Overrun::BlobTooLarge);
+        }
+        if let Some(d) = self.declared.as_mut() {
+            *d -= bytes.len() as u64;
+        }
+        self.allowed -= bytes.len() as u64;
+        (bytes, overrun)
+    }
+}
+
+/// Cancels an upload that the client cannot see if the request making it is dropped or fails
+/// (a monolithic POST never hands out a Location): its bytes are reclaimed at once rather than
+/// at expiry.
+struct DiscardOnDrop<'a> {
+    registry: &'a Registry,
+    id: Option<String>,
+}
+
+impl DiscardOnDrop<'_> {
+    fn disarm(mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for DiscardOnDrop<'_> {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else { return };
+        let (blobs, metadata, locks) = (
+            self.registry.blobs.clone(),
+            self.registry.metadata.clone(),
+            self.registry.upload_locks.clone(),
+        );
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            // Waits for any write the dropped request started to land first.
+            let _held = locks.hold(&id).await;
+            if let Err(e) = blobs.delete_upload(&id).await {
+                tracing::warn!(upload.id = %id, error = %e, "reclaiming an abandoned upload failed; expiry will retry");
+                return;
+            }
+            if let Err(e) = metadata.delete_upload(&id).await {
+                tracing::warn!(upload.id = %id, error = %e, "removing an abandoned upload session failed; expiry will retry");
+            }
+        });
+    }
+}
+
+impl Registry {
     /// The session, if it exists and belongs to `repo`.
     async fn session(
         &self,
@@ -69,9 +218,25 @@ impl Registry {
             .ok_or(ServiceError::UploadUnknown)
     }
 
-    pub async fn start_upload(&self, repo: &RepositoryName) -> Result<UploadState, ServiceError> {
+    fn take_hash_state(&self, id: &str) -> Option<HashState> {
+        self.hash_states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+    }
+
+    fn forget_upload(&self, id: &str) {
+        self.take_hash_state(id);
+    }
+
+    pub async fn start_upload(
+        &self,
+        _ctx: &RequestContext,
+        repo: &RepositoryName,
+    ) -> Result<UploadState, ServiceError> {
         let id = uuid::Uuid::new_v4().to_string();
-        // Bytes first, then the session: a session never names a missing upload.
+        // Bytes first, then the session: a session never names a missing upload. Bytes whose
+        // session was never recorded are found by the janitor's listing of storage.
         self.blobs.create_upload(&id).await?;
         self.metadata
             .create_upload(&UploadSession {
@@ -85,6 +250,7 @@ impl Registry {
 
     pub async fn upload_status(
         &self,
+        _ctx: &RequestContext,
         repo: &RepositoryName,
         id: &str,
     ) -> Result<UploadState, ServiceError> {
@@ -99,16 +265,21 @@ impl Registry {
     /// Appends a chunk. `start`, when the client gave a Content-Range, must equal the current size.
     pub async fn append_upload(
         &self,
+        _ctx: &RequestContext,
         repo: &RepositoryName,
         id: &str,
         chunk: Chunk,
     ) -> Result<UploadState, ServiceError> {
         self.session(repo, id).await?;
-        let lock = self.upload_lock(id);
-        let _guard = lock.lock().await;
+        let held = self.upload_locks.hold(id).await;
         let size = self.stored_size(id).await?;
-        let size = self.write_chunk(id, size, chunk).await?;
-        self.metadata.touch_upload(id, now_secs()).await?;
+        let size = self.write_chunk(id, size, chunk, held).await?;
+        // Recorded at a tenth of the idle timeout (at most a minute): precise enough for expiry,
+        // and a burst of PATCHes costs one metadata write instead of one each.
+        let granularity = (self.options.upload_idle_timeout.as_secs() / 10).min(60) as i64;
+        self.metadata
+            .touch_upload(id, now_secs(), granularity)
+            .await?;
         Ok(UploadState {
             id: id.to_string(),
             size,
@@ -119,16 +290,16 @@ impl Registry {
     /// readable from `repo`. On a digest mismatch the upload is discarded: nothing is stored.
     pub async fn finish_upload(
         &self,
+        ctx: &RequestContext,
         repo: &RepositoryName,
         id: &str,
         digest: &Digest,
         last_chunk: Chunk,
     ) -> Result<u64, ServiceError> {
         self.session(repo, id).await?;
-        let lock = self.upload_lock(id);
-        let _guard = lock.lock().await;
+        let held = self.upload_locks.hold(id).await;
         let size = self.stored_size(id).await?;
-        let size = self.write_chunk(id, size, last_chunk).await?;
+        let size = self.write_chunk(id, size, last_chunk, held.clone()).await?;
         let actual = self.upload_digest(id, size, digest.algorithm()).await?;
         if &actual != digest {
             self.discard_upload(id).await?;
@@ -137,47 +308,69 @@ impl Registry {
             )));
         }
         self.blobs.commit_upload(id, digest).await?;
-        self.metadata.link_blob(repo, digest, size).await?;
-        self.metadata.delete_upload(id).await?;
+        self.metadata.finish_upload(repo, digest, size, id).await?;
         self.forget_upload(id);
+        drop(held);
+        ctx.log_change("blob pushed", repo, digest, &[]);
         Ok(size)
     }
 
-    /// A whole blob in one request (POST with `?digest=`).
+    /// A whole blob in one request (POST with `?digest=`). The client never learns the upload's
+    /// id, so whatever way the request ends short of success, its bytes are reclaimed at once.
     pub async fn upload_monolithic(
         &self,
+        ctx: &RequestContext,
         repo: &RepositoryName,
         digest: &Digest,
         body: BodyStream,
     ) -> Result<u64, ServiceError> {
-        let upload = self.start_upload(repo).await?;
-        self.finish_upload(repo, &upload.id, digest, Chunk { start: None, body })
-            .await
+        let upload = self.start_upload(ctx, repo).await?;
+        let discard = DiscardOnDrop {
+            registry: self,
+            id: Some(upload.id.clone()),
+        };
+        let size = self
+            .finish_upload(ctx, repo, &upload.id, digest, Chunk::whole(body))
+            .await?;
+        discard.disarm();
+        Ok(size)
     }
 
-    pub async fn cancel_upload(&self, repo: &RepositoryName, id: &str) -> Result<(), ServiceError> {
+    pub async fn cancel_upload(
+        &self,
+        _ctx: &RequestContext,
+        repo: &RepositoryName,
+        id: &str,
+    ) -> Result<(), ServiceError> {
         self.session(repo, id).await?;
-        let lock = self.upload_lock(id);
-        let _guard = lock.lock().await;
+        let _held = self.upload_locks.hold(id).await;
         self.discard_upload(id).await
     }
 
+    /// Deletes the bytes, then the session. Bytes first: on a full disk the metadata write may
+    /// fail, and freeing space must still work; a session left without bytes answers
+    /// BLOB_UPLOAD_UNKNOWN and the janitor removes it.
     async fn discard_upload(&self, id: &str) -> Result<(), ServiceError> {
-        // Session first: once it is gone no client can reach the bytes being deleted.
-        self.metadata.delete_upload(id).await?;
         self.blobs.delete_upload(id).await?;
         self.forget_upload(id);
+        if let Err(e) = self.metadata.delete_upload(id).await {
+            tracing::warn!(upload.id = %id, error = %e, "upload bytes deleted but its session remains; expiry will remove it");
+        }
         Ok(())
     }
 
-    /// Cancels uploads idle for longer than the configured timeout. Returns how many.
+    /// Cancels uploads idle for longer than the configured timeout, reclaims upload bytes that
+    /// have no session (left by a crash between the two writes), removes sessions whose bytes
+    /// are gone, and forgets hash states of uploads another node finished. Returns how many
+    /// uploads were removed.
     pub async fn purge_stale_uploads(&self) -> Result<usize, ServiceError> {
         let cutoff = now_secs() - self.options.upload_idle_timeout.as_secs() as i64;
         let stale = self.metadata.stale_uploads(cutoff).await?;
         let mut purged = 0;
         for id in &stale {
-            let lock = self.upload_lock(id);
-            let _guard = lock.lock().await;
+            let Some(_held) = self.upload_locks.hold_within(id, JANITOR_LOCK_WAIT).await else {
+                continue; // a chunk is streaming: it is not idle
+            };
             // A chunk may have been streaming while the list was taken: it touched the upload
             // when it finished, so look again now that no writer holds it.
             match self.metadata.get_upload(id).await? {
@@ -187,12 +380,86 @@ impl Registry {
             self.discard_upload(id).await?;
             purged += 1;
         }
+        purged += self.reconcile_uploads().await?;
+        self.sweep_hash_states().await?;
         Ok(purged)
     }
 
+    /// Storage and metadata must agree on which uploads exist; each side's leftovers go.
+    async fn reconcile_uploads(&self) -> Result<usize, ServiceError> {
+        let sessions: std::collections::HashSet<String> = self
+            .metadata
+            .stale_uploads(i64::MAX)
+            .await?
+            .into_iter()
+            .collect();
+        let stored = self.blobs.list_uploads().await?;
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for upload in &stored {
+            let age = now.duration_since(upload.modified).unwrap_or_default();
+            if sessions.contains(&upload.id) || age < ORPHAN_GRACE {
+                continue;
+            }
+            let Some(_held) = self
+                .upload_locks
+                .hold_within(&upload.id, JANITOR_LOCK_WAIT)
+                .await
+            else {
+                continue;
+            };
+            // Look again under the lock: the session may have been recorded meanwhile.
+            if self.metadata.get_upload(&upload.id).await?.is_some() {
+                continue;
+            }
+            tracing::info!(upload.id = %upload.id, "reclaiming upload bytes that have no session");
+            self.blobs.delete_upload(&upload.id).await?;
+            removed += 1;
+        }
+        let stored: std::collections::HashSet<&str> =
+            stored.iter().map(|u| u.id.as_str()).collect();
+        for id in sessions.iter().filter(|id| !stored.contains(id.as_str())) {
+            let Some(_held) = self.upload_locks.hold_within(id, JANITOR_LOCK_WAIT).await else {
+                continue;
+            };
+            if self.blobs.upload_size(id).await?.is_none() {
+                tracing::info!(upload.id = %id, "removing an upload session whose bytes are gone");
+                self.metadata.delete_upload(id).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Forgets hash states of uploads that no longer exist (finished or cancelled on another
+    /// node) or that this node has not touched for the idle timeout.
+    async fn sweep_hash_states(&self) -> Result<(), ServiceError> {
+        let ids: Vec<(String, Instant)> = self
+            .hash_states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, s)| (id.clone(), s.touched))
+            .collect();
+        for (id, touched) in ids {
+            let idle = touched.elapsed() > self.options.upload_idle_timeout;
+            if idle || self.metadata.get_upload(&id).await?.is_none() {
+                self.take_hash_state(&id);
+            }
+        }
+        Ok(())
+    }
+
     /// Streams `body` onto the end of the upload, hashing as it goes. Bytes that arrived before
-    /// the body broke off are kept, so the client can resume from the reported size.
-    async fn write_chunk(&self, id: &str, offset: u64, chunk: Chunk) -> Result<u64, ServiceError> {
+    /// the body broke off are kept, so the client can resume from the reported size. `held` is
+    /// this upload's lock; the storage writer keeps it until its last byte has landed.
+    async fn write_chunk(
+        &self,
+        id: &str,
+        offset: u64,
+        chunk: Chunk,
+        held: Arc<HeldUpload>,
+    ) -> Result<u64, ServiceError> {
         if let Some(requested) = chunk.start
             && requested != offset
         {
@@ -201,20 +468,24 @@ impl Registry {
                 requested,
             });
         }
+        let max = self.options.max_blob_bytes;
+        if offset > max {
+            return Err(ServiceError::BlobTooLarge { limit: max });
+        }
+        let mut limits = Limits {
+            declared: chunk.len,
+            allowed: max - offset,
+        };
         let mut body = chunk.body;
-        let cached = self
-            .hash_states
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        let mut hasher = match cached {
-            Some((size, hasher)) if size == offset => Some(hasher),
-            // No state for this size (restart, or another writer): rebuild it only if needed
-            // at finish time, by re-reading.
+        let mut hasher = match self.take_hash_state(id) {
+            Some(state) if state.size == offset => Some(state.hasher),
+            // No state for this size (restart, or another node wrote the last chunk): rebuild
+            // it only if needed at finish time, by re-reading.
             _ if offset == 0 => Some(Hasher::new(Algorithm::Sha256)),
             _ => None,
         };
-        let mut writer = match self.blobs.append_upload(id, offset).await {
+        let guard: WriteGuard = held;
+        let mut writer = match self.blobs.append_upload(id, offset, guard).await {
             Ok(w) => w,
             Err(StorageError::NotFound) => return Err(ServiceError::UploadUnknown),
             Err(StorageError::OffsetMismatch { actual, .. }) => {
@@ -227,14 +498,22 @@ impl Registry {
         };
         let mut body_error = None;
         let mut write_error = None;
-        while let Some(chunk) = body.next().await {
-            match chunk {
+        let mut overrun = None;
+        while let Some(item) = body.next().await {
+            match item {
                 Ok(bytes) => {
+                    let (bytes, cut) = limits.admit(bytes);
                     if let Some(h) = hasher.as_mut() {
                         h.update(&bytes);
                     }
-                    if let Err(e) = writer.write(bytes).await {
+                    if !bytes.is_empty()
+                        && let Err(e) = writer.write(bytes).await
+                    {
                         write_error = Some(e);
+                        break;
+                    }
+                    if cut.is_some() {
+                        overrun = cut;
                         break;
                     }
                 }
@@ -250,15 +529,30 @@ impl Registry {
         }
         // Even when the body broke off, the hasher saw exactly the bytes written, so its state
         // is good for a resumed upload.
-        if let Some(h) = hasher {
+        if let Some(hasher) = hasher {
             self.hash_states
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(id.to_string(), (size, h));
+                .insert(
+                    id.to_string(),
+                    HashState {
+                        size,
+                        hasher,
+                        touched: Instant::now(),
+                    },
+                );
         }
-        match body_error {
-            Some(e) => Err(ServiceError::Body(e)),
-            None => Ok(size),
+        match (overrun, body_error) {
+            (Some(Overrun::Declared), _) => Err(ServiceError::ChunkOverrun { size }),
+            (Some(Overrun::BlobTooLarge), _) => Err(ServiceError::BlobTooLarge { limit: max }),
+            (None, Some(e)) => Err(ServiceError::Body(e)),
+            (None, None) => match limits.declared {
+                // The body ended before the length its Content-Range declared.
+                Some(missing) if missing > 0 => Err(ServiceError::Body(format!(
+                    "body ended {missing} bytes short of its Content-Range"
+                ))),
+                _ => Ok(size),
+            },
         }
     }
 
@@ -269,16 +563,11 @@ impl Registry {
         size: u64,
         algorithm: Algorithm,
     ) -> Result<Digest, ServiceError> {
-        let cached = self
-            .hash_states
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        if let Some((s, hasher)) = cached
-            && s == size
-            && hasher.algorithm() == algorithm
+        if let Some(state) = self.take_hash_state(id)
+            && state.size == size
+            && state.hasher.algorithm() == algorithm
         {
-            return Ok(hasher.finish());
+            return Ok(state.hasher.finish());
         }
         let mut hasher = Hasher::new(algorithm);
         let mut stream = self.blobs.read_upload(id).await?;
@@ -286,5 +575,54 @@ impl Registry {
             hasher.update(&chunk.map_err(StorageError::Io)?);
         }
         Ok(hasher.finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn upload_lock_entries_go_when_the_last_holder_does() {
+        let locks = Arc::new(UploadLocks::default());
+        let first = locks.hold("u").await;
+        let waiter = {
+            let locks = locks.clone();
+            tokio::spawn(async move { locks.hold("u").await })
+        };
+        tokio::task::yield_now().await;
+        let shared = first.clone();
+        drop(first);
+        assert_eq!(locks.len(), 1, "a clone still holds the lock");
+        drop(shared);
+        let second = waiter.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(locks.len(), 1);
+        drop(second);
+        assert_eq!(locks.len(), 0);
+    }
+
+    #[test]
+    fn limits_cut_a_body_at_its_declared_length_and_the_blob_limit() {
+        let cases: [(Option<u64>, u64, &[usize], usize, bool); 5] = [
+            (Some(3), 100, &[10], 3, true),
+            (None, 100, &[10, 10], 20, false),
+            (None, 15, &[10, 10], 15, true),
+            (Some(20), 100, &[10, 10], 20, false),
+            (Some(0), 100, &[1], 0, true),
+        ];
+        for (declared, allowed, chunks, admitted, cut) in cases {
+            let mut limits = Limits { declared, allowed };
+            let mut total = 0;
+            let mut was_cut = false;
+            for n in chunks {
+                let (bytes, overrun) = limits.admit(Bytes::from(vec![0u8; *n]));
+                total += bytes.len();
+                if overrun.is_some() {
+                    was_cut = true;
+                    break;
+                }
+            }
+            assert_eq!((total, was_cut), (admitted, cut), "{declared:?} {allowed}");
+        }
     }
 }

@@ -5,29 +5,35 @@
 //! rename: the upload is fsynced, renamed into place, and the directory fsynced, so a crash
 //! leaves either the whole blob or none of it.
 //!
-//! File IO is blocking, so each reader and writer runs on a blocking thread and trades chunks
-//! with the async side over a small bounded channel: memory stays bounded and hashing on the
-//! async side overlaps with disk IO on the blocking side.
+//! File IO is blocking. No transfer holds a blocking thread for its duration: each read or
+//! write of one chunk is its own short task on tokio's blocking pool, so a thousand clients
+//! that stall mid-transfer hold memory for a chunk each but no thread. Small blobs (configs,
+//! signatures, under [`INLINE_READ`]) are read inline on the async task, where a hop to the
+//! blocking pool would cost more than the read itself.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use oci::Digest;
-use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
-use super::{BlobStore, ByteRange, ByteStream, StorageError, UploadWriter};
+use super::{
+    BlobStore, ByteRange, ByteStream, StorageError, StoredUpload, UploadWriter, WriteGuard,
+};
 
-/// Size of each chunk read from disk: large enough for few syscalls, small enough that many
-/// concurrent pulls stay within a few MiB.
+/// Size of each chunk read from disk: large enough for few syscalls and task hops, small
+/// enough that a stalled pull holds little (one chunk being sent and one read ahead: 600
+/// clients that stop reading hold 150 MiB between them).
 const READ_CHUNK: usize = 128 * 1024;
-/// Chunks read ahead of the socket for one pull. Reading from the page cache is far faster
-/// than the network, so a short queue keeps the socket busy without holding memory.
-const READ_AHEAD: usize = 2;
-/// Chunks buffered between the network and disk sides of one upload.
-const WRITE_QUEUE: usize = 4;
+/// Blobs up to this size are read inline on the async task (from the page cache, in
+/// microseconds); larger ones stream chunk by chunk from the blocking pool.
+const INLINE_READ: u64 = 128 * 1024;
 /// While an upload streams in, the bytes written so far are flushed to disk in the
 /// background every this many bytes, so the fsync before the 201 finds little left to do.
 const FLUSH_EVERY: u64 = 32 * 1024 * 1024;
@@ -68,7 +74,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, StorageError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(StorageError::from),
-        Err(e) => Err(StorageError::Io(io::Error::other(e))),
+        Err(e) => Err(join_error(e)),
     }
 }
 
@@ -84,41 +90,83 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// A blob opened for reading: small ones already read, large ones to stream.
-enum Opened {
-    Read(Bytes),
-    Stream(File, u64),
+fn join_error(e: tokio::task::JoinError) -> StorageError {
+    StorageError::Internal(format!("blocking file task failed: {e}"))
 }
 
-/// Streams `len` bytes of `file` from its current position on a blocking thread.
-fn stream_file(mut file: File, mut remaining: u64) -> ByteStream {
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(READ_AHEAD);
-    tokio::task::spawn_blocking(move || {
-        while remaining > 0 {
-            let want = remaining.min(READ_CHUNK as u64) as usize;
-            let mut buf = BytesMut::zeroed(want);
-            let result = match file.read(&mut buf) {
-                Ok(0) => Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "blob shorter than expected",
-                )),
-                Ok(n) => {
-                    buf.truncate(n);
-                    remaining -= n as u64;
-                    Ok(buf.freeze())
-                }
-                Err(e) => Err(e),
-            };
-            let failed = result.is_err();
-            // A send error means the client went away: stop reading.
-            if tx.blocking_send(result).is_err() || failed {
+fn not_found_as_storage(e: StorageError) -> StorageError {
+    match e {
+        StorageError::Io(io) if io.kind() == io::ErrorKind::NotFound => StorageError::NotFound,
+        other => other,
+    }
+}
+
+/// Reads `len` bytes at `at`, or fails if the file ends first.
+fn read_exact_at(file: &File, at: u64, len: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::zeroed(len);
+    file.read_exact_at(&mut buf, at)?;
+    Ok(buf.freeze())
+}
+
+/// Streams `len` bytes of `file` from `start`, one blocking task per chunk with the next chunk
+/// read while the current one is sent. Dropping the stream stops reading after at most the
+/// chunk in flight.
+fn stream_file(file: File, start: u64, len: u64) -> ByteStream {
+    struct Reader {
+        file: Arc<File>,
+        pos: u64,
+        end: u64,
+        ahead: Option<JoinHandle<io::Result<Bytes>>>,
+    }
+    impl Reader {
+        fn spawn_next(&mut self) {
+            if self.pos >= self.end {
+                self.ahead = None;
                 return;
             }
+            let n = (self.end - self.pos).min(READ_CHUNK as u64) as usize;
+            let (file, at) = (self.file.clone(), self.pos);
+            self.pos += n as u64;
+            self.ahead = Some(tokio::task::spawn_blocking(move || {
+                read_exact_at(&file, at, n)
+            }));
         }
-    });
-    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }))
+    }
+    let mut reader = Reader {
+        file: Arc::new(file),
+        pos: start,
+        end: start + len,
+        ahead: None,
+    };
+    reader.spawn_next();
+    Box::pin(futures_util::stream::unfold(
+        reader,
+        |mut reader| async move {
+            let handle = reader.ahead.take()?;
+            let item = match handle.await {
+                Ok(Ok(bytes)) => Ok(bytes),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(io::Error::other(e)),
+            };
+            if item.is_ok() {
+                reader.spawn_next();
+            } else {
+                reader.end = reader.pos;
+            }
+            Some((item, reader))
+        },
+    ))
+}
+
+/// Opens `path` and resolves `range` against its size: (file, start, length).
+fn open_range(path: &Path, range: Option<ByteRange>) -> io::Result<(File, u64, u64)> {
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let (start, len) = match range {
+        Some(r) => (r.start, r.len.min(size.saturating_sub(r.start))),
+        None => (0, size),
+    };
+    Ok((file, start, len))
 }
 
 #[async_trait]
@@ -134,34 +182,15 @@ impl BlobStore for FsBlobStore {
         range: Option<ByteRange>,
     ) -> Result<ByteStream, StorageError> {
         let path = self.blob_path(digest);
-        let opened = blocking(move || {
-            let mut file = File::open(path)?;
-            let size = file.metadata()?.len();
-            let (start, len) = match range {
-                Some(r) => (r.start, r.len.min(size.saturating_sub(r.start))),
-                None => (0, size),
-            };
-            if start > 0 {
-                file.seek(SeekFrom::Start(start))?;
-            }
-            if len <= READ_CHUNK as u64 {
-                // Small blobs (configs, signatures) dominate request rates: read them in
-                // this same blocking call instead of starting a reader.
-                let mut buf = BytesMut::zeroed(len as usize);
-                file.read_exact(&mut buf)?;
-                return Ok(Opened::Read(buf.freeze()));
-            }
-            Ok(Opened::Stream(file, len))
-        })
-        .await
-        .map_err(|e| match e {
-            StorageError::Io(io) if io.kind() == io::ErrorKind::NotFound => StorageError::NotFound,
-            other => other,
-        })?;
-        Ok(match opened {
-            Opened::Read(bytes) => Box::pin(futures_util::stream::once(async { Ok(bytes) })),
-            Opened::Stream(file, len) => stream_file(file, len),
-        })
+        // Open and stat inline: both are cheap on a cached directory entry, and they tell
+        // whether the read itself is small enough to do inline too.
+        let (file, start, len) =
+            open_range(&path, range).map_err(|e| not_found_as_storage(e.into()))?;
+        if len <= INLINE_READ {
+            let bytes = read_exact_at(&file, start, len as usize)?;
+            return Ok(Box::pin(futures_util::stream::once(async { Ok(bytes) })));
+        }
+        Ok(stream_file(file, start, len))
     }
 
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
@@ -187,47 +216,57 @@ impl BlobStore for FsBlobStore {
         &self,
         id: &str,
         offset: u64,
+        guard: WriteGuard,
     ) -> Result<Box<dyn UploadWriter>, StorageError> {
         let path = self.upload_path(id);
-        let file = blocking(move || {
-            let file = OpenOptions::new().append(true).open(path)?;
-            Ok(file)
+        let (file, actual) = blocking(move || {
+            // Not O_APPEND: every write goes to an explicit offset, so a write can only ever
+            // land where this writer was told the upload ends.
+            let file = OpenOptions::new().write(true).open(path)?;
+            let len = file.metadata()?.len();
+            Ok((file, len))
         })
         .await
-        .map_err(|e| match e {
-            StorageError::Io(io) if io.kind() == io::ErrorKind::NotFound => StorageError::NotFound,
-            other => other,
-        })?;
-        let actual = file.metadata().map_err(StorageError::Io)?.len();
+        .map_err(not_found_as_storage)?;
         if actual != offset {
             return Err(StorageError::OffsetMismatch {
                 expected: offset,
                 actual,
             });
         }
-        Ok(Box::new(FsUploadWriter::spawn(file, offset)))
+        Ok(Box::new(FsUploadWriter {
+            file: Arc::new(file),
+            offset,
+            batch: BytesMut::new(),
+            in_flight: None,
+            unflushed: 0,
+            flushing: Arc::new(AtomicBool::new(false)),
+            guard,
+        }))
     }
 
     async fn read_upload(&self, id: &str) -> Result<ByteStream, StorageError> {
         let path = self.upload_path(id);
-        let (file, len) = blocking(move || {
-            let file = File::open(path)?;
-            let len = file.metadata()?.len();
-            Ok((file, len))
-        })
-        .await?;
-        Ok(stream_file(file, len))
+        let (file, start, len) = blocking(move || open_range(&path, None))
+            .await
+            .map_err(not_found_as_storage)?;
+        Ok(stream_file(file, start, len))
     }
 
     async fn commit_upload(&self, id: &str, digest: &Digest) -> Result<(), StorageError> {
         let from = self.upload_path(id);
         let to = self.blob_path(digest);
         blocking(move || {
-            if to.exists() {
-                // Content-addressed: the same digest is the same bytes. Keep the existing file.
+            let upload = File::open(&from)?;
+            let upload_len = upload.metadata()?.len();
+            // Content-addressed: the same digest is the same bytes, so an existing blob of the
+            // right size is kept. One of another size cannot hold these bytes (it was damaged
+            // after it was written); the verified upload replaces it.
+            if not_found_as_none(fs::metadata(&to))?.is_some_and(|m| m.len() == upload_len) {
                 return not_found_as_none(fs::remove_file(&from)).map(|_| ());
             }
-            File::open(&from)?.sync_all()?;
+            upload.sync_all()?;
+            drop(upload);
             let dir = to
                 .parent()
                 .ok_or_else(|| io::Error::other("blob path has no parent"))?;
@@ -251,100 +290,105 @@ impl BlobStore for FsBlobStore {
         let path = self.upload_path(id);
         blocking(move || not_found_as_none(fs::remove_file(path)).map(|_| ())).await
     }
+
+    async fn list_uploads(&self) -> Result<Vec<StoredUpload>, StorageError> {
+        let dir = self.root.join("uploads");
+        blocking(move || {
+            let mut uploads = Vec::new();
+            for entry in fs::read_dir(dir)? {
+                let entry = entry?;
+                let Some(meta) = not_found_as_none(entry.metadata())? else {
+                    continue; // deleted while listing
+                };
+                uploads.push(StoredUpload {
+                    id: entry.file_name().to_string_lossy().into_owned(),
+                    modified: meta.modified()?,
+                });
+            }
+            Ok(uploads)
+        })
+        .await
+    }
 }
 
-/// Appends on a blocking thread fed through a bounded channel.
+/// Writes an upload in batches of up to [`WRITE_BATCH`], each a short blocking task writing at
+/// an explicit offset; one batch is written while the next arrives. Every task holds the
+/// caller's [`WriteGuard`], so a writer dropped mid-transfer keeps it until its last write has
+/// landed.
 struct FsUploadWriter {
-    tx: mpsc::Sender<Bytes>,
-    done: tokio::task::JoinHandle<io::Result<u64>>,
+    file: Arc<File>,
+    /// Where the next batch goes: the upload's size once everything queued has landed.
+    offset: u64,
+    batch: BytesMut,
+    in_flight: Option<JoinHandle<io::Result<()>>>,
+    unflushed: u64,
+    /// A background `sync_data` is running (at most one per upload).
+    flushing: Arc<AtomicBool>,
+    guard: WriteGuard,
 }
 
 impl FsUploadWriter {
-    fn spawn(mut file: File, offset: u64) -> FsUploadWriter {
-        let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-        let done = tokio::task::spawn_blocking(move || {
-            let mut flusher = BackgroundFlusher::default();
-            let mut size = offset;
-            let mut batch = BytesMut::with_capacity(WRITE_BATCH);
-            while let Some(chunk) = rx.blocking_recv() {
-                size += chunk.len() as u64;
-                if batch.is_empty() && chunk.len() >= WRITE_BATCH {
-                    file.write_all(&chunk)?;
-                } else {
-                    batch.extend_from_slice(&chunk);
-                    if batch.len() >= WRITE_BATCH {
-                        file.write_all(&batch)?;
-                        batch.clear();
-                    }
-                }
-                flusher.written(&file, chunk.len() as u64);
-            }
-            file.write_all(&batch)?;
-            flusher.stop();
-            Ok(size)
+    async fn wait_in_flight(&mut self) -> Result<(), StorageError> {
+        if let Some(handle) = self.in_flight.take() {
+            handle.await.map_err(join_error)??;
+        }
+        Ok(())
+    }
+
+    /// Starts writing `bytes` at the current offset, after the previous batch has landed.
+    async fn send(&mut self, bytes: Bytes) -> Result<(), StorageError> {
+        self.wait_in_flight().await?;
+        let (file, at, guard) = (self.file.clone(), self.offset, self.guard.clone());
+        self.offset += bytes.len() as u64;
+        self.unflushed += bytes.len() as u64;
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            file.write_all_at(&bytes, at)
+        }));
+        if self.unflushed >= FLUSH_EVERY {
+            self.unflushed = 0;
+            self.start_writeback();
+        }
+        Ok(())
+    }
+
+    /// Starts writeback of a large upload while it is still arriving, so the fsync before the
+    /// 201 finds little left to do; without it, every byte of a large push would be flushed
+    /// only after the transfer, doubling its duration. Errors here are not lost: the fsync at
+    /// commit reports them.
+    fn start_writeback(&self) {
+        if self.flushing.swap(true, Ordering::AcqRel) {
+            return; // a flush already running covers these bytes too
+        }
+        let (file, flushing) = (self.file.clone(), self.flushing.clone());
+        tokio::task::spawn_blocking(move || {
+            let _ = file.sync_data();
+            flushing.store(false, Ordering::Release);
         });
-        FsUploadWriter { tx, done }
-    }
-}
-
-/// Starts writeback of a large upload while it is still arriving, on a thread of its own so
-/// the writer never waits for the disk. Without it, all the bytes of a large push would be
-/// flushed only by the fsync before the 201, after the transfer, doubling its duration.
-#[derive(Default)]
-struct BackgroundFlusher {
-    unflushed: u64,
-    worker: Option<(std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<()>)>,
-}
-
-impl BackgroundFlusher {
-    fn written(&mut self, file: &File, n: u64) {
-        self.unflushed += n;
-        if self.unflushed < FLUSH_EVERY {
-            return;
-        }
-        self.unflushed = 0;
-        if self.worker.is_none() {
-            let Ok(clone) = file.try_clone() else { return };
-            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-            let handle = std::thread::spawn(move || {
-                while rx.recv().is_ok() {
-                    // Errors here are not lost: the fsync at commit reports them.
-                    let _ = clone.sync_data();
-                }
-            });
-            self.worker = Some((tx, handle));
-        }
-        if let Some((tx, _)) = &self.worker {
-            // A flush already queued covers these bytes too.
-            let _ = tx.try_send(());
-        }
-    }
-
-    fn stop(self) {
-        if let Some((tx, handle)) = self.worker {
-            drop(tx);
-            let _ = handle.join();
-        }
     }
 }
 
 #[async_trait]
 impl UploadWriter for FsUploadWriter {
     async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
-        if self.tx.send(chunk).await.is_err() {
-            // The writer thread stopped: its error is reported by `finish`.
-            return Err(StorageError::Io(io::Error::other("upload writer stopped")));
+        if self.batch.is_empty() && chunk.len() >= WRITE_BATCH {
+            return self.send(chunk).await;
+        }
+        self.batch.extend_from_slice(&chunk);
+        if self.batch.len() >= WRITE_BATCH {
+            let bytes = self.batch.split().freeze();
+            self.send(bytes).await?;
         }
         Ok(())
     }
 
-    async fn finish(self: Box<Self>) -> Result<u64, StorageError> {
-        let FsUploadWriter { tx, done } = *self;
-        drop(tx);
-        match done.await {
-            Ok(r) => r.map_err(StorageError::Io),
-            Err(e) => Err(StorageError::Io(io::Error::other(e))),
+    async fn finish(mut self: Box<Self>) -> Result<u64, StorageError> {
+        if !self.batch.is_empty() {
+            let bytes = self.batch.split().freeze();
+            self.send(bytes).await?;
         }
+        self.wait_in_flight().await?;
+        Ok(self.offset)
     }
 }
 

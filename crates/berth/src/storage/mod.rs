@@ -12,8 +12,11 @@
 pub mod fs;
 pub mod s3;
 
+use std::any::Any;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -33,8 +36,29 @@ pub enum StorageError {
     /// The upload's size is not what the writer was opened at (a concurrent or stale writer).
     #[error("upload is at offset {actual}, not {expected}")]
     OffsetMismatch { expected: u64, actual: u64 },
+    /// Writers on two nodes raced on one upload and one is about to withdraw; retry.
+    #[error("conflicting writes: {0}")]
+    Conflict(String),
     #[error("storage unavailable: {0}")]
     Io(#[from] io::Error),
+    /// A bug rather than an unavailable backend: a panicked worker, data that breaks the
+    /// store's own layout. The API answers 500, not a retryable 503.
+    #[error("storage internal error: {0}")]
+    Internal(String),
+}
+
+/// Kept alive by an [`UploadWriter`] until every byte written through it has reached the store
+/// or been abandoned, even when the writer itself is dropped mid-write (the request was
+/// cancelled). The service passes its per-upload lock here, so nobody else touches the upload
+/// while a write it started is still landing.
+pub type WriteGuard = Arc<dyn Any + Send + Sync>;
+
+/// An upload present in the store, as the janitor sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredUpload {
+    pub id: String,
+    /// When its bytes last changed.
+    pub modified: SystemTime,
 }
 
 /// A byte range: first byte and length.
@@ -70,10 +94,12 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Bytes received so far, or `None` for an unknown upload.
     async fn upload_size(&self, id: &str) -> Result<Option<u64>, StorageError>;
     /// Opens a writer appending at `offset`, which must equal the upload's current size.
+    /// `guard` is held until the writer's last byte has landed (see [`WriteGuard`]).
     async fn append_upload(
         &self,
         id: &str,
         offset: u64,
+        guard: WriteGuard,
     ) -> Result<Box<dyn UploadWriter>, StorageError>;
     /// Streams what an upload holds so far (to rebuild a hash state lost with a restart).
     async fn read_upload(&self, id: &str) -> Result<ByteStream, StorageError>;
@@ -81,6 +107,9 @@ pub trait BlobStore: Send + Sync + 'static {
     /// If the blob already exists the upload is simply discarded.
     async fn commit_upload(&self, id: &str, digest: &Digest) -> Result<(), StorageError>;
     async fn delete_upload(&self, id: &str) -> Result<(), StorageError>;
+    /// Every upload the store holds bytes for, so that uploads whose session was never
+    /// recorded (a crash between the two) can be found and reclaimed.
+    async fn list_uploads(&self) -> Result<Vec<StoredUpload>, StorageError>;
 
     /// Whether blob GETs are to be answered with a redirect to [`BlobStore::redirect_url`].
     /// Asked first so that stores that never redirect cost nothing on the pull path.
@@ -102,108 +131,110 @@ pub(crate) mod tests {
 
     use super::*;
 
+    /// The value, or a panic naming the error: a negative assert must fail when the store
+    /// errors, not pass because the error looked like "absent".
+    fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
+        r.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn no_guard() -> WriteGuard {
+        Arc::new(())
+    }
+
     async fn collect(stream: ByteStream) -> Vec<u8> {
-        let chunks: Vec<Bytes> = stream.try_collect().await.unwrap_or_else(|e| panic!("{e}"));
+        let chunks: Vec<Bytes> = ok(stream.try_collect().await);
         chunks.concat()
     }
 
     async fn upload(store: &dyn BlobStore, id: &str, parts: &[&[u8]]) {
-        store
-            .create_upload(id)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        ok(store.create_upload(id).await);
         let mut offset = 0;
         for part in parts {
-            let mut w = store
-                .append_upload(id, offset)
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-            w.write(Bytes::copy_from_slice(part))
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-            offset = w.finish().await.unwrap_or_else(|e| panic!("{e}"));
+            let mut w = ok(store.append_upload(id, offset, no_guard()).await);
+            ok(w.write(Bytes::copy_from_slice(part)).await);
+            offset = ok(w.finish().await);
         }
     }
 
     pub(crate) async fn blob_store_suite(store: &dyn BlobStore) {
-        let data = b"hello, blob".repeat(100_000);
+        let data = b"hello, blob".repeat(300_000);
         let digest = Digest::sha256_of(&data);
-        assert_eq!(store.stat(&digest).await.ok().flatten(), None);
+        assert_eq!(ok(store.stat(&digest).await), None);
         assert!(matches!(
             store.read(&digest, None).await,
             Err(StorageError::NotFound)
         ));
 
         // Chunked upload, then commit.
-        let (a, b) = data.split_at(400_000);
+        let (a, b) = data.split_at(1_400_000);
         upload(store, "u1", &[a, b]).await;
-        assert_eq!(
-            store.upload_size("u1").await.ok().flatten(),
-            Some(data.len() as u64)
-        );
-        assert_eq!(
-            collect(
-                store
-                    .read_upload("u1")
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"))
-            )
-            .await,
-            data
-        );
+        assert_eq!(ok(store.upload_size("u1").await), Some(data.len() as u64));
+        assert_eq!(collect(ok(store.read_upload("u1").await)).await, data);
+        let listed = ok(store.list_uploads().await);
+        assert!(listed.iter().any(|u| u.id == "u1"), "{listed:?}");
         // Appending at the wrong offset is refused.
         assert!(matches!(
-            store.append_upload("u1", 3).await.err(),
+            store.append_upload("u1", 3, no_guard()).await.err(),
             Some(StorageError::OffsetMismatch { expected: 3, .. })
         ));
-        store
-            .commit_upload("u1", &digest)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(store.upload_size("u1").await.ok().flatten(), None);
-        assert_eq!(
-            store.stat(&digest).await.ok().flatten(),
-            Some(data.len() as u64)
-        );
-        assert_eq!(
-            collect(
-                store
-                    .read(&digest, None)
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"))
-            )
-            .await,
-            data
-        );
+        ok(store.commit_upload("u1", &digest).await);
+        assert_eq!(ok(store.upload_size("u1").await), None);
+        assert_eq!(ok(store.stat(&digest).await), Some(data.len() as u64));
+        assert_eq!(collect(ok(store.read(&digest, None).await)).await, data);
+        assert!(!ok(store.list_uploads().await).iter().any(|u| u.id == "u1"));
 
-        // Ranges.
-        let part = store
+        // Ranges, small and large.
+        let part = ok(store
             .read(&digest, Some(ByteRange { start: 5, len: 10 }))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .await);
         assert_eq!(collect(part).await, &data[5..15]);
+        let part = ok(store
+            .read(
+                &digest,
+                Some(ByteRange {
+                    start: 7,
+                    len: 2_000_000,
+                }),
+            )
+            .await);
+        assert_eq!(collect(part).await, &data[7..2_000_007]);
 
         // Committing the same content twice keeps one blob and discards the upload.
         upload(store, "u2", &[&data]).await;
-        store
-            .commit_upload("u2", &digest)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(store.upload_size("u2").await.ok().flatten(), None);
+        ok(store.commit_upload("u2", &digest).await);
+        assert_eq!(ok(store.upload_size("u2").await), None);
+        assert_eq!(collect(ok(store.read(&digest, None).await)).await, data);
+
+        // A writer dropped before `finish` keeps the guard until its bytes have landed, and
+        // whatever it wrote is a prefix of what was sent: never bytes past the upload's end.
+        ok(store.create_upload("u4").await);
+        let guard: WriteGuard = Arc::new(());
+        let weak = Arc::downgrade(&guard);
+        let mut w = ok(store.append_upload("u4", 0, guard).await);
+        ok(w.write(Bytes::from(vec![7u8; 3 * 1024 * 1024])).await);
+        drop(w);
+        for _ in 0..200 {
+            if weak.strong_count() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            weak.strong_count(),
+            0,
+            "guard still held by a finished writer"
+        );
+        let size = ok(store.upload_size("u4").await).unwrap_or_else(|| panic!("u4 vanished"));
+        assert!(size <= 3 * 1024 * 1024);
+        ok(store.delete_upload("u4").await);
 
         // Cancelled uploads vanish.
         upload(store, "u3", &[b"abc"]).await;
-        store
-            .delete_upload("u3")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(store.upload_size("u3").await.ok().flatten(), None);
-        assert!(store.append_upload("u3", 0).await.is_err());
+        ok(store.delete_upload("u3").await);
+        assert_eq!(ok(store.upload_size("u3").await), None);
+        assert!(store.append_upload("u3", 0, no_guard()).await.is_err());
 
-        store
-            .delete(&digest)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(store.stat(&digest).await.ok().flatten(), None);
+        ok(store.delete(&digest).await);
+        assert_eq!(ok(store.stat(&digest).await), None);
     }
 }

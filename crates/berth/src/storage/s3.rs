@@ -4,9 +4,18 @@
 //! - `blobs/<algorithm>/<hex>`: committed blobs. An object appears there whole or not at all: by
 //!   a server-side copy, a single PUT, or the completion of a multipart upload, each of which S3
 //!   makes visible atomically.
-//! - `uploads/<id>/<offset, 20 digits>`: one *part object* per append, named by the offset it
-//!   starts at. `create_upload` writes an empty part at offset 0 as a marker, so an empty upload
-//!   is told apart from an unknown one.
+//! - `uploads/<id>/<offset, 20 digits>-<writer>`: one *part object* per append, named by the
+//!   offset it starts at and a random id of the writer. `create_upload` writes an empty part at
+//!   offset 0 as a marker, so an empty upload is told apart from an unknown one.
+//!
+//! Two nodes may append at the same offset at once (a client retrying on another node). S3
+//! has no create-only PUT everywhere (Garage lacks `If-None-Match`), so parts are never
+//! overwritten instead: each writer's key is its own, and after writing, the writer lists the
+//! upload and withdraws its part (deleting it, answering 416) if another part starts at its
+//! offset or its part does not follow the others. Of two racing writers at least one sees the
+//! other (lists are strongly consistent), so at most one part per offset survives, and a part
+//! that survived is never removed by another writer: the running hash a node keeps for the
+//! parts it wrote stays true of the bytes a commit will join.
 //!
 //! Everything about an upload lives in the bucket, so any process sharing it can continue any
 //! upload: its size is the sum of its parts (one list request), an append writes the next part,
@@ -37,7 +46,9 @@ use object_store::{
 };
 use oci::Digest;
 
-use super::{BlobStore, ByteRange, ByteStream, StorageError, UploadWriter};
+use super::{
+    BlobStore, ByteRange, ByteStream, StorageError, StoredUpload, UploadWriter, WriteGuard,
+};
 
 /// Size of each part of a multipart upload, and how much an append buffers before starting one.
 /// S3 wants parts of at least 5 MiB and at most 10,000 of them: 8 MiB parts allow a single
@@ -140,6 +151,63 @@ struct Part {
     size: u64,
 }
 
+/// Reads `<offset>` or `<offset>-<writer>` from a part object's name.
+fn part_offset(name: &str) -> Option<u64> {
+    name.split('-').next()?.parse().ok()
+}
+
+/// Every part object of the upload in `dir`, sorted by offset (empty markers first), or `None`
+/// for an unknown upload.
+async fn list_all_parts(
+    store: &LimitStore<AmazonS3>,
+    dir: &Path,
+) -> Result<Option<Vec<Part>>, StorageError> {
+    let metas: Vec<_> = store
+        .list(Some(dir))
+        .try_collect()
+        .await
+        .map_err(storage_error)?;
+    if metas.is_empty() {
+        return Ok(None);
+    }
+    let mut parts = Vec::with_capacity(metas.len());
+    for m in metas {
+        let Some(offset) = m.location.filename().and_then(part_offset) else {
+            tracing::warn!(object = %m.location, "ignoring a stray object among upload parts");
+            continue;
+        };
+        parts.push(Part {
+            path: m.location,
+            offset,
+            size: m.size,
+        });
+    }
+    parts.sort_by_key(|p| (p.offset, p.size));
+    Ok(Some(parts))
+}
+
+/// The upload's parts in order, which must tile it without gaps or overlaps. Two parts at one
+/// offset mean two writers raced and one is about to withdraw: a conflict to retry, not a guess.
+async fn list_parts(
+    store: &LimitStore<AmazonS3>,
+    dir: &Path,
+) -> Result<Option<Vec<Part>>, StorageError> {
+    let Some(parts) = list_all_parts(store, dir).await? else {
+        return Ok(None);
+    };
+    let mut end = 0;
+    for p in parts.iter().filter(|p| p.size > 0) {
+        if p.offset != end {
+            return Err(StorageError::Conflict(format!(
+                "upload {dir}: part at offset {} does not follow the previous parts, which end at {end}",
+                p.offset
+            )));
+        }
+        end += p.size;
+    }
+    Ok(Some(parts))
+}
+
 impl S3BlobStore {
     /// Connects to `bucket` and checks that it answers, so that a wrong endpoint, bucket or key
     /// stops the server at startup rather than failing every request.
@@ -233,50 +301,16 @@ impl S3BlobStore {
         self.key(&format!("uploads/{id}"))
     }
 
+    /// A new part's key: its offset, and a random writer id so that no two writers ever
+    /// write the same object.
     fn part_key(&self, id: &str, offset: u64) -> Path {
-        self.upload_dir(id).join(format!("{offset:020}"))
+        let writer = uuid::Uuid::new_v4().simple();
+        self.upload_dir(id).join(format!("{offset:020}-{writer}"))
     }
 
-    /// The upload's parts in order, or `None` for an unknown upload. Parts must tile the upload
-    /// without gaps or overlaps; anything else is reported rather than guessed at.
+    /// The upload's parts in order, or `None` for an unknown upload.
     async fn parts(&self, id: &str) -> Result<Option<Vec<Part>>, StorageError> {
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&self.upload_dir(id)))
-            .try_collect()
-            .await
-            .map_err(storage_error)?;
-        if metas.is_empty() {
-            return Ok(None);
-        }
-        let mut parts = Vec::with_capacity(metas.len());
-        for m in metas {
-            let Some(offset) = m.location.filename().and_then(|f| f.parse::<u64>().ok()) else {
-                tracing::warn!(object = %m.location, "ignoring a stray object among upload parts");
-                continue;
-            };
-            parts.push(Part {
-                path: m.location,
-                offset,
-                size: m.size,
-            });
-        }
-        parts.sort_by_key(|p| p.offset);
-        let mut end = 0;
-        for p in &parts {
-            if p.offset != end {
-                return Err(StorageError::Io(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "upload {id}: part at offset {} does not follow the previous parts, \
-                         which end at {end}",
-                        p.offset
-                    ),
-                )));
-            }
-            end += p.size;
-        }
-        Ok(Some(parts))
+        list_parts(&self.store, &self.upload_dir(id)).await
     }
 
     /// Deletes parts last first, so that an interrupted delete still leaves a consistent (shorter)
@@ -367,6 +401,7 @@ impl BlobStore for S3BlobStore {
         &self,
         id: &str,
         offset: u64,
+        guard: WriteGuard,
     ) -> Result<Box<dyn UploadWriter>, StorageError> {
         let parts = self.parts(id).await?.ok_or(StorageError::NotFound)?;
         let actual: u64 = parts.iter().map(|p| p.size).sum();
@@ -378,10 +413,12 @@ impl BlobStore for S3BlobStore {
         }
         Ok(Box::new(S3UploadWriter {
             store: self.store.clone(),
+            dir: self.upload_dir(id),
             path: self.part_key(id, offset),
             offset,
             written: 0,
             state: WriterState::Buffering(PutPayloadMut::new()),
+            _guard: guard,
         }))
     }
 
@@ -435,7 +472,7 @@ impl BlobStore for S3BlobStore {
             Ok(Some(parts)) => self.delete_parts(&parts).await,
             Ok(None) => Ok(()),
             // Parts that do not tile the upload are deleted all the same.
-            Err(StorageError::Io(e)) if e.kind() == io::ErrorKind::InvalidData => {
+            Err(StorageError::Conflict(_)) => {
                 let paths: Vec<Path> = self
                     .store
                     .list(Some(&self.upload_dir(id)))
@@ -450,6 +487,30 @@ impl BlobStore for S3BlobStore {
             }
             Err(e) => Err(e),
         }
+    }
+
+    async fn list_uploads(&self) -> Result<Vec<StoredUpload>, StorageError> {
+        let mut latest: std::collections::BTreeMap<String, std::time::SystemTime> =
+            Default::default();
+        let mut objects = self.store.list(Some(&self.key("uploads")));
+        while let Some(meta) = objects.try_next().await.map_err(storage_error)? {
+            // uploads/<id>/<offset>: the id is the second-to-last segment.
+            let parts: Vec<_> = meta.location.parts().collect();
+            let Some(id) = parts
+                .len()
+                .checked_sub(2)
+                .map(|i| parts[i].as_ref().to_string())
+            else {
+                continue;
+            };
+            let modified = std::time::SystemTime::from(meta.last_modified);
+            let entry = latest.entry(id).or_insert(modified);
+            *entry = (*entry).max(modified);
+        }
+        Ok(latest
+            .into_iter()
+            .map(|(id, modified)| StoredUpload { id, modified })
+            .collect())
     }
 
     fn redirects_gets(&self) -> bool {
@@ -485,10 +546,15 @@ enum WriterState {
 /// Writes one append as the part object `uploads/<id>/<offset>`, which appears only complete.
 struct S3UploadWriter {
     store: Arc<LimitStore<AmazonS3>>,
+    /// The upload's directory, listed after writing to check for a racing writer.
+    dir: Path,
     path: Path,
     offset: u64,
     written: u64,
     state: WriterState,
+    /// Requests of a dropped writer are cancelled with it (a multipart upload is aborted), so
+    /// the guard only needs to live as long as the writer.
+    _guard: WriteGuard,
 }
 
 impl S3UploadWriter {
@@ -563,7 +629,59 @@ impl UploadWriter for S3UploadWriter {
                 )));
             }
         }
+        if self.written > 0 {
+            let written = PartWritten {
+                store: self.store.clone(),
+                dir: self.dir.clone(),
+                path: self.path.clone(),
+                offset: self.offset,
+                written: self.written,
+            };
+            written.withdraw_if_raced().await?;
+        }
         Ok(self.offset + self.written)
+    }
+}
+
+/// A part that has just been written, as its writer checks it against racing writers.
+struct PartWritten {
+    store: Arc<LimitStore<AmazonS3>>,
+    dir: Path,
+    path: Path,
+    offset: u64,
+    written: u64,
+}
+
+impl PartWritten {
+    /// Keeps the part just written only if it is the one part at its offset and follows the
+    /// others; otherwise deletes it and reports where the upload really ends.
+    async fn withdraw_if_raced(&self) -> Result<(), StorageError> {
+        let parts = list_all_parts(&self.store, &self.dir)
+            .await?
+            .unwrap_or_default();
+        let data = || parts.iter().filter(|p| p.size > 0);
+        let before: u64 = data()
+            .filter(|p| p.offset < self.offset)
+            .map(|p| p.size)
+            .sum();
+        // Another part overlapping this one; a part starting where this one ends is the next
+        // append, made after this part was visible, and is no rival.
+        let end = self.offset + self.written;
+        let rival =
+            data().any(|p| p.path != self.path && p.offset >= self.offset && p.offset < end);
+        let follows = before == self.offset
+            && data()
+                .filter(|p| p.offset < self.offset)
+                .all(|p| p.offset + p.size <= self.offset);
+        if follows && !rival {
+            return Ok(());
+        }
+        not_found_as_none(self.store.delete(&self.path).await)?;
+        let actual: u64 = data().filter(|p| p.path != self.path).map(|p| p.size).sum();
+        Err(StorageError::OffsetMismatch {
+            expected: self.offset,
+            actual,
+        })
     }
 }
 
@@ -627,7 +745,7 @@ mod tests {
 
     async fn write(store: &S3BlobStore, id: &str, offset: u64, data: &[u8]) -> u64 {
         let mut w = store
-            .append_upload(id, offset)
+            .append_upload(id, offset, Arc::new(()))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         for chunk in data.chunks(1024 * 1024) {
@@ -650,6 +768,48 @@ mod tests {
         blob_store_suite(&store).await;
     }
 
+    /// Regression: two nodes appending at the same offset once both "won" (plain PUTs to one
+    /// key, last writer wins), so a node committed the other's bytes under its own digest. Now
+    /// at most one append survives, and the upload holds exactly its bytes.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn racing_appends_at_one_offset_leave_exactly_one() {
+        let (endpoint, bucket) = test_store();
+        let prefix = unique_prefix("race");
+        let a = open(&endpoint, &bucket, &prefix).await;
+        let b = open(&endpoint, &bucket, &prefix).await;
+        for round in 0..10u8 {
+            let id = format!("r{round}");
+            a.create_upload(&id).await.unwrap_or_else(|e| panic!("{e}"));
+            let bytes_a = vec![round; 3000];
+            let bytes_b = vec![round.wrapping_add(100); 3000];
+            async fn append(
+                store: &S3BlobStore,
+                id: &str,
+                bytes: Vec<u8>,
+            ) -> Result<u64, StorageError> {
+                let mut w = store.append_upload(id, 0, Arc::new(())).await?;
+                w.write(Bytes::from(bytes)).await?;
+                w.finish().await
+            }
+            let (ra, rb) = tokio::join!(
+                append(&a, &id, bytes_a.clone()),
+                append(&b, &id, bytes_b.clone())
+            );
+            let stored = collect(a.read_upload(&id).await.unwrap_or_else(|e| panic!("{e}"))).await;
+            match (&ra, &rb) {
+                (Ok(3000), Err(StorageError::OffsetMismatch { .. })) => assert_eq!(stored, bytes_a),
+                (Err(StorageError::OffsetMismatch { .. }), Ok(3000)) => assert_eq!(stored, bytes_b),
+                (
+                    Err(StorageError::OffsetMismatch { .. }),
+                    Err(StorageError::OffsetMismatch { .. }),
+                ) => {
+                    assert!(stored.is_empty())
+                }
+                other => panic!("round {round}: {other:?}"),
+            }
+        }
+    }
+
     /// Two processes sharing the bucket: an upload started and appended on one is appended to
     /// and committed on the other, with a part large enough to go through a multipart upload.
     #[tokio::test(flavor = "multi_thread")]
@@ -667,25 +827,40 @@ mod tests {
         let digest = Digest::sha256_of(&whole);
 
         a.create_upload("x").await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(b.upload_size("x").await.ok().flatten(), Some(0));
+        assert_eq!(
+            b.upload_size("x").await.unwrap_or_else(|e| panic!("{e}")),
+            Some(0)
+        );
         let size = write(&a, "x", 0, &first).await;
-        assert_eq!(b.upload_size("x").await.ok().flatten(), Some(size));
+        assert_eq!(
+            b.upload_size("x").await.unwrap_or_else(|e| panic!("{e}")),
+            Some(size)
+        );
         assert!(matches!(
-            b.append_upload("x", 0).await.err(),
+            b.append_upload("x", 0, Arc::new(())).await.err(),
             Some(StorageError::OffsetMismatch { actual, .. }) if actual == size
         ));
         let size = write(&b, "x", size, &second).await;
         let size = write(&b, "x", size, &third).await;
         assert_eq!(size, whole.len() as u64);
-        assert_eq!(a.upload_size("x").await.ok().flatten(), Some(size));
+        assert_eq!(
+            a.upload_size("x").await.unwrap_or_else(|e| panic!("{e}")),
+            Some(size)
+        );
         let read = collect(a.read_upload("x").await.unwrap_or_else(|e| panic!("{e}"))).await;
         assert!(read == whole, "read_upload returned other bytes");
 
         b.commit_upload("x", &digest)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(a.upload_size("x").await.ok().flatten(), None);
-        assert_eq!(a.stat(&digest).await.ok().flatten(), Some(size));
+        assert_eq!(
+            a.upload_size("x").await.unwrap_or_else(|e| panic!("{e}")),
+            None
+        );
+        assert_eq!(
+            a.stat(&digest).await.unwrap_or_else(|e| panic!("{e}")),
+            Some(size)
+        );
         let read = collect(
             a.read(&digest, None)
                 .await
@@ -714,7 +889,13 @@ mod tests {
         let prefix = unique_prefix("redirect");
         let digest = Digest::sha256_of(b"x");
         let plain = open(&endpoint, &bucket, &prefix).await;
-        assert_eq!(plain.redirect_url(&digest).await.ok().flatten(), None);
+        assert_eq!(
+            plain
+                .redirect_url(&digest)
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+            None
+        );
         let settings = S3Settings {
             endpoint: Some(endpoint.clone()),
             redirect_blob_gets: true,
@@ -825,7 +1006,9 @@ mod tests {
         assert!(is_unavailable(store.stat(&digest).await));
         assert!(is_unavailable(store.read(&digest, None).await));
         assert!(is_unavailable(store.upload_size("d").await));
-        assert!(is_unavailable(store.append_upload("d", 5).await));
+        assert!(is_unavailable(
+            store.append_upload("d", 5, Arc::new(())).await
+        ));
         assert!(is_unavailable(store.read_upload("d").await));
         assert!(is_unavailable(store.create_upload("e").await));
         assert!(is_unavailable(store.commit_upload("d", &digest).await));
@@ -835,7 +1018,7 @@ mod tests {
         // upload, fails and leaves the upload as it was.
         proxy.up().await;
         let mut w = store
-            .append_upload("d", 5)
+            .append_upload("d", 5, Arc::new(()))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let chunk = Bytes::from(vec![7u8; 1024 * 1024]);
@@ -857,8 +1040,17 @@ mod tests {
         }
 
         proxy.up().await;
-        assert_eq!(store.upload_size("d").await.ok().flatten(), Some(5));
-        assert_eq!(store.stat(&digest).await.ok().flatten(), None);
+        assert_eq!(
+            store
+                .upload_size("d")
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+            Some(5)
+        );
+        assert_eq!(
+            store.stat(&digest).await.unwrap_or_else(|e| panic!("{e}")),
+            None
+        );
         store
             .commit_upload("d", &digest)
             .await

@@ -4,12 +4,14 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::support::clients::{GenReader, digest_of, pseudo_random};
-use crate::support::{TestApp, berth_bin, blob_file, error_code, files_under, push_blob, sha256};
+use crate::support::{
+    TestApp, blob_file, clean_command, error_code, files_under, output_within, push_blob, sha256,
+};
 
 fn header(resp: &reqwest::blocking::Response, name: &str) -> String {
     resp.headers()
@@ -419,17 +421,6 @@ impl Drop for Proc {
     }
 }
 
-fn clean_command(cwd: &Path) -> Command {
-    let mut cmd = Command::new(berth_bin());
-    cmd.current_dir(cwd).env("RUST_LOG", "warn");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("BERTH_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd
-}
-
 /// Starts `berth ARGS` with `envs`, in `cwd`, and waits for its `berth listening on` line.
 fn spawn(cwd: &Path, args: &[&str], envs: &[(&str, &str)]) -> Proc {
     let mut cmd = clean_command(cwd);
@@ -467,26 +458,6 @@ fn spawn(cwd: &Path, args: &[&str], envs: &[(&str, &str)]) -> Proc {
         })
         .to_string();
     Proc { child, base }
-}
-
-/// Runs a command that should exit by itself; kills it (and fails) after 20 s.
-fn output_within(mut cmd: Command, what: &str) -> std::process::Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn berth");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what}: still running after 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("output")
 }
 
 fn get_v2(base: &str) -> u16 {

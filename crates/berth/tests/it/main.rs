@@ -2,6 +2,7 @@
 
 mod support;
 
+mod abuse;
 mod api_base;
 mod api_blobs;
 mod api_manifests;
@@ -9,10 +10,13 @@ mod api_referrers;
 mod api_tags;
 mod api_uploads;
 mod clients;
+mod config;
 mod containerd;
 mod copy;
 mod crash;
+mod integrity;
 mod lifecycle;
 mod multinode;
 mod postgres;
+mod resources;
 mod s3;

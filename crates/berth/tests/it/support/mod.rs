@@ -2,12 +2,14 @@
 //! the line it prints once bound, so there is no port race.
 #![allow(dead_code)]
 
+pub mod check;
 pub mod clients;
+pub mod net;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::blocking::Client;
 
@@ -20,6 +22,7 @@ pub struct TestApp {
     pub data_dir: PathBuf,
     extra_args: Vec<String>,
     envs: Vec<(String, String)>,
+    fd_limit: Option<u64>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -27,6 +30,7 @@ pub struct TestAppBuilder {
     args: Vec<String>,
     envs: Vec<(String, String)>,
     data_dir: Option<PathBuf>,
+    fd_limit: Option<u64>,
 }
 
 impl TestAppBuilder {
@@ -46,6 +50,12 @@ impl TestAppBuilder {
         self
     }
 
+    /// Runs berth with this open-file limit (soft and hard), through util-linux's `prlimit`.
+    pub fn fd_limit(mut self, n: u64) -> Self {
+        self.fd_limit = Some(n);
+        self
+    }
+
     pub fn start(self) -> TestApp {
         let (tmp, data_dir) = match self.data_dir {
             Some(d) => (None, d),
@@ -62,6 +72,7 @@ impl TestAppBuilder {
             data_dir,
             extra_args: self.args,
             envs: self.envs,
+            fd_limit: self.fd_limit,
             _tmp: tmp,
         };
         app.spawn();
@@ -83,6 +94,7 @@ impl TestApp {
             args: Vec::new(),
             envs: Vec::new(),
             data_dir: None,
+            fd_limit: None,
         }
     }
 
@@ -93,7 +105,15 @@ impl TestApp {
             // A restart keeps its address so that upload Locations stay valid.
             self.host.clone()
         };
-        let mut cmd = Command::new(berth_bin());
+        // prlimit sets the limit and then execs berth, so the child's pid is berth's.
+        let mut cmd = match self.fd_limit {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg(berth_bin());
+                c
+            }
+            None => Command::new(berth_bin()),
+        };
         cmd.arg("serve")
             .arg("--listen")
             .arg(&listen)
@@ -176,6 +196,38 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// `berth` with a working directory and no `BERTH_*` variables from the test's environment.
+pub fn clean_command(cwd: &Path) -> Command {
+    let mut cmd = Command::new(berth_bin());
+    cmd.current_dir(cwd).env("RUST_LOG", "warn");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("BERTH_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// Runs a command that should exit by itself; kills it (and fails) after 20 s.
+pub fn output_within(mut cmd: Command, what: &str) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn berth");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
 }
 
 /// `sha256:<hex>` of some bytes, for building pushes in tests.

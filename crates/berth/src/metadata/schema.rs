@@ -1,0 +1,225 @@
+//! The schema: numbered migrations, applied in order, each exactly once.
+//!
+//! Version 1 is history, frozen per dialect as it shipped (the two had drifted: PostgreSQL had
+//! three indexes SQLite lacked). From version 2 on, one SQL text serves both, with `{TOKEN}`
+//! substitutions (see [`super::db::TOKENS`]); version 2 brings SQLite's indexes level with
+//! PostgreSQL's and adds the columns garbage collection will need. SQLite records the version
+//! in `PRAGMA user_version`; PostgreSQL in `berth_schema_migrations`, under an advisory lock so
+//! that nodes starting together apply each migration exactly once.
+
+use super::MetadataError;
+use super::db::{Db, Dialect, Tx, rewrite};
+
+pub enum Migration {
+    PerDialect {
+        sqlite: &'static str,
+        postgres: &'static str,
+    },
+    Shared(&'static str),
+}
+
+pub const MIGRATIONS: &[Migration] = &[
+    Migration::PerDialect {
+        sqlite: V1_SQLITE,
+        postgres: V1_POSTGRES,
+    },
+    Migration::Shared(V2),
+];
+
+/// Key of the transaction-scoped advisory lock that serializes migrations across nodes.
+const MIGRATION_LOCK: i64 = 0x6265_7274_686d_6967; // "berthmig"
+
+/// Applies pending migrations in one transaction.
+pub async fn migrate(db: &Db) -> Result<(), MetadataError> {
+    db.write(|tx| Box::pin(migrate_in(tx))).await
+}
+
+async fn migrate_in(tx: &mut Tx<'_>) -> Result<(), MetadataError> {
+    let dialect = tx.dialect();
+    let applied = match dialect {
+        Dialect::Sqlite => tx.query_opt("PRAGMA user_version", &[]).await?,
+        Dialect::Postgres => {
+            tx.execute("SELECT pg_advisory_xact_lock(?1)", &[MIGRATION_LOCK.into()])
+                .await?;
+            tx.batch(
+                "CREATE TABLE IF NOT EXISTS berth_schema_migrations (
+                    version    INTEGER PRIMARY KEY,
+                    applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                )",
+            )
+            .await?;
+            tx.query_opt(
+                "SELECT COALESCE(MAX(version), 0) FROM berth_schema_migrations",
+                &[],
+            )
+            .await?
+        }
+    };
+    let applied = match applied {
+        Some(row) => usize::try_from(row.i64(0)?).map_err(MetadataError::internal)?,
+        None => 0,
+    };
+    if applied > MIGRATIONS.len() {
+        return Err(MetadataError::internal(format!(
+            "the database schema is at version {applied}, newer than this berth knows ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let version = i as i64 + 1;
+        let sql = match (migration, dialect) {
+            (Migration::PerDialect { sqlite, .. }, Dialect::Sqlite) => sqlite.to_string(),
+            (Migration::PerDialect { postgres, .. }, Dialect::Postgres) => postgres.to_string(),
+            (Migration::Shared(sql), _) => rewrite(sql, dialect)?,
+        };
+        tx.batch(&sql).await?;
+        match dialect {
+            Dialect::Sqlite => {
+                tx.batch(&format!("PRAGMA user_version = {version}"))
+                    .await?
+            }
+            Dialect::Postgres => {
+                tx.execute(
+                    "INSERT INTO berth_schema_migrations (version) VALUES (?1)",
+                    &[version.into()],
+                )
+                .await?;
+            }
+        }
+        tracing::info!(version, "applied metadata schema migration");
+    }
+    Ok(())
+}
+
+/// Version 1 as SQLite databases have it. Frozen.
+pub const V1_SQLITE: &str = r#"
+CREATE TABLE repositories (
+    id   INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE
+);
+CREATE TABLE blobs (
+    digest TEXT PRIMARY KEY,
+    size   INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE repository_blobs (
+    repository_id INTEGER NOT NULL REFERENCES repositories(id),
+    digest        TEXT NOT NULL REFERENCES blobs(digest),
+    PRIMARY KEY (repository_id, digest)
+) WITHOUT ROWID;
+CREATE INDEX repository_blobs_digest ON repository_blobs(digest);
+CREATE TABLE manifests (
+    id            INTEGER PRIMARY KEY,
+    repository_id INTEGER NOT NULL REFERENCES repositories(id),
+    digest        TEXT NOT NULL,
+    media_type    TEXT NOT NULL,
+    content       BLOB NOT NULL,
+    subject       TEXT,
+    artifact_type TEXT,
+    annotations   TEXT,
+    created_at    INTEGER NOT NULL,
+    UNIQUE (repository_id, digest)
+);
+-- Not a partial index: a partial one makes SQLite re-prepare every statement on manifests
+-- whose WHERE binds a parameter (it re-checks the index condition per bound value).
+CREATE INDEX manifests_subject ON manifests(repository_id, subject);
+CREATE TABLE manifest_blobs (
+    manifest_id INTEGER NOT NULL REFERENCES manifests(id) ON DELETE CASCADE,
+    digest      TEXT NOT NULL,
+    PRIMARY KEY (manifest_id, digest)
+) WITHOUT ROWID;
+CREATE INDEX manifest_blobs_digest ON manifest_blobs(digest);
+CREATE TABLE manifest_children (
+    manifest_id  INTEGER NOT NULL REFERENCES manifests(id) ON DELETE CASCADE,
+    child_digest TEXT NOT NULL,
+    PRIMARY KEY (manifest_id, child_digest)
+) WITHOUT ROWID;
+CREATE TABLE tags (
+    repository_id INTEGER NOT NULL REFERENCES repositories(id),
+    name          TEXT NOT NULL,
+    manifest_id   INTEGER NOT NULL REFERENCES manifests(id) ON DELETE CASCADE,
+    updated_at    INTEGER NOT NULL,
+    PRIMARY KEY (repository_id, name)
+) WITHOUT ROWID;
+CREATE TABLE uploads (
+    id         TEXT PRIMARY KEY,
+    repository TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+"#;
+
+/// Version 1 as PostgreSQL databases have it. Frozen.
+pub const V1_POSTGRES: &str = r#"
+CREATE TABLE repositories (
+    id   BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name TEXT COLLATE "C" NOT NULL UNIQUE
+);
+CREATE TABLE blobs (
+    digest TEXT COLLATE "C" PRIMARY KEY,
+    size   BIGINT NOT NULL
+);
+CREATE TABLE repository_blobs (
+    repository_id BIGINT NOT NULL REFERENCES repositories(id),
+    digest        TEXT COLLATE "C" NOT NULL REFERENCES blobs(digest),
+    PRIMARY KEY (repository_id, digest)
+);
+CREATE INDEX repository_blobs_digest ON repository_blobs(digest);
+CREATE TABLE manifests (
+    id            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    repository_id BIGINT NOT NULL REFERENCES repositories(id),
+    digest        TEXT COLLATE "C" NOT NULL,
+    media_type    TEXT NOT NULL,
+    content       BYTEA NOT NULL,
+    subject       TEXT COLLATE "C",
+    artifact_type TEXT,
+    annotations   TEXT,
+    created_at    BIGINT NOT NULL,
+    UNIQUE (repository_id, digest)
+);
+CREATE INDEX manifests_subject ON manifests(repository_id, subject) WHERE subject IS NOT NULL;
+CREATE TABLE manifest_blobs (
+    manifest_id BIGINT NOT NULL REFERENCES manifests(id) ON DELETE CASCADE,
+    digest      TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY (manifest_id, digest)
+);
+CREATE INDEX manifest_blobs_digest ON manifest_blobs(digest);
+CREATE TABLE manifest_children (
+    manifest_id  BIGINT NOT NULL REFERENCES manifests(id) ON DELETE CASCADE,
+    child_digest TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY (manifest_id, child_digest)
+);
+CREATE INDEX manifest_children_child ON manifest_children(child_digest);
+CREATE TABLE tags (
+    repository_id BIGINT NOT NULL REFERENCES repositories(id),
+    name          TEXT COLLATE "C" NOT NULL,
+    manifest_id   BIGINT NOT NULL REFERENCES manifests(id) ON DELETE CASCADE,
+    updated_at    BIGINT NOT NULL,
+    PRIMARY KEY (repository_id, name)
+);
+-- Deleting a manifest cascades to its tags; without this index each delete scans all tags.
+CREATE INDEX tags_manifest ON tags(manifest_id);
+CREATE TABLE uploads (
+    id         TEXT COLLATE "C" PRIMARY KEY,
+    repository TEXT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX uploads_updated_at ON uploads(updated_at);
+"#;
+
+/// Version 2, both dialects: the indexes SQLite lacked, and what garbage collection will need
+/// (see "GC protocol" in ARCHITECTURE.md). Rows that exist already count as created and
+/// referenced now, so they get a whole grace period.
+const V2: &str = r#"
+-- Deleting a manifest cascades to its tags; without this index each delete scans all tags.
+CREATE INDEX IF NOT EXISTS tags_manifest ON tags(manifest_id);
+-- Deleting a manifest looks for an index in its repository that lists it.
+CREATE INDEX IF NOT EXISTS manifest_children_child ON manifest_children(child_digest);
+CREATE INDEX IF NOT EXISTS uploads_updated_at ON uploads(updated_at);
+ALTER TABLE blobs ADD COLUMN created_at {INT} NOT NULL DEFAULT 0;
+ALTER TABLE blobs ADD COLUMN last_referenced_at {INT} NOT NULL DEFAULT 0;
+ALTER TABLE blobs ADD COLUMN state TEXT NOT NULL DEFAULT 'live'
+    CHECK (state IN ('live', 'deleting'));
+ALTER TABLE repository_blobs ADD COLUMN created_at {INT} NOT NULL DEFAULT 0;
+ALTER TABLE repository_blobs ADD COLUMN last_referenced_at {INT} NOT NULL DEFAULT 0;
+UPDATE blobs SET created_at = {NOW}, last_referenced_at = {NOW};
+UPDATE repository_blobs SET created_at = {NOW}, last_referenced_at = {NOW};
+"#;

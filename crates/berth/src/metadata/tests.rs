@@ -1,0 +1,676 @@
+//! The suite every engine runs ([`metadata_suite`]), then what is particular to each: SQLite's
+//! statement stability, PostgreSQL's collation, concurrent migration and racing nodes, and for
+//! both, databases created by the old (version 1) schema.
+
+use std::path::Path;
+
+use super::*;
+
+/// The value, or a panic naming the error: an error must fail the test, never pass as "none".
+#[track_caller]
+pub(crate) fn must<T>(r: Result<T, MetadataError>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub(crate) fn name(s: &str) -> RepositoryName {
+    s.parse().unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub(crate) fn tag(s: &str) -> Tag {
+    s.parse().unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub(crate) fn manifest(seed: &str, blobs: Vec<Digest>, subject: Option<Digest>) -> NewManifest {
+    let bytes = format!("{{\"seed\":\"{seed}\"}}").into_bytes();
+    NewManifest {
+        digest: Digest::sha256_of(&bytes),
+        media_type: oci::media_type::OCI_MANIFEST.into(),
+        bytes,
+        blobs,
+        declared_sizes: vec![],
+        children: vec![],
+        subject,
+        artifact_type: Some("application/x-test".into()),
+        annotations: Some([("k".to_string(), seed.to_string())].into()),
+    }
+}
+
+const ALL: Page<'static> = Page {
+    last: None,
+    limit: None,
+};
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+pub(crate) async fn metadata_suite(store: &Metadata) {
+    let (a, b) = (name("team/a"), name("team/b"));
+    let blob = Digest::sha256_of(b"layer");
+
+    // Blobs are per repository.
+    must(store.link_blob(&a, &blob, 5).await);
+    assert_eq!(must(store.blob_in_repository(&a, &blob).await), Some(5));
+    assert_eq!(must(store.blob_in_repository(&b, &blob).await), None);
+
+    // A manifest whose blob is missing from the repository is refused and changes nothing.
+    let m1 = manifest("one", vec![blob.clone()], None);
+    assert!(matches!(
+        store.put_manifest(&b, &m1, Some(&tag("v1"))).await,
+        Err(MetadataError::MissingBlob(_))
+    ));
+    assert_eq!(must(store.list_tags(&b, ALL).await), None);
+
+    // So is one that declares another size for a blob than the stored one.
+    let mut wrong_size = m1.clone();
+    wrong_size.declared_sizes = vec![(blob.clone(), 6)];
+    match store.put_manifest(&a, &wrong_size, Some(&tag("v1"))).await {
+        Err(MetadataError::SizeMismatch {
+            digest,
+            declared: 6,
+            stored: 5,
+        }) => assert_eq!(digest, blob),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        must(store.manifest_by_digest(&a, &m1.digest).await).map(|m| m.digest),
+        None
+    );
+
+    // Tags: put, move, sorted listing with pages, delete.
+    let mut m1_sized = m1.clone();
+    m1_sized.declared_sizes = vec![(blob.clone(), 5)];
+    must(store.put_manifest(&a, &m1_sized, Some(&tag("v1"))).await);
+    must(store.put_manifest(&a, &m1, Some(&tag("latest"))).await);
+    let got = must(store.manifest_by_tag(&a, &tag("v1")).await);
+    assert_eq!(got.map(|m| m.bytes), Some(m1.bytes.clone()));
+    let m2 = manifest("two", vec![], None);
+    must(store.put_manifest(&a, &m2, Some(&tag("v1"))).await);
+    let got = must(store.manifest_by_tag(&a, &tag("v1")).await);
+    assert_eq!(got.map(|m| m.digest), Some(m2.digest.clone()));
+    assert_eq!(
+        must(store.list_tags(&a, ALL).await),
+        Some(strings(&["latest", "v1"]))
+    );
+    let page = Page {
+        last: Some("latest"),
+        limit: Some(1),
+    };
+    assert_eq!(
+        must(store.list_tags(&a, page).await),
+        Some(strings(&["v1"]))
+    );
+    assert!(must(store.delete_tag(&a, &tag("latest")).await));
+    assert!(!must(store.delete_tag(&a, &tag("latest")).await));
+    assert!(must(store.manifest_by_digest(&a, &m1.digest).await).is_some());
+
+    // Catalog lists repositories that hold manifests.
+    assert_eq!(
+        must(store.list_repositories(ALL).await),
+        strings(&["team/a"])
+    );
+
+    // Index children must exist.
+    let mut index = manifest("index", vec![], None);
+    index.children = vec![Digest::sha256_of(b"nope")];
+    assert!(matches!(
+        store.put_manifest(&a, &index, None).await,
+        Err(MetadataError::MissingManifest(_))
+    ));
+    index.children = vec![m1.digest.clone()];
+    must(store.put_manifest(&a, &index, None).await);
+
+    // Referrers, even when pushed before their subject.
+    let subject = Digest::sha256_of(b"not pushed yet");
+    let sig = manifest("sig", vec![], Some(subject.clone()));
+    must(store.put_manifest(&a, &sig, None).await);
+    let refs = must(store.referrers(&a, &subject).await);
+    assert_eq!(refs.len(), 1);
+    assert_eq!(refs[0].digest, sig.digest);
+    assert_eq!(refs[0].size, sig.bytes.len() as u64);
+    assert_eq!(refs[0].artifact_type.as_deref(), Some("application/x-test"));
+    assert_eq!(refs[0].annotations, sig.annotations);
+    assert!(must(store.referrers(&b, &subject).await).is_empty());
+
+    // Exports, as a registry copy reads them.
+    assert_eq!(must(store.all_repositories().await), strings(&["team/a"]));
+    assert_eq!(
+        must(store.repository_blobs(&a).await),
+        vec![(blob.clone(), 5)]
+    );
+    let manifests: Vec<Digest> = must(store.repository_manifests(&a).await)
+        .into_iter()
+        .map(|m| m.digest)
+        .collect();
+    assert_eq!(
+        manifests,
+        vec![
+            m1.digest.clone(),
+            m2.digest.clone(),
+            index.digest.clone(),
+            sig.digest.clone()
+        ]
+    );
+    assert_eq!(
+        must(store.repository_tags(&a).await),
+        vec![("v1".to_string(), m2.digest.clone())]
+    );
+
+    // Deleting a manifest removes its tags.
+    assert!(must(store.delete_manifest(&a, &m2.digest).await));
+    assert!(!must(store.delete_manifest(&a, &m2.digest).await));
+    assert!(must(store.manifest_by_tag(&a, &tag("v1")).await).is_none());
+    assert_eq!(must(store.list_tags(&a, ALL).await), Some(vec![]));
+
+    // A manifest an index lists cannot be deleted, nor a blob a manifest references; a
+    // referrer does not hold its subject.
+    match store.delete_manifest(&a, &m1.digest).await {
+        Err(MetadataError::ManifestReferenced { by }) => assert_eq!(by, index.digest),
+        other => panic!("{other:?}"),
+    }
+    assert!(must(store.manifest_by_digest(&a, &m1.digest).await).is_some());
+    match store.unlink_blob(&a, &blob).await {
+        Err(MetadataError::BlobReferenced { by }) => assert_eq!(by, m1.digest),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(must(store.blob_in_repository(&a, &blob).await), Some(5));
+    let sig_on_m1 = manifest("sig on one", vec![], Some(m1.digest.clone()));
+    must(store.put_manifest(&a, &sig_on_m1, None).await);
+    assert!(must(store.delete_manifest(&a, &index.digest).await));
+    assert!(must(store.delete_manifest(&a, &m1.digest).await));
+    assert_eq!(must(store.referrers(&a, &m1.digest).await).len(), 1);
+
+    // Unlinking a blob nothing references.
+    assert!(must(store.unlink_blob(&a, &blob).await));
+    assert!(!must(store.unlink_blob(&a, &blob).await));
+    assert_eq!(must(store.blob_in_repository(&a, &blob).await), None);
+
+    // Upload sessions and their expiry.
+    let s = UploadSession {
+        id: "u1".into(),
+        repository: a.clone(),
+        updated_at: 100,
+    };
+    must(store.create_upload(&s).await);
+    assert_eq!(must(store.get_upload("u1").await), Some(s.clone()));
+    assert_eq!(must(store.stale_uploads(101).await), strings(&["u1"]));
+    // Touches closer together than the granularity write nothing.
+    must(store.touch_upload("u1", 159, 60).await);
+    assert_eq!(
+        must(store.get_upload("u1").await).map(|u| u.updated_at),
+        Some(100)
+    );
+    must(store.touch_upload("u1", 200, 60).await);
+    assert_eq!(
+        must(store.get_upload("u1").await).map(|u| u.updated_at),
+        Some(200)
+    );
+    assert_eq!(must(store.stale_uploads(101).await), Vec::<String>::new());
+    must(store.delete_upload("u1").await);
+    assert_eq!(must(store.get_upload("u1").await), None);
+
+    // Finishing an upload links the blob and ends the session in one transaction; a composed
+    // transaction that fails after both changes keeps neither.
+    let u2 = UploadSession {
+        id: "u2".into(),
+        ..s.clone()
+    };
+    must(store.create_upload(&u2).await);
+    let failed = store
+        .write(|tx| {
+            Box::pin(async {
+                queries::link_blob(tx, &a, &blob, 5).await?;
+                queries::delete_upload(tx, "u2").await?;
+                Err::<(), _>(MetadataError::MissingBlob(blob.clone()))
+            })
+        })
+        .await;
+    assert!(matches!(failed, Err(MetadataError::MissingBlob(_))));
+    assert_eq!(must(store.blob_in_repository(&a, &blob).await), None);
+    assert_eq!(must(store.upload_ids().await), strings(&["u2"]));
+    must(store.finish_upload(&a, &blob, 5, "u2").await);
+    assert_eq!(must(store.blob_in_repository(&a, &blob).await), Some(5));
+    assert_eq!(must(store.upload_ids().await), Vec::<String>::new());
+}
+
+/// Checks a database written by version 1 of the schema (see `write_v1_data`) after migration.
+async fn check_migrated_v1(store: &Metadata) {
+    let (repo, blob) = (name("old/r"), Digest::sha256_of(b"layer"));
+    let got = must(store.manifest_by_tag(&repo, &tag("v1")).await);
+    assert_eq!(got.map(|m| m.bytes), Some(V1_MANIFEST.as_bytes().to_vec()));
+    assert_eq!(must(store.blob_in_repository(&repo, &blob).await), Some(5));
+    assert!(matches!(
+        store.unlink_blob(&repo, &blob).await,
+        Err(MetadataError::BlobReferenced { .. })
+    ));
+    must(store.link_blob(&repo, &Digest::sha256_of(b"new"), 3).await);
+    let m = manifest("after migration", vec![blob.clone()], None);
+    must(store.put_manifest(&repo, &m, Some(&tag("v2"))).await);
+    assert_eq!(
+        must(store.list_tags(&repo, ALL).await),
+        Some(strings(&["v1", "v2"]))
+    );
+}
+
+const V1_MANIFEST: &str = r#"{"schemaVersion":2}"#;
+
+/// Rows as version 1 wrote them, in either dialect.
+fn v1_data(dialect: Dialect) -> String {
+    let blob = Digest::sha256_of(b"layer");
+    let m = Digest::sha256_of(V1_MANIFEST.as_bytes());
+    let sql = format!(
+        "INSERT INTO repositories (name) VALUES ('old/r');
+         INSERT INTO blobs (digest, size) VALUES ('{blob}', 5);
+         INSERT INTO repository_blobs (repository_id, digest) SELECT id, '{blob}' FROM repositories;
+         INSERT INTO manifests (repository_id, digest, media_type, content, created_at)
+             SELECT id, '{m}', 'application/vnd.oci.image.manifest.v1+json',
+                    CAST('{V1_MANIFEST}' AS {{BYTES}}), 1 FROM repositories;
+         INSERT INTO manifest_blobs (manifest_id, digest) SELECT id, '{blob}' FROM manifests;
+         INSERT INTO tags (repository_id, name, manifest_id, updated_at)
+             SELECT repository_id, 'v1', id, 1 FROM manifests;"
+    );
+    must(db::rewrite(&sql, dialect))
+}
+
+mod sqlite {
+    use super::*;
+
+    async fn open(path: &Path) -> Metadata {
+        must(Metadata::open_sqlite(path).await)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_shared_suite() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        metadata_suite(&open(&dir.path().join("m.db")).await).await;
+    }
+
+    #[tokio::test]
+    async fn migrations_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("m.db");
+        drop(open(&path).await);
+        drop(open(&path).await);
+        let conn = rusqlite::Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(version, schema::MIGRATIONS.len() as i64);
+    }
+
+    fn create_v1(path: &Path, data: bool) {
+        let conn = rusqlite::Connection::open(path).unwrap_or_else(|e| panic!("{e}"));
+        let mut sql = format!("{}\nPRAGMA user_version = 1;", schema::V1_SQLITE);
+        if data {
+            sql.push_str(&v1_data(Dialect::Sqlite));
+        }
+        conn.execute_batch(&sql).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_version_1_database_migrates_and_passes_the_suite() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (empty, full) = (dir.path().join("empty.db"), dir.path().join("full.db"));
+        create_v1(&empty, false);
+        metadata_suite(&open(&empty).await).await;
+        create_v1(&full, true);
+        check_migrated_v1(&open(&full).await).await;
+    }
+
+    /// With the query planner stability guarantee, the hot statements (joins, ORDER BY) are
+    /// prepared once, however the bound values change.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn hot_statements_are_never_re_prepared() {
+        use rusqlite::StatementStatus;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("m.db");
+        let store = open(&path).await;
+        metadata_suite(&store).await;
+        let conn = rusqlite::Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        db::configure_sqlite(&conn, true).unwrap_or_else(|e| panic!("{e}"));
+        for sql in queries::HOT_STATEMENTS {
+            let mut stmt = conn.prepare(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            for i in 0..20i64 {
+                let repo = ["team/a", "team/b", "nope"][i as usize % 3];
+                let params: Vec<rusqlite::types::Value> = (1..=stmt.parameter_count())
+                    .map(|p| match p {
+                        1 => repo.to_string().into(),
+                        3 => (i % 4).into(),
+                        _ => format!("v{i}").into(),
+                    })
+                    .collect();
+                let mut rows = stmt
+                    .query(rusqlite::params_from_iter(params))
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                while rows.next().unwrap_or_else(|e| panic!("{e}")).is_some() {}
+            }
+            assert_eq!(stmt.get_status(StatementStatus::RePrepare), 0, "{sql}");
+        }
+    }
+}
+
+mod postgres {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio_postgres::NoTls;
+
+    use super::*;
+
+    const OPTIONS: PoolOptions = PoolOptions {
+        size: 8,
+        timeout: Duration::from_secs(10),
+    };
+
+    /// A database of its own on the server named by `BERTH_TEST_POSTGRES_URL`, dropped by
+    /// [`TestDb::drop_database`] (a failed test leaves it behind for inspection).
+    struct TestDb {
+        admin: tokio_postgres::Client,
+        name: String,
+        url: String,
+    }
+
+    /// `url` with its database name replaced.
+    fn with_database(url: &str, db: &str) -> String {
+        let (base, query) = url
+            .split_once('?')
+            .map_or((url, None), |(b, q)| (b, Some(q)));
+        let after_scheme = base.find("://").map_or(0, |i| i + 3);
+        let end = base[after_scheme..]
+            .find('/')
+            .map_or(base.len(), |i| after_scheme + i);
+        match query {
+            Some(q) => format!("{}/{db}?{q}", &base[..end]),
+            None => format!("{}/{db}", &base[..end]),
+        }
+    }
+
+    impl TestDb {
+        /// The new database's default collation is linguistic (ICU `en-US`) where the server
+        /// supports it, so an ordering that leaned on it instead of `COLLATE "C"` would show.
+        async fn create() -> TestDb {
+            let admin_url = std::env::var("BERTH_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+                panic!(
+                    "BERTH_TEST_POSTGRES_URL is not set. The PostgreSQL tests need a server: run \
+                     `eval \"$(bash scripts/postgres.sh)\"` first (scripts/test.sh does), or set \
+                     it to a superuser URL such as postgres://postgres@127.0.0.1:54329/postgres"
+                )
+            });
+            let (admin, conn) = tokio_postgres::connect(&admin_url, NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("connecting to BERTH_TEST_POSTGRES_URL: {e:?}"));
+            tokio::spawn(conn);
+            let name = format!("berth_test_{}", uuid::Uuid::new_v4().simple());
+            let icu = format!(
+                "CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+            );
+            if admin.batch_execute(&icu).await.is_err() {
+                admin
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .unwrap_or_else(|e| panic!("CREATE DATABASE: {e:?}"));
+            }
+            let url = with_database(&admin_url, &name);
+            TestDb { admin, name, url }
+        }
+
+        async fn store(&self) -> Metadata {
+            must(Metadata::connect_postgres(&self.url, OPTIONS).await)
+        }
+
+        async fn client(&self) -> tokio_postgres::Client {
+            let (client, conn) = tokio_postgres::connect(&self.url, NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            tokio::spawn(conn);
+            client
+        }
+
+        /// The schema as version 1 left it, with `data` in it.
+        async fn create_v1(&self, data: bool) {
+            let mut sql = format!(
+                "{}
+                 CREATE TABLE berth_schema_migrations (
+                     version    INTEGER PRIMARY KEY,
+                     applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                 );
+                 INSERT INTO berth_schema_migrations (version) VALUES (1);",
+                schema::V1_POSTGRES
+            );
+            if data {
+                sql.push_str(&v1_data(Dialect::Postgres));
+            }
+            self.client()
+                .await
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{e:?}"));
+        }
+
+        async fn drop_database(self) {
+            let sql = format!("DROP DATABASE {} WITH (FORCE)", self.name);
+            if let Err(e) = self.admin.batch_execute(&sql).await {
+                panic!("{sql}: {e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn database_urls() {
+        let cases = [
+            ("postgres://u@h:1/postgres", "postgres://u@h:1/x"),
+            (
+                "postgres://u:p@h/db?sslmode=disable",
+                "postgres://u:p@h/x?sslmode=disable",
+            ),
+            ("postgresql://h", "postgresql://h/x"),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(with_database(url, "x"), expected, "{url}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_shared_suite() {
+        let db = TestDb::create().await;
+        metadata_suite(&db.store().await).await;
+        db.drop_database().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_version_1_database_migrates_and_passes_the_suite() {
+        let (empty, full) = (TestDb::create().await, TestDb::create().await);
+        empty.create_v1(false).await;
+        metadata_suite(&empty.store().await).await;
+        full.create_v1(true).await;
+        check_migrated_v1(&full.store().await).await;
+        empty.drop_database().await;
+        full.drop_database().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn names_sort_bytewise_whatever_the_database_collation() {
+        let db = TestDb::create().await;
+        let store = db.store().await;
+        let repo = name("sort/tags");
+        let m = manifest("sort", vec![], None);
+        for t in ["a", "B", "_z", "1", "Z", "b.1", "b-1"] {
+            must(store.put_manifest(&repo, &m, Some(&tag(t))).await);
+        }
+        let want = ["1", "B", "Z", "_z", "a", "b-1", "b.1"];
+        assert_eq!(
+            must(store.list_tags(&repo, ALL).await),
+            Some(strings(&want))
+        );
+        let page = Page {
+            last: Some("Z"),
+            limit: Some(2),
+        };
+        assert_eq!(
+            must(store.list_tags(&repo, page).await),
+            Some(strings(&["_z", "a"]))
+        );
+
+        let mut repos = vec!["a-b", "a/b", "a.b", "a_b", "ab", "a0", "sort/tags"];
+        for r in &repos {
+            must(store.put_manifest(&name(r), &m, None).await);
+        }
+        repos.sort_unstable();
+        assert_eq!(must(store.list_repositories(ALL).await), strings(&repos));
+        let page = Page {
+            last: Some("a.b"),
+            limit: Some(2),
+        };
+        assert_eq!(
+            must(store.list_repositories(page).await),
+            strings(&["a/b", "a0"])
+        );
+        db.drop_database().await;
+    }
+
+    /// Nodes starting together race to migrate; each migration must run exactly once.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn nodes_starting_together_migrate_once() {
+        let db = TestDb::create().await;
+        let starts = (0..4).map(|_| Metadata::connect_postgres(&db.url, OPTIONS));
+        for store in futures_util::future::join_all(starts).await {
+            must(store);
+        }
+        let client = db.client().await;
+        let versions: Vec<i32> = client
+            .query(
+                "SELECT version FROM berth_schema_migrations ORDER BY version",
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(
+            versions,
+            (1..=schema::MIGRATIONS.len() as i32).collect::<Vec<_>>()
+        );
+        drop(client);
+        db.drop_database().await;
+    }
+
+    /// Two stores over one database are two nodes: they create the same repositories, push
+    /// the same manifest and move the same tag at the same time, and none of it may fail.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_nodes_racing_writes() {
+        const ROUNDS: usize = 24;
+        let db = TestDb::create().await;
+        let nodes = [Arc::new(db.store().await), Arc::new(db.store().await)];
+        let blob = Digest::sha256_of(b"race layer");
+        let same = manifest("same on both nodes", vec![blob.clone()], None);
+        let own = [
+            manifest("node 0", vec![], None),
+            manifest("node 1", vec![], None),
+        ];
+        let shared = name("race/shared");
+
+        let mut tasks = tokio::task::JoinSet::new();
+        for round in 0..ROUNDS {
+            for (n, node) in nodes.iter().enumerate() {
+                let (node, blob, same, own, shared) = (
+                    node.clone(),
+                    blob.clone(),
+                    same.clone(),
+                    own[n].clone(),
+                    shared.clone(),
+                );
+                tasks.spawn(async move {
+                    let repo = name(&format!("race/r{round:02}"));
+                    node.link_blob(&repo, &blob, 10).await?;
+                    node.put_manifest(&repo, &same, Some(&tag(&format!("node{n}"))))
+                        .await?;
+                    node.put_manifest(&repo, &same, Some(&tag("both"))).await?;
+                    node.put_manifest(&shared, &own, Some(&tag("latest"))).await
+                });
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => panic!("a racing write failed: {e}"),
+                Err(e) => panic!("{e}"),
+            }
+        }
+
+        let mut want: Vec<String> = (0..ROUNDS).map(|r| format!("race/r{r:02}")).collect();
+        want.push("race/shared".into());
+        for node in &nodes {
+            assert_eq!(must(node.list_repositories(ALL).await), want);
+        }
+        for round in 0..ROUNDS {
+            let repo = name(&format!("race/r{round:02}"));
+            let tags = must(nodes[round % 2].list_tags(&repo, ALL).await);
+            assert_eq!(tags, Some(strings(&["both", "node0", "node1"])));
+            for t in ["both", "node0", "node1"] {
+                let got = must(nodes[1 - round % 2].manifest_by_tag(&repo, &tag(t)).await);
+                assert_eq!(got.map(|m| m.digest), Some(same.digest.clone()));
+            }
+        }
+        let latest = must(nodes[0].manifest_by_tag(&shared, &tag("latest")).await);
+        let latest = latest.map(|m| m.digest);
+        assert!(
+            own.iter().any(|m| Some(&m.digest) == latest.as_ref()),
+            "latest points at {latest:?}"
+        );
+
+        // One row per (repository, manifest): the losing insert found the winner's.
+        let client = db.client().await;
+        let rows: i64 = client
+            .query_one(
+                "SELECT count(*) FROM manifests WHERE digest = $1",
+                &[&same.digest.to_string()],
+            )
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rows, ROUNDS as i64);
+        drop(client);
+        drop(nodes);
+        db.drop_database().await;
+    }
+
+    /// A blob DELETE and a manifest PUT referencing that blob, on two nodes at once: one of
+    /// them must lose. Never may the manifest end up stored while its blob is unlinked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn blob_unlink_racing_manifest_put_never_leaves_a_dangling_reference() {
+        const ROUNDS: usize = 50;
+        let db = TestDb::create().await;
+        let nodes = [Arc::new(db.store().await), Arc::new(db.store().await)];
+        let (mut puts_won, mut unlinks_won) = (0, 0);
+        for round in 0..ROUNDS {
+            let repo = name(&format!("race/b{round:02}"));
+            let blob = Digest::sha256_of(format!("layer {round}").as_bytes());
+            let m = manifest(&format!("m {round}"), vec![blob.clone()], None);
+            must(nodes[0].link_blob(&repo, &blob, 7).await);
+            let (putter, unlinker) = (nodes[round % 2].clone(), nodes[1 - round % 2].clone());
+            let (r, m2) = (repo.clone(), m.clone());
+            let put = tokio::spawn(async move { putter.put_manifest(&r, &m2, None).await });
+            let (r, b) = (repo.clone(), blob.clone());
+            let unlink = tokio::spawn(async move { unlinker.unlink_blob(&r, &b).await });
+            let put = put.await.unwrap_or_else(|e| panic!("{e}"));
+            let unlink = unlink.await.unwrap_or_else(|e| panic!("{e}"));
+            match (&put, &unlink) {
+                (Ok(()), Err(MetadataError::BlobReferenced { by })) if *by == m.digest => {
+                    puts_won += 1
+                }
+                (Err(MetadataError::MissingBlob(_)), Ok(true)) => unlinks_won += 1,
+                other => panic!("round {round}: {other:?}"),
+            }
+            let stored = must(nodes[0].manifest_by_digest(&repo, &m.digest).await).is_some();
+            let linked = must(nodes[1].blob_in_repository(&repo, &blob).await).is_some();
+            assert!(
+                !stored || linked,
+                "round {round}: manifest without its blob"
+            );
+        }
+        assert_eq!(puts_won + unlinks_won, ROUNDS);
+        drop(nodes);
+        db.drop_database().await;
+    }
+}

@@ -1,0 +1,90 @@
+//! Who is asking the service, and from where: passed into every entry point of the registry,
+//! so that access control, audit events and quotas read it there instead of changing every
+//! signature. Changes are logged with it now (`log_change`); reads take it unused until access
+//! control decides with it.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use oci::{Digest, RepositoryName, Tag};
+
+/// The identity a request acts as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// No credentials were presented (the only kind until access control lands).
+    Anonymous,
+    /// Berth acting on its own behalf (`berth copy`, background workers).
+    System(&'static str),
+}
+
+impl fmt::Display for Actor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Actor::Anonymous => f.write_str("anonymous"),
+            Actor::System(what) => write!(f, "system:{what}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    /// Names the request in logs (and, later, in events): the client's `X-Request-Id` when it
+    /// sent a usable one, else generated.
+    pub request_id: String,
+    pub actor: Actor,
+    /// The peer's address, when the request came over the network.
+    pub client_addr: Option<IpAddr>,
+    pub user_agent: Option<String>,
+}
+
+impl RequestContext {
+    /// Berth acting on its own behalf.
+    pub fn system(what: &'static str) -> RequestContext {
+        RequestContext {
+            request_id: uuid::Uuid::new_v4().simple().to_string(),
+            actor: Actor::System(what),
+            client_addr: None,
+            user_agent: None,
+        }
+    }
+
+    /// The client address for logs: `-` when there is none.
+    pub fn client(&self) -> String {
+        self.client_addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".to_string())
+    }
+}
+
+impl RequestContext {
+    /// One log line per change the registry made, naming who made it: until the event log
+    /// exists, this is how an operator answers "who pushed or deleted this".
+    pub(crate) fn log_change(
+        &self,
+        what: &'static str,
+        repo: &RepositoryName,
+        digest: &Digest,
+        tags: &[Tag],
+    ) {
+        tracing::info!(
+            request.id = %self.request_id,
+            actor = %self.actor,
+            client.addr = %self.client(),
+            repository = %repo,
+            digest = %digest,
+            tags = ?tags.iter().map(Tag::as_str).collect::<Vec<_>>(),
+            "{what}"
+        );
+    }
+
+    pub(crate) fn log_tag_deleted(&self, repo: &RepositoryName, tag: &Tag) {
+        tracing::info!(
+            request.id = %self.request_id,
+            actor = %self.actor,
+            client.addr = %self.client(),
+            repository = %repo,
+            tag = tag.as_str(),
+            "tag deleted"
+        );
+    }
+}

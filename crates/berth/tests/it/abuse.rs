@@ -1,0 +1,144 @@
+//! Hostile clients against the registry's own limits: slow pulls must not take the threads
+//! everyone else needs, stalled manifest pushes must not buffer without bound, and no upload
+//! grows past the configured largest blob.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use crate::support::net::connect;
+use crate::support::*;
+
+fn vm_hwm_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib / 1024)
+        .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status"))
+}
+
+#[test]
+fn six_hundred_stalled_pulls_do_not_stop_small_requests() {
+    let app = TestApp::start();
+    let big = vec![7u8; 16 * 1024 * 1024];
+    let big_digest = push_blob(&app, "slow/pulls", &big);
+    let small_digest = push_blob(&app, "slow/pulls", b"a small config blob");
+    // Each client asks for the big blob and never reads the answer: its socket buffers fill
+    // and the server's writes stall.
+    let request = format!(
+        "GET /v2/slow/pulls/blobs/{big_digest} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        app.host
+    );
+    let mut stalled = Vec::new();
+    for _ in 0..600 {
+        let mut s = connect(&app.host);
+        s.write_all(request.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+        stalled.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let small = client
+        .get(app.url(&format!("/v2/slow/pulls/blobs/{small_digest}")))
+        .send()
+        .unwrap_or_else(|e| panic!("small GET while pulls stall: {e}"));
+    assert_eq!(small.status().as_u16(), 200);
+    // An upload still goes through: its writes need the blocking pool too.
+    let digest = push_blob(&app, "slow/pulls", &vec![3u8; 3 * 1024 * 1024]);
+    assert!(digest.starts_with("sha256:"));
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(10),
+        "requests took {waited:?} while 600 pulls stalled"
+    );
+    let rss = vm_hwm_mib(app.pid());
+    eprintln!("peak RSS with 600 stalled pulls: {rss} MiB; small requests took {waited:?}");
+    assert!(rss <= 256, "peak RSS {rss} MiB with 600 stalled pulls");
+    drop(stalled);
+}
+
+#[test]
+fn stalled_manifest_pushes_buffer_at_most_the_configured_bytes() {
+    let app = TestApp::builder()
+        .env(
+            "BERTH_MAX_BUFFERED_MANIFEST_BYTES",
+            (8 * 1024 * 1024).to_string(),
+        )
+        .env("BERTH_MAX_MANIFEST_BYTES", (4 * 1024 * 1024).to_string())
+        .start();
+    // Each push declares a 4 MiB manifest, sends half, and stalls: two fit in the buffer.
+    let half = vec![b' '; 2 * 1024 * 1024];
+    let mut stalled = Vec::new();
+    for i in 0..40 {
+        let mut s = connect(&app.host);
+        let head = format!(
+            "PUT /v2/stall/m{i}/manifests/v1 HTTP/1.1\r\nHost: {}\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {}\r\n\r\n",
+            app.host,
+            4 * 1024 * 1024
+        );
+        s.write_all(head.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let _ = s.write_all(&half);
+        stalled.push(s);
+    }
+    // The ones that found no room are told to come back later, and nothing is buffered for them.
+    let mut too_many = 0;
+    for s in stalled.iter_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut buf = [0u8; 64];
+        if let Ok(n) = s.read(&mut buf)
+            && String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 429")
+        {
+            too_many += 1;
+        }
+    }
+    assert!(
+        too_many >= 35,
+        "only {too_many} of 40 stalled pushes were turned away"
+    );
+    let rss = vm_hwm_mib(app.pid());
+    eprintln!("peak RSS with 40 stalled 4 MiB manifest pushes: {rss} MiB; {too_many} got 429");
+    assert!(rss <= 256, "peak RSS {rss} MiB");
+    drop(stalled);
+    // With the stalled pushes gone, a push goes through.
+    let (digest, _) = push_image(&app, "stall/after", "v1", "after");
+    assert!(digest.starts_with("sha256:"));
+}
+
+#[test]
+fn no_upload_grows_past_the_largest_blob_allowed() {
+    let app = TestApp::builder()
+        .env("BERTH_MAX_BLOB_BYTES", "1000")
+        .start();
+    let loc = app.start_upload("big/blob");
+    let r = app.patch_chunk(&loc, 0, &[1u8; 600]);
+    r.assert_status(202);
+    let r = app.patch_chunk(&loc, 600, &[1u8; 600]);
+    assert_error(&r, 413, "SIZE_INVALID");
+    let status = send(app.client().get(&loc));
+    assert_eq!(
+        status.header("range"),
+        Some("0-999"),
+        "{}",
+        status.describe()
+    );
+    // A monolithic push over the limit is refused and leaves nothing behind.
+    let bytes = vec![2u8; 5000];
+    let r = send(
+        app.client()
+            .post(app.url(&format!(
+                "/v2/big/blob/blobs/uploads/?digest={}",
+                sha256(&bytes)
+            )))
+            .body(bytes),
+    );
+    assert_error(&r, 413, "SIZE_INVALID");
+    // An upload within the limit still works.
+    push_blob(&app, "big/blob", &[5u8; 1000]);
+}
