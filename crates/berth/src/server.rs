@@ -189,21 +189,23 @@ pub async fn run(
             biased;
             _ = stop.wait_for(|s| *s) => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     accept_failed(e).await;
                     continue;
                 }
             },
         };
+        let (tcp, peer) = tcp;
         // Small responses (manifests, statuses) must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
         let answered = Arc::new(AtomicBool::new(false));
         let service = {
             let inner = TowerToHyperService::new(app.clone());
             let answered = answered.clone();
-            service_fn(move |request| {
+            service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
                 answered.store(true, Ordering::Relaxed);
+                request.extensions_mut().insert(api::ClientAddr(peer));
                 hyper::service::Service::call(&inner, request)
             })
         };

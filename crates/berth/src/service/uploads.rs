@@ -523,7 +523,17 @@ impl Registry {
                 }
             }
         }
-        let size = writer.finish().await?;
+        let size = match writer.finish().await {
+            Ok(size) => size,
+            // Another node appended at this offset first: this chunk was withdrawn.
+            Err(StorageError::OffsetMismatch { actual, .. }) => {
+                return Err(ServiceError::RangeMismatch {
+                    size: actual,
+                    requested: offset,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         if let Some(e) = write_error {
             return Err(e.into());
         }

@@ -34,7 +34,8 @@ pub fn assert_blob_files_match_their_names(data_dir: &Path) {
 }
 
 /// Every tag of every repository in the catalog resolves to a manifest whose blobs (and, for an
-/// index, child manifests) are all served with the sizes the manifest declares.
+/// index, child manifests) are all served with the sizes the manifest declares, in bytes that
+/// hash to their digests.
 pub fn assert_every_tag_is_complete(app: &TestApp) {
     let catalog = app.get("/v2/_catalog").assert_status(200).json();
     let repos = catalog["repositories"]

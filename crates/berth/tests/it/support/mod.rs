@@ -2,6 +2,7 @@
 //! the line it prints once bound, so there is no port race.
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod check;
 pub mod clients;
 pub mod net;
