@@ -28,7 +28,7 @@ impl Rng {
 
     /// True about once in `n`.
     pub fn one_in(&mut self, n: u64) -> bool {
-        self.next() % n == 0
+        self.next().is_multiple_of(n)
     }
 
     pub fn below(&mut self, n: usize) -> usize {
