@@ -142,3 +142,70 @@ fn no_upload_grows_past_the_largest_blob_allowed() {
     // An upload within the limit still works.
     push_blob(&app, "big/blob", &[5u8; 1000]);
 }
+
+/// A tmpfs of `mib` MiB mounted for one test, unmounted when dropped. Needs root, as CI runs.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(mib: u64) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap_or_else(|e| panic!("running mount: {e}"));
+        assert!(
+            status.success(),
+            "mounting a tmpfs failed: the full-disk test needs root (as CI runs)"
+        );
+        SmallDisk { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn on_a_full_disk_pushes_fail_cleanly_and_cancelling_an_upload_frees_space() {
+    let disk = SmallDisk::mount(24);
+    let data = disk.dir.path().join("data");
+    let app = TestApp::builder().data_dir(&data).start();
+    let loc = app.start_upload("full/disk");
+    app.patch_chunk(&loc, 0, &vec![1u8; 8 * 1024 * 1024])
+        .assert_status(202);
+    // Fill what is left.
+    let filler = disk.dir.path().join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=64"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    // A push now fails with a retryable error, never a 500 or a crash.
+    let r = send(
+        app.client()
+            .post(app.url(&format!(
+                "/v2/full/disk/blobs/uploads/?digest={}",
+                sha256(&[2u8; 2_000_000])
+            )))
+            .body(vec![2u8; 2_000_000]),
+    );
+    assert!(matches!(r.status, 503 | 507), "{}", r.describe());
+    // Cancelling the upload frees its bytes even though metadata cannot be written.
+    let before = files_under(&data.join("uploads")).len();
+    let r = send(app.client().delete(&loc));
+    r.assert_status(204);
+    assert!(files_under(&data.join("uploads")).len() < before);
+    send(app.client().get(&loc)).assert_status(404);
+    // With room again, pushes work.
+    std::fs::remove_file(&filler).unwrap_or_else(|e| panic!("{e}"));
+    let (digest, _) = push_image(&app, "full/disk", "v1", "after");
+    app.get(&format!("/v2/full/disk/manifests/{digest}"))
+        .assert_status(200);
+}

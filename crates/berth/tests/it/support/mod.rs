@@ -81,8 +81,13 @@ impl TestAppBuilder {
     }
 }
 
+/// The binary under test: this build's, or `BERTH_TEST_BIN` (to run the suite against
+/// another build, e.g. to show a regression test fails on the code before the fix).
 pub fn berth_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_berth")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("BERTH_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_berth").to_string())
+    })
 }
 
 impl TestApp {
