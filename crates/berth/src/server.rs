@@ -4,23 +4,22 @@
 //! (which also reaps idle keep-alive connections), and silence inside a request body.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::Request;
-use axum::middleware::{self, Next};
+use axum::body::Body;
 use axum::response::Response;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
-use tower_http::timeout::RequestBodyTimeoutLayer;
+use tower_http::timeout::TimeoutBody;
 
 use crate::api;
 use crate::config::{Config, MetadataConfig, StorageConfig};
@@ -107,25 +106,27 @@ impl ServeOptions {
     }
 }
 
-/// The API with its request middleware: a bound on body silence, and a debug line per request.
-pub fn router(registry: Arc<Registry>, body_idle_timeout: Duration) -> Router {
-    Router::new()
-        .fallback(api::handle)
-        .with_state(registry)
-        .layer(RequestBodyTimeoutLayer::new(body_idle_timeout))
-        .layer(middleware::from_fn(log_request))
-}
+/// Most bytes hyper buffers per connection, each way.
+const HYPER_MAX_BUF: usize = 128 * 1024;
 
-/// One debug line per request once its response head is ready: method, path with query,
-/// status, and the time taken (a streamed body may still be on its way).
-async fn log_request(request: Request, next: Next) -> Response {
+/// Answers one request: the body gets its silence bound, `api::handle` the rest, and at debug
+/// level one line is logged per request once its response head is ready: method, path with
+/// query, status, and the time taken (a streamed body may still be on its way). No router or
+/// middleware stack: `api` parses routes itself, and each layer cost allocations per request.
+async fn answer(
+    registry: &Registry,
+    peer: SocketAddr,
+    body_idle_timeout: Duration,
+    request: hyper::Request<Incoming>,
+) -> Response {
+    let request = request.map(|body| Body::new(TimeoutBody::new(body_idle_timeout, body)));
     if !tracing::enabled!(tracing::Level::DEBUG) {
-        return next.run(request).await;
+        return api::handle(registry, peer, request).await;
     }
     let method = request.method().clone();
     let uri = request.uri().clone();
     let started = Instant::now();
-    let response = next.run(request).await;
+    let response = api::handle(registry, peer, request).await;
     tracing::debug!(
         method = %method,
         uri = %uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()),
@@ -140,9 +141,6 @@ async fn log_request(request: Request, next: Next) -> Response {
 /// closes idle connections at once, and waits up to the grace period for in-flight requests
 /// before returning.
 ///
-/// Most bytes hyper buffers per connection, each way.
-const HYPER_MAX_BUF: usize = 64 * 1024;
-
 /// axum::serve hides hyper's connection builder, so this is the accept loop itself: it is where
 /// the header timeout, the connection limit and the graceful close of idle connections live.
 pub async fn run(
@@ -163,13 +161,13 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
-    let app = router(registry, options.body_idle_timeout);
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)
         // hyper keeps pulling a response body into its write buffer until this much is queued;
         // its default (~400 KiB) per stalled pull made 600 clients that stop reading cost
-        // ~400 MiB. 64 KiB still fills a socket, and bounds request heads as well.
+        // ~400 MiB. 128 KiB still fills a socket and keeps upload reads large; it bounds
+        // request heads as well.
         .max_buf_size(HYPER_MAX_BUF);
     let connections = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(options.max_connections));
@@ -201,12 +199,15 @@ pub async fn run(
         let _ = tcp.set_nodelay(true);
         let answered = Arc::new(AtomicBool::new(false));
         let service = {
-            let inner = TowerToHyperService::new(app.clone());
-            let answered = answered.clone();
-            service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            let (registry, answered) = (registry.clone(), answered.clone());
+            let body_idle_timeout = options.body_idle_timeout;
+            service_fn(move |request: hyper::Request<Incoming>| {
                 answered.store(true, Ordering::Relaxed);
-                request.extensions_mut().insert(api::ClientAddr(peer));
-                hyper::service::Service::call(&inner, request)
+                let registry = registry.clone();
+                async move {
+                    let response = answer(&registry, peer, body_idle_timeout, request).await;
+                    Ok::<_, std::convert::Infallible>(response)
+                }
             })
         };
         let connection = connections.watch(http.serve_connection(TokioIo::new(tcp), service));

@@ -74,36 +74,60 @@ fn is_algorithm_component(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
+/// `encoded ::= [a-zA-Z0-9=_-]+`
+fn is_encoded_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'=' || b == b'_' || b == b'-'
+}
+
 impl FromStr for Digest {
     type Err = DigestError;
 
+    /// One pass over the encoded part: digests are parsed on every pull (each stored manifest
+    /// row carries one), so this is a hot path.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (algorithm, encoded) = s.split_once(':').ok_or(DigestError::Malformed)?;
-        // algorithm ::= component ([+._-] component)*
-        if !algorithm
-            .split(['+', '.', '_', '-'])
-            .all(is_algorithm_component)
-        {
-            return Err(DigestError::Malformed);
-        }
-        // encoded ::= [a-zA-Z0-9=_-]+
-        if encoded.is_empty()
-            || !encoded
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'=' || b == b'_' || b == b'-')
-        {
-            return Err(DigestError::Malformed);
-        }
         let algorithm = match algorithm {
             "sha256" => Algorithm::Sha256,
             "sha512" => Algorithm::Sha512,
-            other => return Err(DigestError::UnsupportedAlgorithm(other.to_string())),
+            other => {
+                // algorithm ::= component ([+._-] component)*
+                let grammatical = other
+                    .split(['+', '.', '_', '-'])
+                    .all(is_algorithm_component);
+                if !grammatical || encoded.is_empty() || !encoded.bytes().all(is_encoded_char) {
+                    return Err(DigestError::Malformed);
+                }
+                return Err(DigestError::UnsupportedAlgorithm(other.to_string()));
+            }
         };
-        let hex_ok = encoded.len() == algorithm.hex_len()
-            && encoded
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if !hex_ok {
+        // One table lookup per byte: 2 = lowercase hex, 1 = other encoded characters.
+        const CLASS: [u8; 256] = {
+            let mut t = [0u8; 256];
+            let mut b = 0;
+            while b < 256 {
+                let c = b as u8;
+                t[b] = if c.is_ascii_digit() || (c >= b'a' && c <= b'f') {
+                    2
+                } else if c.is_ascii_alphanumeric() || c == b'=' || c == b'_' || c == b'-' {
+                    1
+                } else {
+                    0
+                };
+                b += 1;
+            }
+            t
+        };
+        let classes = encoded
+            .bytes()
+            .fold(2u8, |worst, b| worst.min(CLASS[b as usize]));
+        if classes == 0 {
+            return Err(DigestError::Malformed);
+        }
+        let lower_hex = classes == 2;
+        if encoded.is_empty() {
+            return Err(DigestError::Malformed);
+        }
+        if !lower_hex || encoded.len() != algorithm.hex_len() {
             return Err(DigestError::BadEncoding(algorithm.hex_len()));
         }
         Ok(Digest {

@@ -233,19 +233,35 @@ impl From<ServiceError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// Logs a server-side failure once, at the boundary, with its cause and the request's
+    /// method and path (which name the route, repository and digest). Client errors are not
+    /// logged here: the access log at debug has their status.
+    pub fn log(&self, method: &axum::http::Method, uri: &axum::http::Uri) {
+        let code = self.code.describe().0;
+        match self.code {
+            ErrorCode::Internal => tracing::error!(
+                http.method = %method,
+                http.path = uri.path(),
+                error.code = code,
+                error.cause = ?self.detail,
+                "request failed: internal error (a bug)"
+            ),
+            _ if self.status.is_server_error() => tracing::warn!(
+                http.method = %method,
+                http.path = uri.path(),
+                error.code = code,
+                error.cause = ?self.detail,
+                "request failed: backend unavailable"
+            ),
+            _ => {}
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (code, _, message) = self.code.describe();
-        match self.code {
-            // A bug: logged with its cause, once, here.
-            ErrorCode::Internal => {
-                tracing::error!(error.code = code, error.detail = ?self.detail, "request failed: internal error")
-            }
-            _ if self.status.is_server_error() => {
-                tracing::warn!(error.code = code, error.detail = ?self.detail, "request failed: backend unavailable")
-            }
-            _ => {}
-        }
         let detail = match (&self.code, self.detail) {
             // Backend and internal details name hosts, buckets, paths or queries: they are
             // logged above, and the client gets only the code and message.

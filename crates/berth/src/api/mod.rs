@@ -10,25 +10,20 @@ mod listings;
 mod manifests;
 mod uploads;
 
-use std::sync::Arc;
+use std::net::SocketAddr;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
 use oci::{Digest, Reference, RepositoryName};
 
-use crate::service::{Actor, BodyStream, Registry, RequestContext};
+use crate::service::{Actor, BodyStream, Registry, RequestContext, RequestId};
 use error::{ApiError, ApiResult, ErrorCode};
 
-pub type AppState = Arc<Registry>;
-
-/// The address of the peer a request came from, put into each request's extensions by the
-/// server's accept loop.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub std::net::SocketAddr);
+const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
 
 /// Every endpoint of the distribution API, with its path parameters validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,11 +42,14 @@ pub enum Route {
     Referrers(RepositoryName, Digest),
 }
 
-fn name(segments: &[&str]) -> Result<RepositoryName, ApiError> {
-    segments
-        .join("/")
-        .parse()
-        .map_err(|_| ApiError::new(ErrorCode::NameInvalid))
+fn name(s: &str) -> Result<RepositoryName, ApiError> {
+    s.parse().map_err(|_| ApiError::new(ErrorCode::NameInvalid))
+}
+
+/// The path without its last segment, and that segment (`""` and the whole path when it has
+/// no `/`).
+fn pop(s: &str) -> (&str, &str) {
+    s.rsplit_once('/').unwrap_or(("", s))
 }
 
 fn digest(s: &str) -> Result<Digest, ApiError> {
@@ -75,65 +73,67 @@ pub fn parse_route(path: &str) -> Result<Route, ApiError> {
     if rest == "_catalog" {
         return Ok(Route::Catalog);
     }
-    let segs: Vec<&str> = rest.split('/').collect();
-    let n = segs.len();
-    let tail = |k: usize| -> &[&str] { &segs[n.saturating_sub(k)..] };
-    let head = |k: usize| -> &[&str] { &segs[..n.saturating_sub(k)] };
-    if n >= 3 {
-        match tail(3) {
-            ["blobs", "uploads", ""] => return Ok(Route::Uploads(name(head(3))?)),
-            ["blobs", "uploads", id] => {
+    // Peeled from the end without collecting segments: this runs on every request.
+    let Some((head1, last)) = rest.rsplit_once('/') else {
+        return Err(not_found());
+    };
+    let (head2, second) = pop(head1);
+    if head1.contains('/') {
+        let (head3, third) = pop(head2);
+        match (third, second, last) {
+            ("blobs", "uploads", "") => return Ok(Route::Uploads(name(head3)?)),
+            ("blobs", "uploads", id) => {
                 let valid =
                     id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
                 if !valid {
                     return Err(ApiError::new(ErrorCode::BlobUploadUnknown));
                 }
-                return Ok(Route::Upload(name(head(3))?, id.to_string()));
+                return Ok(Route::Upload(name(head3)?, id.to_string()));
             }
             _ => {}
         }
     }
-    if n >= 2 {
-        match tail(2) {
-            ["tags", "list"] => return Ok(Route::Tags(name(head(2))?)),
-            ["blobs", "uploads"] => return Ok(Route::Uploads(name(head(2))?)),
-            ["manifests", reference] => {
-                let repo = name(head(2))?;
-                return match reference.parse() {
-                    Ok(reference) => Ok(Route::Manifest(repo, reference)),
-                    Err(oci::NameError::InvalidDigest(d)) => {
-                        Err(ApiError::new(ErrorCode::DigestInvalid).detail(d.to_string()))
-                    }
-                    Err(_) => Ok(Route::InvalidTag(repo)),
-                };
-            }
-            ["blobs", d] => return Ok(Route::Blob(name(head(2))?, digest(d)?)),
-            ["referrers", d] => return Ok(Route::Referrers(name(head(2))?, digest(d)?)),
-            _ => {}
+    match (second, last) {
+        ("tags", "list") => return Ok(Route::Tags(name(head2)?)),
+        ("blobs", "uploads") => return Ok(Route::Uploads(name(head2)?)),
+        ("manifests", reference) => {
+            let repo = name(head2)?;
+            return match reference.parse() {
+                Ok(reference) => Ok(Route::Manifest(repo, reference)),
+                Err(oci::NameError::InvalidDigest(d)) => {
+                    Err(ApiError::new(ErrorCode::DigestInvalid).detail(d.to_string()))
+                }
+                Err(_) => Ok(Route::InvalidTag(repo)),
+            };
         }
+        ("blobs", d) => return Ok(Route::Blob(name(head2)?, digest(d)?)),
+        ("referrers", d) => return Ok(Route::Referrers(name(head2)?, digest(d)?)),
+        _ => {}
     }
     Err(not_found())
 }
 
 /// The single entry point: route, dispatch, and stamp the API version header.
-pub async fn handle(State(registry): State<AppState>, request: Request) -> Response {
-    let mut response = match dispatch(&registry, request).await {
+pub async fn handle(registry: &Registry, peer: SocketAddr, request: Request) -> Response {
+    let (method, uri) = (request.method().clone(), request.uri().clone());
+    let mut response = match dispatch(registry, peer, request).await {
         Ok(r) => r,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            e.log(&method, &uri);
+            e.into_response()
+        }
     };
-    response.headers_mut().insert(
-        "Docker-Distribution-API-Version",
-        HeaderValue::from_static("registry/2.0"),
-    );
+    response
+        .headers_mut()
+        .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
     response
 }
 
-async fn dispatch(registry: &Registry, request: Request) -> ApiResult {
+async fn dispatch(registry: &Registry, peer: SocketAddr, request: Request) -> ApiResult {
     let route = parse_route(request.uri().path())?;
     let (parts, body) = request.into_parts();
-    let ctx = &request_context(&parts);
+    let ctx = &request_context(&parts, peer);
     let method = parts.method.clone();
-    tracing::debug!(http.method = %method, http.path = parts.uri.path(), "request");
     let request = &parts;
     match (route, method) {
         (Route::Base, Method::GET | Method::HEAD) => {
@@ -191,7 +191,7 @@ async fn dispatch(registry: &Registry, request: Request) -> ApiResult {
 
 /// Who is asking and from where, as the service sees it. The peer address is the one the
 /// server recorded for the connection (`ConnectInfo`), when it did.
-fn request_context(parts: &Parts) -> RequestContext {
+fn request_context(parts: &Parts, peer: SocketAddr) -> RequestContext {
     let header = |name: &str| {
         parts
             .headers
@@ -209,11 +209,11 @@ fn request_context(parts: &Parts) -> RequestContext {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
         })
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        .map_or_else(RequestId::generate, RequestId::Client);
     RequestContext {
         request_id,
         actor: Actor::Anonymous,
-        client_addr: parts.extensions.get::<ClientAddr>().map(|c| c.0.ip()),
+        client_addr: Some(peer.ip()),
         user_agent: header("user-agent"),
     }
 }

@@ -26,11 +26,42 @@ impl fmt::Display for Actor {
     }
 }
 
+/// Names a request in logs (and, later, in events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestId {
+    /// The client's own `X-Request-Id`.
+    Client(String),
+    /// Ours: this process's random prefix and a counter. Formatted only when logged, so a
+    /// request that logs nothing pays for an atomic increment.
+    Generated(u64),
+}
+
+/// Tells this process's request ids from other nodes'.
+fn process_prefix() -> u32 {
+    static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u128() as u32)
+}
+
+impl RequestId {
+    pub fn generate() -> RequestId {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        RequestId::Generated(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestId::Client(id) => f.write_str(id),
+            RequestId::Generated(n) => write!(f, "{:08x}-{n}", process_prefix()),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RequestContext {
-    /// Names the request in logs (and, later, in events): the client's `X-Request-Id` when it
-    /// sent a usable one, else generated.
-    pub request_id: String,
+    /// The client's `X-Request-Id` when it sent a usable one, else generated.
+    pub request_id: RequestId,
     pub actor: Actor,
     /// The peer's address, when the request came over the network.
     pub client_addr: Option<IpAddr>,
@@ -41,7 +72,7 @@ impl RequestContext {
     /// Berth acting on its own behalf.
     pub fn system(what: &'static str) -> RequestContext {
         RequestContext {
-            request_id: uuid::Uuid::new_v4().simple().to_string(),
+            request_id: RequestId::generate(),
             actor: Actor::System(what),
             client_addr: None,
             user_agent: None,

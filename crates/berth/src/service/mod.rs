@@ -19,7 +19,7 @@ use oci::{Digest, Reference, RepositoryName, Tag};
 use crate::metadata::{Metadata, MetadataError, NewManifest, Page, Referrer, StoredManifest};
 use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
 
-pub use context::{Actor, RequestContext};
+pub use context::{Actor, RequestContext, RequestId};
 pub use copy::{CopyError, CopyReport};
 pub use uploads::{BodyStream, Chunk, UploadState};
 use uploads::{HashState, UploadLocks};

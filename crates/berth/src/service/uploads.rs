@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use oci::{Algorithm, Digest, Hasher, RepositoryName};
 
 use super::{Registry, RequestContext, ServiceError, now_secs};
@@ -32,6 +32,9 @@ const JANITOR_LOCK_WAIT: Duration = Duration::from_secs(2);
 /// long: a session is recorded right after its bytes are created, so anything older was left by
 /// a crash or a failed metadata write.
 const ORPHAN_GRACE: Duration = Duration::from_secs(15 * 60);
+
+/// How long a body may pause before what it sent so far is written out.
+const QUIET_SENDER: Duration = Duration::from_millis(50);
 
 /// Bytes to append to an upload.
 pub struct Chunk {
@@ -499,7 +502,24 @@ impl Registry {
         let mut body_error = None;
         let mut write_error = None;
         let mut overrun = None;
-        while let Some(item) = body.next().await {
+        loop {
+            // A sender that goes quiet gets its batch written out, so a thousand stalled
+            // uploads hold no batches in memory.
+            // (No timer at all while the next chunk is already there: the common case.)
+            let next = match body.next().now_or_never() {
+                Some(next) => next,
+                None => match tokio::time::timeout(QUIET_SENDER, body.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        if let Err(e) = writer.flush().await {
+                            write_error = Some(e);
+                            break;
+                        }
+                        body.next().await
+                    }
+                },
+            };
+            let Some(item) = next else { break };
             match item {
                 Ok(bytes) => {
                     let (bytes, cut) = limits.admit(bytes);

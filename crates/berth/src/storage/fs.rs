@@ -382,12 +382,28 @@ impl UploadWriter for FsUploadWriter {
         Ok(())
     }
 
+    async fn flush(&mut self) -> Result<(), StorageError> {
+        if !self.batch.is_empty() {
+            // A new buffer rather than the rest of the old one, so the old allocation is freed
+            // once its write lands.
+            let bytes = std::mem::take(&mut self.batch).freeze();
+            self.send(bytes).await?;
+        }
+        Ok(())
+    }
+
     async fn finish(mut self: Box<Self>) -> Result<u64, StorageError> {
         if !self.batch.is_empty() {
             let bytes = self.batch.split().freeze();
             self.send(bytes).await?;
         }
         self.wait_in_flight().await?;
+        // A chunked push writes each PATCH through its own writer, none reaching FLUSH_EVERY:
+        // start writeback of each chunk now, or the fsync before the final 201 would find the
+        // whole blob still to write.
+        if self.unflushed > 0 {
+            self.start_writeback();
+        }
         Ok(self.offset)
     }
 }

@@ -75,6 +75,12 @@ pub trait UploadWriter: Send {
     async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError>;
     /// Waits until every written chunk has reached the store; returns the upload's new size.
     async fn finish(self: Box<Self>) -> Result<u64, StorageError>;
+    /// Hands what is buffered to the store and releases the buffer, without finishing: called
+    /// when the sender goes quiet, so that a stalled transfer holds no batch in memory. Stores
+    /// that cannot write partial buffers (S3 parts have a minimum size) keep them.
+    async fn flush(&mut self) -> Result<(), StorageError> {
+        Ok(())
+    }
 }
 
 #[async_trait]

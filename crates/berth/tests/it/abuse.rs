@@ -209,3 +209,69 @@ fn on_a_full_disk_pushes_fail_cleanly_and_cancelling_an_upload_frees_space() {
     app.get(&format!("/v2/full/disk/manifests/{digest}"))
         .assert_status(200);
 }
+
+/// Starts an upload and sends a PATCH declaring `declared` bytes but only `sent` of them,
+/// keeping the connection open: a stalled client.
+fn stalled_patch(app: &TestApp, repo: &str, declared: usize, sent: usize) -> std::net::TcpStream {
+    let loc = app.start_upload(repo);
+    let path = location_path(&loc);
+    let mut s = connect(&app.host);
+    let head = format!(
+        "PATCH {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\nContent-Length: {declared}\r\n\r\n",
+        app.host
+    );
+    s.write_all(head.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(&vec![9u8; sent])
+        .unwrap_or_else(|e| panic!("{e}"));
+    s
+}
+
+#[test]
+fn stalled_patches_do_not_stop_expiry_of_other_uploads() {
+    let app = TestApp::builder()
+        .env("BERTH_UPLOAD_IDLE_TIMEOUT_SECS", "2")
+        .env("BERTH_UPLOAD_PURGE_INTERVAL_SECS", "1")
+        .start();
+    // Several uploads whose PATCH stalls mid-body: each holds its upload's lock.
+    let stalled: Vec<_> = (0..8)
+        .map(|_| stalled_patch(&app, "expiry/stalled", 1 << 20, 1000))
+        .collect();
+    let idle = app.start_upload("expiry/idle");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = send(app.client().get(&idle));
+        if r.status == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "an idle upload did not expire while other uploads' PATCHes stalled"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(stalled);
+}
+
+#[test]
+fn five_hundred_stalled_patches_hold_no_batches_in_memory() {
+    let app = TestApp::start();
+    // Each sends most of a write batch (1 MiB) and stalls.
+    let stalled: Vec<_> = (0..500)
+        .map(|_| stalled_patch(&app, "memory/stalled", 4 << 20, 900 * 1024))
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let rss = vm_hwm_mib(app.pid());
+    eprintln!("peak RSS with 500 stalled PATCHes holding 900 KiB each: {rss} MiB");
+    assert!(rss <= 256, "peak RSS {rss} MiB");
+    // Their bytes went to disk, so the uploads can be resumed once the clients come back.
+    let on_disk: u64 = files_under(&app.data_dir.join("uploads"))
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        on_disk >= 400 * 900 * 1024,
+        "only {on_disk} bytes reached disk"
+    );
+    drop(stalled);
+}
