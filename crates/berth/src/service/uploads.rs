@@ -20,7 +20,7 @@ use oci::{Algorithm, Digest, Hasher, RepositoryName};
 
 use super::{Registry, RequestContext, ServiceError, now_secs};
 use crate::metadata::UploadSession;
-use crate::storage::{StorageError, WriteGuard};
+use crate::storage::{StorageError, UploadExtent, WriteGuard};
 
 /// A request body as the service consumes it.
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
@@ -121,7 +121,8 @@ impl UploadLocks {
 
 /// The running hash of an upload at a size, as this node last left it.
 pub(super) struct HashState {
-    size: u64,
+    /// The pieces the hasher has seen, all written by this node.
+    extent: UploadExtent,
     hasher: Hasher,
     touched: Instant,
 }
@@ -276,7 +277,7 @@ impl Registry {
         self.session(repo, id).await?;
         let held = self.upload_locks.hold(id).await;
         let size = self.stored_size(id).await?;
-        let size = self.write_chunk(id, size, chunk, held).await?;
+        let size = self.write_chunk(id, size, chunk, held).await?.size;
         // Recorded at a tenth of the idle timeout (at most a minute): precise enough for expiry,
         // and a burst of PATCHes costs one metadata write instead of one each.
         let granularity = (self.options.upload_idle_timeout.as_secs() / 10).min(60) as i64;
@@ -302,15 +303,17 @@ impl Registry {
         self.session(repo, id).await?;
         let held = self.upload_locks.hold(id).await;
         let size = self.stored_size(id).await?;
-        let size = self.write_chunk(id, size, last_chunk, held.clone()).await?;
-        let actual = self.upload_digest(id, size, digest.algorithm()).await?;
+        let extent = self.write_chunk(id, size, last_chunk, held.clone()).await?;
+        // The blob is made of exactly the pieces hashed, whatever other nodes do meanwhile.
+        let (actual, extent) = self.upload_digest(id, extent, digest.algorithm()).await?;
         if &actual != digest {
             self.discard_upload(id).await?;
             return Err(ServiceError::DigestInvalid(format!(
                 "uploaded content has digest {actual}, not {digest}"
             )));
         }
-        self.blobs.commit_upload(id, digest).await?;
+        self.blobs.commit_upload(id, digest, Some(&extent)).await?;
+        let size = extent.size;
         self.metadata.finish_upload(repo, digest, size, id).await?;
         self.forget_upload(id);
         drop(held);
@@ -462,7 +465,7 @@ impl Registry {
         offset: u64,
         chunk: Chunk,
         held: Arc<HeldUpload>,
-    ) -> Result<u64, ServiceError> {
+    ) -> Result<UploadExtent, ServiceError> {
         if let Some(requested) = chunk.start
             && requested != offset
         {
@@ -481,7 +484,7 @@ impl Registry {
         };
         let mut body = chunk.body;
         let mut hasher = match self.take_hash_state(id) {
-            Some(state) if state.size == offset => Some(state.hasher),
+            Some(state) if state.extent.size == offset => Some(state.hasher),
             // No state for this size (restart, or another node wrote the last chunk): rebuild
             // it only if needed at finish time, by re-reading.
             _ if offset == 0 => Some(Hasher::new(Algorithm::Sha256)),
@@ -543,8 +546,10 @@ impl Registry {
                 }
             }
         }
-        let size = match writer.finish().await {
-            Ok(size) => size,
+        let extent = match writer.finish().await {
+            Ok(extent) => extent,
+            // The upload was cancelled or committed on another node meanwhile.
+            Err(StorageError::NotFound) => return Err(ServiceError::UploadUnknown),
             // Another node appended at this offset first: this chunk was withdrawn.
             Err(StorageError::OffsetMismatch { actual, .. }) => {
                 return Err(ServiceError::RangeMismatch {
@@ -566,12 +571,13 @@ impl Registry {
                 .insert(
                     id.to_string(),
                     HashState {
-                        size,
+                        extent: extent.clone(),
                         hasher,
                         touched: Instant::now(),
                     },
                 );
         }
+        let size = extent.size;
         match (overrun, body_error) {
             (Some(Overrun::Declared), _) => Err(ServiceError::ChunkOverrun { size }),
             (Some(Overrun::BlobTooLarge), _) => Err(ServiceError::BlobTooLarge { limit: max }),
@@ -581,30 +587,31 @@ impl Registry {
                 Some(missing) if missing > 0 => Err(ServiceError::Body(format!(
                     "body ended {missing} bytes short of its Content-Range"
                 ))),
-                _ => Ok(size),
+                _ => Ok(extent),
             },
         }
     }
 
-    /// Digest of what the upload holds, from the running hash when it is current.
+    /// Digest of what the upload holds, and the pieces it was computed over: from the running
+    /// hash when it covers `extent` (what the last write left), else by re-reading.
     async fn upload_digest(
         &self,
         id: &str,
-        size: u64,
+        extent: UploadExtent,
         algorithm: Algorithm,
-    ) -> Result<Digest, ServiceError> {
+    ) -> Result<(Digest, UploadExtent), ServiceError> {
         if let Some(state) = self.take_hash_state(id)
-            && state.size == size
+            && state.extent.size == extent.size
             && state.hasher.algorithm() == algorithm
         {
-            return Ok(state.hasher.finish());
+            return Ok((state.hasher.finish(), state.extent));
         }
         let mut hasher = Hasher::new(algorithm);
-        let mut stream = self.blobs.read_upload(id).await?;
+        let (mut stream, read) = self.blobs.read_upload(id).await?;
         while let Some(chunk) = stream.next().await {
             hasher.update(&chunk.map_err(StorageError::Io)?);
         }
-        Ok(hasher.finish())
+        Ok((hasher.finish(), read))
     }
 }
 

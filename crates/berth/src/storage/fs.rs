@@ -24,7 +24,8 @@ use oci::Digest;
 use tokio::task::JoinHandle;
 
 use super::{
-    BlobStore, ByteRange, ByteStream, StorageError, StoredUpload, UploadWriter, WriteGuard,
+    BlobStore, ByteRange, ByteStream, StorageError, StoredUpload, UploadExtent, UploadWriter,
+    WriteGuard,
 };
 
 /// Size of each chunk read from disk: large enough for few syscalls and task hops, small
@@ -245,20 +246,37 @@ impl BlobStore for FsBlobStore {
         }))
     }
 
-    async fn read_upload(&self, id: &str) -> Result<ByteStream, StorageError> {
+    async fn read_upload(&self, id: &str) -> Result<(ByteStream, UploadExtent), StorageError> {
         let path = self.upload_path(id);
         let (file, start, len) = blocking(move || open_range(&path, None))
             .await
             .map_err(not_found_as_storage)?;
-        Ok(stream_file(file, start, len))
+        let extent = UploadExtent {
+            size: len,
+            pieces: Vec::new(),
+        };
+        Ok((stream_file(file, start, len), extent))
     }
 
-    async fn commit_upload(&self, id: &str, digest: &Digest) -> Result<(), StorageError> {
+    async fn commit_upload(
+        &self,
+        id: &str,
+        digest: &Digest,
+        extent: Option<&UploadExtent>,
+    ) -> Result<(), StorageError> {
         let from = self.upload_path(id);
         let to = self.blob_path(digest);
+        let expected = extent.map(|e| e.size);
         blocking(move || {
             let upload = File::open(&from)?;
             let upload_len = upload.metadata()?.len();
+            // One file, appended only under the upload's lock: it cannot have changed since it
+            // was hashed, and if it somehow has, it is not the bytes of `digest`.
+            if expected.is_some_and(|size| size != upload_len) {
+                return Err(io::Error::other(format!(
+                    "upload holds {upload_len} bytes, not the {expected:?} that were hashed"
+                )));
+            }
             // Content-addressed: the same digest is the same bytes, so an existing blob of the
             // right size is kept. One of another size cannot hold these bytes (it was damaged
             // after it was written); the verified upload replaces it.
@@ -392,7 +410,7 @@ impl UploadWriter for FsUploadWriter {
         Ok(())
     }
 
-    async fn finish(mut self: Box<Self>) -> Result<u64, StorageError> {
+    async fn finish(mut self: Box<Self>) -> Result<UploadExtent, StorageError> {
         if !self.batch.is_empty() {
             let bytes = self.batch.split().freeze();
             self.send(bytes).await?;
@@ -404,7 +422,10 @@ impl UploadWriter for FsUploadWriter {
         if self.unflushed > 0 {
             self.start_writeback();
         }
-        Ok(self.offset)
+        Ok(UploadExtent {
+            size: self.offset,
+            pieces: Vec::new(),
+        })
     }
 }
 

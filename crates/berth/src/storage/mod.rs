@@ -53,6 +53,25 @@ pub enum StorageError {
 /// while a write it started is still landing.
 pub type WriteGuard = Arc<dyn Any + Send + Sync>;
 
+/// Exactly which stored pieces hold an upload's bytes `[0, size)`: what a writer left or a
+/// reader streamed, and so what a commit must join. Another node may append to the upload (or
+/// race an append at the same offset) between the hash and the commit; joining the very
+/// pieces that were hashed keeps the blob's bytes equal to its digest whatever they did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UploadExtent {
+    pub size: u64,
+    /// Store-specific: S3's part objects in order (each written once, never replaced); empty
+    /// for a filesystem upload, which is one file that only its lock holder appends to.
+    pub pieces: Vec<Piece>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub key: String,
+    pub offset: u64,
+    pub size: u64,
+}
+
 /// An upload present in the store, as the janitor sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredUpload {
@@ -73,8 +92,9 @@ pub struct ByteRange {
 #[async_trait]
 pub trait UploadWriter: Send {
     async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError>;
-    /// Waits until every written chunk has reached the store; returns the upload's new size.
-    async fn finish(self: Box<Self>) -> Result<u64, StorageError>;
+    /// Waits until every written chunk has reached the store; returns the upload as it now
+    /// stands (its size is the new size).
+    async fn finish(self: Box<Self>) -> Result<UploadExtent, StorageError>;
     /// Hands what is buffered to the store and releases the buffer, without finishing: called
     /// when the sender goes quiet, so that a stalled transfer holds no batch in memory. Stores
     /// that cannot write partial buffers (S3 parts have a minimum size) keep them.
@@ -107,11 +127,18 @@ pub trait BlobStore: Send + Sync + 'static {
         offset: u64,
         guard: WriteGuard,
     ) -> Result<Box<dyn UploadWriter>, StorageError>;
-    /// Streams what an upload holds so far (to rebuild a hash state lost with a restart).
-    async fn read_upload(&self, id: &str) -> Result<ByteStream, StorageError>;
-    /// Makes the upload's bytes the durable blob `digest` (the caller has verified the digest).
-    /// If the blob already exists the upload is simply discarded.
-    async fn commit_upload(&self, id: &str, digest: &Digest) -> Result<(), StorageError>;
+    /// Streams what an upload holds so far (to rebuild a hash state lost with a restart), and
+    /// which pieces those bytes came from.
+    async fn read_upload(&self, id: &str) -> Result<(ByteStream, UploadExtent), StorageError>;
+    /// Makes the upload's bytes the durable blob `digest` (the caller has verified the digest
+    /// over `extent`, which the blob is then made of exactly; `None` takes what the upload
+    /// holds when the store looks). If the blob already exists the upload is simply discarded.
+    async fn commit_upload(
+        &self,
+        id: &str,
+        digest: &Digest,
+        extent: Option<&UploadExtent>,
+    ) -> Result<(), StorageError>;
     async fn delete_upload(&self, id: &str) -> Result<(), StorageError>;
     /// Every upload the store holds bytes for, so that uploads whose session was never
     /// recorded (a crash between the two) can be found and reclaimed.
@@ -158,7 +185,7 @@ pub(crate) mod tests {
         for part in parts {
             let mut w = ok(store.append_upload(id, offset, no_guard()).await);
             ok(w.write(Bytes::copy_from_slice(part)).await);
-            offset = ok(w.finish().await);
+            offset = ok(w.finish().await).size;
         }
     }
 
@@ -175,7 +202,9 @@ pub(crate) mod tests {
         let (a, b) = data.split_at(1_400_000);
         upload(store, "u1", &[a, b]).await;
         assert_eq!(ok(store.upload_size("u1").await), Some(data.len() as u64));
-        assert_eq!(collect(ok(store.read_upload("u1").await)).await, data);
+        let (stream, extent) = ok(store.read_upload("u1").await);
+        assert_eq!(collect(stream).await, data);
+        assert_eq!(extent.size, data.len() as u64);
         let listed = ok(store.list_uploads().await);
         assert!(listed.iter().any(|u| u.id == "u1"), "{listed:?}");
         // Appending at the wrong offset is refused.
@@ -183,7 +212,7 @@ pub(crate) mod tests {
             store.append_upload("u1", 3, no_guard()).await.err(),
             Some(StorageError::OffsetMismatch { expected: 3, .. })
         ));
-        ok(store.commit_upload("u1", &digest).await);
+        ok(store.commit_upload("u1", &digest, Some(&extent)).await);
         assert_eq!(ok(store.upload_size("u1").await), None);
         assert_eq!(ok(store.stat(&digest).await), Some(data.len() as u64));
         assert_eq!(collect(ok(store.read(&digest, None).await)).await, data);
@@ -207,7 +236,7 @@ pub(crate) mod tests {
 
         // Committing the same content twice keeps one blob and discards the upload.
         upload(store, "u2", &[&data]).await;
-        ok(store.commit_upload("u2", &digest).await);
+        ok(store.commit_upload("u2", &digest, None).await);
         assert_eq!(ok(store.upload_size("u2").await), None);
         assert_eq!(collect(ok(store.read(&digest, None).await)).await, data);
 

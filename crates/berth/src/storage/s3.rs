@@ -6,36 +6,46 @@
 //!   makes visible atomically.
 //! - `uploads/<id>/<offset, 20 digits>-<writer>`: one *part object* per append, named by the
 //!   offset it starts at and a random id of the writer. `create_upload` writes an empty part at
-//!   offset 0 as a marker, so an empty upload is told apart from an unknown one.
+//!   offset 0 as a marker: the upload exists while its marker does, so an empty upload is told
+//!   apart from an unknown one, and parts left without a marker (a delete that failed half-way,
+//!   an append that raced a cancel) belong to no upload until upload expiry removes them.
 //!
 //! Two nodes may append at the same offset at once (a client retrying on another node). S3
 //! has no create-only PUT everywhere (Garage lacks `If-None-Match`), so parts are never
 //! overwritten instead: each writer's key is its own, and after writing, the writer lists the
-//! upload and withdraws its part (deleting it, answering 416) if another part starts at its
-//! offset or its part does not follow the others. Of two racing writers at least one sees the
-//! other (lists are strongly consistent), so at most one part per offset survives, and a part
-//! that survived is never removed by another writer: the running hash a node keeps for the
-//! parts it wrote stays true of the bytes a commit will join.
+//! upload and withdraws its part (deleting it, answering 416) if another part overlaps it or
+//! its part does not follow the others, or (answering unknown) if the marker is gone. Of two
+//! racing writers at least one sees the other (lists are strongly consistent), so at most one
+//! part per offset survives, and a part that survived is never removed by another writer: the
+//! running hash a node keeps for the parts it wrote stays true of the bytes a commit will join.
+//! Because that check after the write decides, the check before it may use a listing this
+//! process made a moment earlier ([`SeenParts`]) instead of listing again.
 //!
 //! Everything about an upload lives in the bucket, so any process sharing it can continue any
 //! upload: its size is the sum of its parts (one list request), an append writes the next part,
-//! and commit turns the parts into the blob (one part: a server-side copy; several: streamed
-//! into a multipart upload) and then deletes them. A crash at any instant leaves either the old
+//! and commit turns the parts into the blob (one part: a server-side copy; several: one PUT of
+//! them joined if they fit in [`PART_SIZE`], else streamed into a multipart upload) and then
+//! deletes them, all in one DeleteObjects request. A crash at any instant leaves either the old
 //! upload, the upload plus one complete new part, or the committed blob plus leftover parts that
 //! the upload's expiry deletes; never a partial blob or a partial part.
+//!
+//! Requests per push, as the service calls the store (`requests_per_push` keeps the count):
+//! create 1 (PUT); each append 3 (LIST, PUT, LIST); commit of one part 3 (HEAD, COPY, DELETE),
+//! or 2 when the blob is already stored; cancel 2 (LIST, DELETE).
 //!
 //! Memory: an append buffers up to [`PART_SIZE`] before it either PUTs the part whole or starts a
 //! multipart upload, with at most [`PARTS_IN_FLIGHT`] parts in flight; reads stream. Every request
 //! to the store takes a slot of one semaphore (`max_concurrent_requests`); a streamed read holds
 //! its slot until the stream ends.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::{TryStreamExt, stream};
+use futures_util::{StreamExt, TryStreamExt, stream};
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::limit::LimitStore;
 use object_store::path::Path;
@@ -47,7 +57,8 @@ use object_store::{
 use oci::Digest;
 
 use super::{
-    BlobStore, ByteRange, ByteStream, StorageError, StoredUpload, UploadWriter, WriteGuard,
+    BlobStore, ByteRange, ByteStream, Piece, StorageError, StoredUpload, UploadExtent,
+    UploadWriter, WriteGuard,
 };
 
 /// Size of each part of a multipart upload, and how much an append buffers before starting one.
@@ -118,6 +129,7 @@ pub struct S3BlobStore {
     signer: AmazonS3,
     prefix: String,
     redirect_blob_gets: bool,
+    seen: Arc<SeenParts>,
 }
 
 /// Any failure of the store is `Io` (the API's 503), except a missing object.
@@ -156,20 +168,24 @@ fn part_offset(name: &str) -> Option<u64> {
     name.split('-').next()?.parse().ok()
 }
 
-/// Every part object of the upload in `dir`, sorted by offset (empty markers first), or `None`
-/// for an unknown upload.
+impl Part {
+    /// The empty part `create_upload` writes: the upload exists while it does.
+    fn is_marker(&self) -> bool {
+        self.offset == 0 && self.size == 0
+    }
+}
+
+/// Every part object under `dir`, sorted by offset (empty markers first), whether or not the
+/// upload still exists.
 async fn list_all_parts(
     store: &LimitStore<AmazonS3>,
     dir: &Path,
-) -> Result<Option<Vec<Part>>, StorageError> {
+) -> Result<Vec<Part>, StorageError> {
     let metas: Vec<_> = store
         .list(Some(dir))
         .try_collect()
         .await
         .map_err(storage_error)?;
-    if metas.is_empty() {
-        return Ok(None);
-    }
     let mut parts = Vec::with_capacity(metas.len());
     for m in metas {
         let Some(offset) = m.location.filename().and_then(part_offset) else {
@@ -183,18 +199,20 @@ async fn list_all_parts(
         });
     }
     parts.sort_by_key(|p| (p.offset, p.size));
-    Ok(Some(parts))
+    Ok(parts)
 }
 
-/// The upload's parts in order, which must tile it without gaps or overlaps. Two parts at one
-/// offset mean two writers raced and one is about to withdraw: a conflict to retry, not a guess.
+/// The upload's parts in order, which must tile it without gaps or overlaps, or `None` for an
+/// unknown upload (no marker: never created, or being deleted). Two parts at one offset mean
+/// two writers raced and one is about to withdraw: a conflict to retry, not a guess.
 async fn list_parts(
     store: &LimitStore<AmazonS3>,
     dir: &Path,
 ) -> Result<Option<Vec<Part>>, StorageError> {
-    let Some(parts) = list_all_parts(store, dir).await? else {
+    let parts = list_all_parts(store, dir).await?;
+    if !parts.iter().any(Part::is_marker) {
         return Ok(None);
-    };
+    }
     let mut end = 0;
     for p in parts.iter().filter(|p| p.size > 0) {
         if p.offset != end {
@@ -206,6 +224,71 @@ async fn list_parts(
         end += p.size;
     }
     Ok(Some(parts))
+}
+
+/// The upload a list of parts makes up, as the service sees it (marker included, so that a
+/// commit deletes it with the parts).
+fn extent_of(parts: &[Part]) -> UploadExtent {
+    UploadExtent {
+        size: parts.iter().map(|p| p.size).sum(),
+        pieces: parts
+            .iter()
+            .map(|p| Piece {
+                key: p.path.to_string(),
+                offset: p.offset,
+                size: p.size,
+            })
+            .collect(),
+    }
+}
+
+fn parts_of(extent: &UploadExtent) -> Vec<Part> {
+    extent
+        .pieces
+        .iter()
+        .map(|p| Part {
+            path: Path::from(p.key.as_str()),
+            offset: p.offset,
+            size: p.size,
+        })
+        .collect()
+}
+
+/// How long a listing stays good enough to skip the next one (see [`SeenParts`]).
+const SEEN_FRESH: Duration = Duration::from_secs(2);
+
+/// An upload's parts as this process last listed them, and when the list was asked for.
+#[derive(Debug, Clone)]
+struct Seen {
+    at: Instant,
+    parts: Vec<Part>,
+}
+
+/// The last listing of each upload, kept for [`SEEN_FRESH`] so that the service's sequence of
+/// calls does not list the same upload twice in a row: `upload_size` then `append_upload` (one
+/// PATCH), or a writer's post-write check then `commit_upload` (the closing PUT). Nothing
+/// depends on a remembered listing being current: an append is kept only after the post-write
+/// check on a fresh list, and a commit joins the parts its node's hash covers (a part deleted
+/// since makes the copy fail, never a partial blob). A listing is used once, and a failed
+/// list or a withdrawn append leaves none.
+#[derive(Default)]
+struct SeenParts(std::sync::Mutex<HashMap<String, Seen>>);
+
+impl SeenParts {
+    fn remember(&self, id: &str, seen: Seen) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded by the uploads touched in the last moment, not by all uploads ever seen.
+        map.retain(|_, s| s.at.elapsed() < SEEN_FRESH);
+        if seen.at.elapsed() < SEEN_FRESH {
+            map.insert(id.to_string(), seen);
+        }
+    }
+
+    /// The upload's last listing, if fresh; forgotten either way.
+    fn take(&self, id: &str) -> Option<Seen> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(id).filter(|s| s.at.elapsed() < SEEN_FRESH)
+    }
 }
 
 impl S3BlobStore {
@@ -269,6 +352,7 @@ impl S3BlobStore {
             signer: s3,
             prefix: prefix.trim_matches('/').to_string(),
             redirect_blob_gets: settings.redirect_blob_gets,
+            seen: Arc::default(),
         };
         // One cheap request that needs the bucket and the credentials.
         store
@@ -313,12 +397,52 @@ impl S3BlobStore {
         list_parts(&self.store, &self.upload_dir(id)).await
     }
 
-    /// Deletes parts last first, so that an interrupted delete still leaves a consistent (shorter)
-    /// upload.
-    async fn delete_parts(&self, parts: &[Part]) -> Result<(), StorageError> {
-        for p in parts.iter().rev() {
-            not_found_as_none(self.store.delete(&p.path).await)?;
+    /// The upload's parts: as just listed by this process if it did (see [`SeenParts`]),
+    /// otherwise listed now.
+    async fn recent_parts(&self, id: &str) -> Result<Seen, StorageError> {
+        if let Some(seen) = self.seen.take(id) {
+            return Ok(seen);
         }
+        let at = Instant::now();
+        let parts = self.parts(id).await?.ok_or(StorageError::NotFound)?;
+        Ok(Seen { at, parts })
+    }
+
+    /// Deletes objects in one request (S3's DeleteObjects takes up to 1,000 keys). The store
+    /// may remove them in any order, and a failure may leave some: whatever remains is an
+    /// unknown upload (marker gone) or one whose parts leave a gap (a conflict) or end early (a
+    /// shorter upload, whose digest no longer matches); never a blob.
+    async fn delete_objects(&self, paths: Vec<Path>) -> Result<(), StorageError> {
+        let results: Vec<_> = self
+            .store
+            .delete_stream(stream::iter(paths.into_iter().map(Ok)).boxed())
+            .collect()
+            .await;
+        for r in results {
+            not_found_as_none(r)?;
+        }
+        Ok(())
+    }
+
+    /// Joins small parts in memory and writes them with one PUT: no multipart upload (three
+    /// requests at least) for what fits in one part.
+    async fn join_small(&self, parts: &[Part], to: &Path) -> Result<(), StorageError> {
+        let mut joined = PutPayloadMut::new();
+        for p in parts {
+            let bytes = self
+                .store
+                .get(&p.path)
+                .await
+                .map_err(storage_error)?
+                .bytes()
+                .await
+                .map_err(storage_error)?;
+            joined.push(bytes);
+        }
+        self.store
+            .put(to, joined.freeze())
+            .await
+            .map_err(storage_error)?;
         Ok(())
     }
 
@@ -391,10 +515,15 @@ impl BlobStore for S3BlobStore {
     }
 
     async fn upload_size(&self, id: &str) -> Result<Option<u64>, StorageError> {
-        Ok(self
-            .parts(id)
-            .await?
-            .map(|parts| parts.iter().map(|p| p.size).sum()))
+        // Replaced by this listing, or by none if it fails.
+        self.seen.take(id);
+        let at = Instant::now();
+        let Some(parts) = self.parts(id).await? else {
+            return Ok(None);
+        };
+        let size = parts.iter().map(|p| p.size).sum();
+        self.seen.remember(id, Seen { at, parts });
+        Ok(Some(size))
     }
 
     async fn append_upload(
@@ -403,8 +532,9 @@ impl BlobStore for S3BlobStore {
         offset: u64,
         guard: WriteGuard,
     ) -> Result<Box<dyn UploadWriter>, StorageError> {
-        let parts = self.parts(id).await?.ok_or(StorageError::NotFound)?;
-        let actual: u64 = parts.iter().map(|p| p.size).sum();
+        // An early answer only: the post-write check decides whether the part stays.
+        let opened_on = self.recent_parts(id).await?;
+        let actual: u64 = opened_on.parts.iter().map(|p| p.size).sum();
         if actual != offset {
             return Err(StorageError::OffsetMismatch {
                 expected: offset,
@@ -413,6 +543,9 @@ impl BlobStore for S3BlobStore {
         }
         Ok(Box::new(S3UploadWriter {
             store: self.store.clone(),
+            seen: self.seen.clone(),
+            id: id.to_string(),
+            opened_on,
             dir: self.upload_dir(id),
             path: self.part_key(id, offset),
             offset,
@@ -422,8 +555,9 @@ impl BlobStore for S3BlobStore {
         }))
     }
 
-    async fn read_upload(&self, id: &str) -> Result<ByteStream, StorageError> {
+    async fn read_upload(&self, id: &str) -> Result<(ByteStream, UploadExtent), StorageError> {
         let parts = self.parts(id).await?.ok_or(StorageError::NotFound)?;
+        let extent = extent_of(&parts);
         let store = self.store.clone();
         let chunks = stream::iter(
             parts
@@ -439,54 +573,56 @@ impl BlobStore for S3BlobStore {
             }
         })
         .try_flatten();
-        Ok(Box::pin(chunks))
+        Ok((Box::pin(chunks), extent))
     }
 
-    async fn commit_upload(&self, id: &str, digest: &Digest) -> Result<(), StorageError> {
-        let parts = self.parts(id).await?.ok_or(StorageError::NotFound)?;
+    async fn commit_upload(
+        &self,
+        id: &str,
+        digest: &Digest,
+        extent: Option<&UploadExtent>,
+    ) -> Result<(), StorageError> {
+        // Exactly the parts that were hashed: a part another node added since is not joined
+        // (it is left for upload expiry), and one that is gone makes the copy fail.
+        let parts = match extent {
+            Some(extent) => parts_of(extent),
+            None => self.recent_parts(id).await?.parts,
+        };
         let to = self.blob_key(digest);
-        // Content-addressed: the same digest is the same bytes, so an existing blob stays.
+        // Content-addressed: the same digest is the same bytes, so an existing blob stays. The
+        // HEAD costs a request on every push, but saves a copy (or a whole re-upload, for
+        // several parts) whenever the blob is already stored, which is every push of a shared
+        // base layer to another repository.
         if self.stat(digest).await?.is_none() {
             let data: Vec<Part> = parts.iter().filter(|p| p.size > 0).cloned().collect();
+            let total: u64 = data.iter().map(|p| p.size).sum();
             match data.as_slice() {
-                [] => {
-                    self.store
-                        .put(&to, PutPayload::new())
-                        .await
-                        .map_err(storage_error)?;
-                }
                 [only] if only.size <= MAX_COPY_BYTES => {
                     self.store
                         .copy(&only.path, &to)
                         .await
                         .map_err(storage_error)?;
                 }
+                // Also the empty blob: one empty PUT.
+                _ if total <= PART_SIZE as u64 => self.join_small(&data, &to).await?,
                 _ => self.concatenate(&data, &to).await?,
             }
         }
-        self.delete_parts(&parts).await
+        self.delete_objects(parts.into_iter().map(|p| p.path).collect())
+            .await
     }
 
     async fn delete_upload(&self, id: &str) -> Result<(), StorageError> {
-        match self.parts(id).await {
-            Ok(Some(parts)) => self.delete_parts(&parts).await,
-            Ok(None) => Ok(()),
-            // Parts that do not tile the upload are deleted all the same.
-            Err(StorageError::Conflict(_)) => {
-                let paths: Vec<Path> = self
-                    .store
-                    .list(Some(&self.upload_dir(id)))
-                    .map_ok(|m| m.location)
-                    .try_collect()
-                    .await
-                    .map_err(storage_error)?;
-                for p in paths {
-                    not_found_as_none(self.store.delete(&p).await)?;
-                }
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        self.seen.take(id);
+        // Every object, whether or not its parts tile the upload or its marker is left.
+        let paths: Vec<Path> = self
+            .store
+            .list(Some(&self.upload_dir(id)))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(storage_error)?;
+        self.delete_objects(paths).await
     }
 
     async fn list_uploads(&self) -> Result<Vec<StoredUpload>, StorageError> {
@@ -546,6 +682,11 @@ enum WriterState {
 /// Writes one append as the part object `uploads/<id>/<offset>`, which appears only complete.
 struct S3UploadWriter {
     store: Arc<LimitStore<AmazonS3>>,
+    /// Where the listing after a successful append is left for the next call.
+    seen: Arc<SeenParts>,
+    id: String,
+    /// The listing the append was checked against when opened.
+    opened_on: Seen,
     /// The upload's directory, listed after writing to check for a racing writer.
     dir: Path,
     path: Path,
@@ -611,7 +752,7 @@ impl UploadWriter for S3UploadWriter {
     }
 
     /// Writes what arrived (even if the request body broke off) as one complete part.
-    async fn finish(mut self: Box<Self>) -> Result<u64, StorageError> {
+    async fn finish(mut self: Box<Self>) -> Result<UploadExtent, StorageError> {
         match std::mem::replace(&mut self.state, WriterState::Failed) {
             WriterState::Buffering(_) if self.written == 0 => {}
             WriterState::Buffering(buf) => {
@@ -629,7 +770,10 @@ impl UploadWriter for S3UploadWriter {
                 )));
             }
         }
-        if self.written > 0 {
+        let seen = if self.written == 0 {
+            // Nothing written: the upload is as it was when the writer was opened.
+            self.opened_on.clone()
+        } else {
             let written = PartWritten {
                 store: self.store.clone(),
                 dir: self.dir.clone(),
@@ -637,9 +781,11 @@ impl UploadWriter for S3UploadWriter {
                 offset: self.offset,
                 written: self.written,
             };
-            written.withdraw_if_raced().await?;
-        }
-        Ok(self.offset + self.written)
+            written.withdraw_if_raced().await?
+        };
+        let extent = extent_of(&seen.parts);
+        self.seen.remember(&self.id, seen);
+        Ok(extent)
     }
 }
 
@@ -653,34 +799,42 @@ struct PartWritten {
 }
 
 impl PartWritten {
-    /// Keeps the part just written only if it is the one part at its offset and follows the
-    /// others; otherwise deletes it and reports where the upload really ends.
-    async fn withdraw_if_raced(&self) -> Result<(), StorageError> {
-        let parts = list_all_parts(&self.store, &self.dir)
-            .await?
-            .unwrap_or_default();
-        let data = || parts.iter().filter(|p| p.size > 0);
-        let before: u64 = data()
-            .filter(|p| p.offset < self.offset)
-            .map(|p| p.size)
-            .sum();
+    /// Keeps the part just written only if the upload still exists (its marker is there), the
+    /// parts before it tile the upload up to its offset, and no other part overlaps it;
+    /// otherwise deletes it and reports the upload unknown, or where it really ends. Returns the
+    /// upload's parts up to the end of this one, as listed.
+    ///
+    /// Requiring the marker is what makes the early check in `append_upload` optional: an
+    /// append that raced a cancel (or a commit) on another node, even one at offset 0 where
+    /// its part alone would look like a whole upload, is withdrawn rather than bringing the
+    /// upload back.
+    async fn withdraw_if_raced(&self) -> Result<Seen, StorageError> {
+        let at = Instant::now();
+        let parts = list_all_parts(&self.store, &self.dir).await?;
+        let exists = parts.iter().any(Part::is_marker);
+        let others = || parts.iter().filter(|p| p.size > 0 && p.path != self.path);
+        let mut tiled = 0;
+        let mut follows = true;
+        for p in others().filter(|p| p.offset < self.offset) {
+            follows &= p.offset == tiled;
+            tiled += p.size;
+        }
+        follows &= tiled == self.offset;
         // Another part overlapping this one; a part starting where this one ends is the next
         // append, made after this part was visible, and is no rival.
         let end = self.offset + self.written;
-        let rival =
-            data().any(|p| p.path != self.path && p.offset >= self.offset && p.offset < end);
-        let follows = before == self.offset
-            && data()
-                .filter(|p| p.offset < self.offset)
-                .all(|p| p.offset + p.size <= self.offset);
-        if follows && !rival {
-            return Ok(());
+        let rival = others().any(|p| p.offset >= self.offset && p.offset < end);
+        if exists && follows && !rival {
+            let parts = parts.into_iter().filter(|p| p.offset < end).collect();
+            return Ok(Seen { at, parts });
         }
         not_found_as_none(self.store.delete(&self.path).await)?;
-        let actual: u64 = data().filter(|p| p.path != self.path).map(|p| p.size).sum();
+        if !exists {
+            return Err(StorageError::NotFound);
+        }
         Err(StorageError::OffsetMismatch {
             expected: self.offset,
-            actual,
+            actual: others().map(|p| p.size).sum(),
         })
     }
 }
@@ -753,7 +907,7 @@ mod tests {
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
         }
-        w.finish().await.unwrap_or_else(|e| panic!("{e}"))
+        w.finish().await.unwrap_or_else(|e| panic!("{e}")).size
     }
 
     async fn collect(stream: ByteStream) -> Vec<u8> {
@@ -766,6 +920,39 @@ mod tests {
         let (endpoint, bucket) = test_store();
         let store = open(&endpoint, &bucket, &unique_prefix("suite")).await;
         blob_store_suite(&store).await;
+    }
+
+    /// A commit joins exactly the parts that were hashed: a part another node appends between
+    /// the hash and the commit is not in the blob, so the blob's bytes still match its digest.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_commit_joins_exactly_the_parts_that_were_hashed() {
+        let (endpoint, bucket) = test_store();
+        let prefix = unique_prefix("extent");
+        let a = open(&endpoint, &bucket, &prefix).await;
+        let b = open(&endpoint, &bucket, &prefix).await;
+        a.create_upload("x").await.unwrap_or_else(|e| panic!("{e}"));
+        let mut w = a
+            .append_upload("x", 0, Arc::new(()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        w.write(Bytes::from_static(b"hashed on a"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let extent = w.finish().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(extent.size, 11);
+        // Node b appends while node a is about to commit what it hashed.
+        write(&b, "x", 11, b" and a late part from b").await;
+        let digest = Digest::sha256_of(b"hashed on a");
+        a.commit_upload("x", &digest, Some(&extent))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let blob = collect(
+            a.read(&digest, None)
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+        .await;
+        assert_eq!(blob, b"hashed on a");
     }
 
     /// Regression: two nodes appending at the same offset once both "won" (plain PUTs to one
@@ -789,13 +976,14 @@ mod tests {
             ) -> Result<u64, StorageError> {
                 let mut w = store.append_upload(id, 0, Arc::new(())).await?;
                 w.write(Bytes::from(bytes)).await?;
-                w.finish().await
+                w.finish().await.map(|e| e.size)
             }
             let (ra, rb) = tokio::join!(
                 append(&a, &id, bytes_a.clone()),
                 append(&b, &id, bytes_b.clone())
             );
-            let stored = collect(a.read_upload(&id).await.unwrap_or_else(|e| panic!("{e}"))).await;
+            let stored =
+                collect(a.read_upload(&id).await.unwrap_or_else(|e| panic!("{e}")).0).await;
             match (&ra, &rb) {
                 (Ok(3000), Err(StorageError::OffsetMismatch { .. })) => assert_eq!(stored, bytes_a),
                 (Err(StorageError::OffsetMismatch { .. }), Ok(3000)) => assert_eq!(stored, bytes_b),
@@ -847,10 +1035,10 @@ mod tests {
             a.upload_size("x").await.unwrap_or_else(|e| panic!("{e}")),
             Some(size)
         );
-        let read = collect(a.read_upload("x").await.unwrap_or_else(|e| panic!("{e}"))).await;
+        let read = collect(a.read_upload("x").await.unwrap_or_else(|e| panic!("{e}")).0).await;
         assert!(read == whole, "read_upload returned other bytes");
 
-        b.commit_upload("x", &digest)
+        b.commit_upload("x", &digest, None)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
@@ -917,10 +1105,87 @@ mod tests {
     /// A TCP forwarder to the store that can be switched off (connection refused, open
     /// connections cut) and on again at the same address: the store going down and coming back,
     /// without disturbing the other tests that share it.
+    ///
+    /// It also reads the request heads the client sends, so a test can count what an operation
+    /// costs in requests to the store (see [`Proxy::take`]).
     struct Proxy {
         addr: SocketAddr,
         upstream: SocketAddr,
         task: Option<JoinHandle<()>>,
+        /// Kinds of the requests seen so far, in order (see [`request_kind`]).
+        seen: Arc<std::sync::Mutex<Vec<&'static str>>>,
+    }
+
+    /// What an S3 request is, from its request line and whether it names a copy source.
+    fn request_kind(method: &str, target: &str, copy_source: bool) -> &'static str {
+        let query = target.split_once('?').map_or("", |(_, q)| q);
+        let has = |key: &str| query.split('&').any(|p| p.split('=').next() == Some(key));
+        match method {
+            "GET" if has("list-type") => "LIST",
+            "GET" => "GET",
+            "HEAD" => "HEAD",
+            "PUT" if copy_source => "COPY",
+            "PUT" if has("partNumber") => "PUT-PART",
+            "PUT" => "PUT",
+            "POST" if has("uploads") => "MULTIPART-START",
+            "POST" if has("uploadId") => "MULTIPART-COMPLETE",
+            "POST" if has("delete") => "DELETE-MANY",
+            "DELETE" if has("uploadId") => "MULTIPART-ABORT",
+            "DELETE" => "DELETE",
+            _ => "OTHER",
+        }
+    }
+
+    /// Forwards requests from the client to the store, recording the kind of each. Requests
+    /// are HTTP/1.1 with a `Content-Length` (object_store sends no chunked bodies), so a
+    /// request ends where its body does and the next head follows.
+    async fn forward_requests(
+        inbound: tokio::net::tcp::OwnedReadHalf,
+        mut outbound: tokio::net::tcp::OwnedWriteHalf,
+        seen: Arc<std::sync::Mutex<Vec<&'static str>>>,
+    ) -> io::Result<()> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let mut inbound = BufReader::new(inbound);
+        loop {
+            let mut head = Vec::new();
+            let mut line = String::new();
+            let (mut kind, mut length) = (None, 0u64);
+            let mut copy_source = false;
+            let mut request_line = String::new();
+            loop {
+                line.clear();
+                if inbound.read_line(&mut line).await? == 0 {
+                    return Ok(());
+                }
+                head.extend_from_slice(line.as_bytes());
+                let trimmed = line.trim_end();
+                if request_line.is_empty() {
+                    request_line = trimmed.to_string();
+                    continue;
+                }
+                if trimmed.is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = trimmed.split_once(':') {
+                    let name = name.trim().to_ascii_lowercase();
+                    if name == "content-length" {
+                        length = value.trim().parse().unwrap_or(0);
+                    } else if name == "x-amz-copy-source" {
+                        copy_source = true;
+                    }
+                }
+            }
+            let mut words = request_line.split(' ');
+            if let (Some(method), Some(target)) = (words.next(), words.next()) {
+                kind = Some(request_kind(method, target, copy_source));
+            }
+            seen.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(kind.unwrap_or("OTHER"));
+            outbound.write_all(&head).await?;
+            let mut body = (&mut inbound).take(length);
+            tokio::io::copy(&mut body, &mut outbound).await?;
+        }
     }
 
     impl Proxy {
@@ -943,6 +1208,7 @@ mod tests {
                 addr,
                 upstream,
                 task: None,
+                seen: Default::default(),
             };
             proxy.serve(listener);
             proxy
@@ -952,16 +1218,38 @@ mod tests {
             format!("http://{}", self.addr)
         }
 
+        /// The kinds of requests sent since the last call, counted: `"LIST 2, PUT 1"`.
+        fn take(&self) -> String {
+            let seen = std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()));
+            let mut counts = std::collections::BTreeMap::new();
+            for kind in seen {
+                *counts.entry(kind).or_insert(0) += 1;
+            }
+            counts
+                .iter()
+                .map(|(kind, n)| format!("{kind} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+
         fn serve(&mut self, listener: TcpListener) {
             let upstream = self.upstream;
+            let seen = self.seen.clone();
             self.task = Some(tokio::spawn(async move {
                 // Dropped (and so aborted) with this task: `down` cuts every open connection.
                 let mut connections = JoinSet::new();
-                while let Ok((mut inbound, _)) = listener.accept().await {
+                while let Ok((inbound, _)) = listener.accept().await {
+                    let seen = seen.clone();
                     connections.spawn(async move {
-                        if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        let Ok(outbound) = TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        let (from_client, mut to_client) = inbound.into_split();
+                        let (mut from_store, to_store) = outbound.into_split();
+                        // Either side closing ends the connection.
+                        tokio::select! {
+                            _ = forward_requests(from_client, to_store, seen) => {}
+                            _ = tokio::io::copy(&mut from_store, &mut to_client) => {}
                         }
                     });
                 }
@@ -980,6 +1268,140 @@ mod tests {
                 .await
                 .unwrap_or_else(|e| panic!("rebinding {}: {e}", self.addr));
             self.serve(listener);
+        }
+    }
+
+    /// A PATCH as the service makes it: ask the size, then append there.
+    async fn patch(store: &S3BlobStore, id: &str, data: &[u8]) -> u64 {
+        let size = store
+            .upload_size(id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("upload {id} is unknown"));
+        write(store, id, size, data).await
+    }
+
+    /// What a push costs in requests to the store, operation by operation, with the calls
+    /// made as the service makes them (`service::uploads`). Fewer is cheaper; more is a
+    /// regression to explain.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn requests_per_push() {
+        let (endpoint, bucket) = test_store();
+        let proxy = Proxy::start(&endpoint).await;
+        let store = open(&proxy.url(), &bucket, &unique_prefix("requests")).await;
+        let ok = |r: Result<(), StorageError>| r.unwrap_or_else(|e| panic!("{e}"));
+        let mut table = Vec::new();
+        let mut step = |name: &str, proxy: &Proxy| {
+            table.push(format!("{name}: {}", proxy.take()));
+        };
+        step("open", &proxy);
+
+        // A monolithic push: POST, then the body and the digest.
+        let layer = b"a small layer".to_vec();
+        let digest = Digest::sha256_of(&layer);
+        ok(store.create_upload("m").await);
+        step("create", &proxy);
+        patch(&store, "m", &layer).await;
+        step("append", &proxy);
+        ok(store.commit_upload("m", &digest, None).await);
+        step("commit one part", &proxy);
+
+        // The same blob pushed again (to another repository): nothing to copy.
+        ok(store.create_upload("again").await);
+        patch(&store, "again", &layer).await;
+        proxy.take();
+        ok(store.commit_upload("again", &digest, None).await);
+        step("commit one part, blob exists", &proxy);
+
+        // A chunked push: three PATCHes, then a PUT without a body.
+        let chunks: [&[u8]; 3] = [b"first ", b"second ", b"third"];
+        let digest = Digest::sha256_of(&chunks.concat());
+        ok(store.create_upload("c").await);
+        proxy.take();
+        for chunk in chunks {
+            patch(&store, "c", chunk).await;
+        }
+        step("three appends", &proxy);
+        patch(&store, "c", b"").await;
+        step("empty append", &proxy);
+        ok(store.commit_upload("c", &digest, None).await);
+        step("commit three parts", &proxy);
+
+        // A cancelled upload.
+        ok(store.create_upload("x").await);
+        patch(&store, "x", &layer).await;
+        proxy.take();
+        ok(store.delete_upload("x").await);
+        step("cancel", &proxy);
+
+        // Before issue 6: append 4 (LIST 3), commit one part 5 (LIST, HEAD, COPY, two
+        // DELETEs), blob exists 4, three appends 12, empty append 2, commit three parts 12
+        // (a multipart upload and a DELETE each), cancel 3. A DeleteObjects is a POST ?delete.
+        let expected = "\
+            open: LIST 1\n\
+            create: PUT 1\n\
+            append: LIST 2, PUT 1\n\
+            commit one part: COPY 1, DELETE-MANY 1, HEAD 1\n\
+            commit one part, blob exists: DELETE-MANY 1, HEAD 1\n\
+            three appends: LIST 6, PUT 3\n\
+            empty append: LIST 1\n\
+            commit three parts: DELETE-MANY 1, GET 3, HEAD 1, PUT 1\n\
+            cancel: DELETE-MANY 1, LIST 1";
+        assert_eq!(table.join("\n"), expected);
+    }
+
+    /// What a node remembers of an upload (to skip a list) is never taken over the store: an
+    /// append opened on a stale listing is withdrawn when another node got there first, and an
+    /// append to an upload cancelled on another node, even at offset 0 where its part alone
+    /// would look like a whole upload, does not bring the upload back.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_remembered_listing_never_outvotes_the_store() {
+        let (endpoint, bucket) = test_store();
+        let prefix = unique_prefix("seen");
+        let a = open(&endpoint, &bucket, &prefix).await;
+        let b = open(&endpoint, &bucket, &prefix).await;
+        let ok = |r: Result<(), StorageError>| r.unwrap_or_else(|e| panic!("{e}"));
+        let size = |r: Result<Option<u64>, StorageError>| r.unwrap_or_else(|e| panic!("{e}"));
+        async fn append(store: &S3BlobStore, id: &str, offset: u64) -> Result<u64, StorageError> {
+            let mut w = store.append_upload(id, offset, Arc::new(())).await?;
+            w.write(Bytes::from_static(b"late")).await?;
+            w.finish().await.map(|e| e.size)
+        }
+
+        ok(a.create_upload("stale").await);
+        assert_eq!(size(a.upload_size("stale").await), Some(0));
+        write(&b, "stale", 0, b"first").await;
+        assert!(matches!(
+            append(&a, "stale", 0).await,
+            Err(StorageError::OffsetMismatch {
+                expected: 0,
+                actual: 5
+            })
+        ));
+        let read = collect(
+            b.read_upload("stale")
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .0,
+        )
+        .await;
+        assert_eq!(read, b"first");
+
+        for offset in [0, 5] {
+            let id = format!("cancelled-{offset}");
+            ok(a.create_upload(&id).await);
+            if offset > 0 {
+                write(&a, &id, 0, b"first").await;
+            }
+            assert_eq!(size(a.upload_size(&id).await), Some(offset));
+            ok(b.delete_upload(&id).await);
+            assert!(matches!(
+                append(&a, &id, offset).await,
+                Err(StorageError::NotFound)
+            ));
+            assert_eq!(size(b.upload_size(&id).await), None);
+            let listed = a.list_uploads().await.unwrap_or_else(|e| panic!("{e}"));
+            assert!(!listed.iter().any(|u| u.id == id), "{listed:?}");
         }
     }
 
@@ -1011,7 +1433,9 @@ mod tests {
         ));
         assert!(is_unavailable(store.read_upload("d").await));
         assert!(is_unavailable(store.create_upload("e").await));
-        assert!(is_unavailable(store.commit_upload("d", &digest).await));
+        assert!(is_unavailable(
+            store.commit_upload("d", &digest, None).await
+        ));
         assert!(is_unavailable(store.delete_upload("d").await));
 
         // An append that loses the store half-way, past the point where it started a multipart
@@ -1052,7 +1476,7 @@ mod tests {
             None
         );
         store
-            .commit_upload("d", &digest)
+            .commit_upload("d", &digest, None)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let read = collect(
