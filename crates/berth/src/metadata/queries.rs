@@ -175,32 +175,50 @@ pub async fn unlink_blob(
     repo: &RepositoryName,
     digest: &Digest,
 ) -> Result<bool, MetadataError> {
+    let by = delete_unless_referenced(
+        tx,
+        repo,
+        digest,
+        "DELETE FROM repository_blobs
+         WHERE repository_id = (SELECT id FROM repositories WHERE name = ?1) AND digest = ?2",
+        "SELECT m.digest FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id
+         WHERE mb.digest = ?2
+         AND m.repository_id = (SELECT id FROM repositories WHERE name = ?1)
+         LIMIT 1",
+    )
+    .await?;
+    match by {
+        Deleted::Gone => Ok(true),
+        Deleted::NotThere => Ok(false),
+        Deleted::Refused(by) => Err(MetadataError::BlobReferenced { by }),
+    }
+}
+
+enum Deleted {
+    Gone,
+    NotThere,
+    /// A manifest of the repository still references it; the transaction must roll back.
+    Refused(Digest),
+}
+
+/// Runs `delete` (params: repository name, digest), then `referrer`, which names a manifest
+/// still referencing what was deleted. Delete first: on PostgreSQL the delete waits for a
+/// manifest put holding the row, and the check, a new statement, then sees that manifest.
+async fn delete_unless_referenced(
+    tx: &mut Tx<'_>,
+    repo: &RepositoryName,
+    digest: &Digest,
+    delete: &'static str,
+    referrer: &'static str,
+) -> Result<Deleted, MetadataError> {
     let d = digest.to_string();
     let params = [repo.as_str().into(), (&d).into()];
-    // Delete first: on PostgreSQL this waits for a manifest put holding the row, and the check
-    // below, a new statement, then sees that manifest.
-    let deleted = tx
-        .execute(
-            "DELETE FROM repository_blobs
-             WHERE repository_id = (SELECT id FROM repositories WHERE name = ?1) AND digest = ?2",
-            &params,
-        )
-        .await?;
-    if deleted == 0 {
-        return Ok(false);
+    if tx.execute(delete, &params).await? == 0 {
+        return Ok(Deleted::NotThere);
     }
-    let by = tx
-        .query_opt(
-            "SELECT m.digest FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id
-             WHERE mb.digest = ?2
-             AND m.repository_id = (SELECT id FROM repositories WHERE name = ?1)
-             LIMIT 1",
-            &params,
-        )
-        .await?;
-    match by {
-        Some(row) => Err(MetadataError::BlobReferenced { by: row.digest(0)? }),
-        None => Ok(true),
+    match tx.query_opt(referrer, &params).await? {
+        Some(row) => Ok(Deleted::Refused(row.digest(0)?)),
+        None => Ok(Deleted::Gone),
     }
 }
 
@@ -490,31 +508,22 @@ pub async fn delete_manifest(
     repo: &RepositoryName,
     digest: &Digest,
 ) -> Result<bool, MetadataError> {
-    let d = digest.to_string();
-    let params = [repo.as_str().into(), (&d).into()];
-    // Delete first; see the module comment.
-    let deleted = tx
-        .execute(
-            "DELETE FROM manifests
-             WHERE repository_id = (SELECT id FROM repositories WHERE name = ?1) AND digest = ?2",
-            &params,
-        )
-        .await?;
-    if deleted == 0 {
-        return Ok(false);
-    }
-    let by = tx
-        .query_opt(
-            "SELECT m.digest FROM manifest_children c JOIN manifests m ON m.id = c.manifest_id
-             WHERE c.child_digest = ?2
-             AND m.repository_id = (SELECT id FROM repositories WHERE name = ?1)
-             LIMIT 1",
-            &params,
-        )
-        .await?;
+    let by = delete_unless_referenced(
+        tx,
+        repo,
+        digest,
+        "DELETE FROM manifests
+         WHERE repository_id = (SELECT id FROM repositories WHERE name = ?1) AND digest = ?2",
+        "SELECT m.digest FROM manifest_children c JOIN manifests m ON m.id = c.manifest_id
+         WHERE c.child_digest = ?2
+         AND m.repository_id = (SELECT id FROM repositories WHERE name = ?1)
+         LIMIT 1",
+    )
+    .await?;
     match by {
-        Some(row) => Err(MetadataError::ManifestReferenced { by: row.digest(0)? }),
-        None => Ok(true),
+        Deleted::Gone => Ok(true),
+        Deleted::NotThere => Ok(false),
+        Deleted::Refused(by) => Err(MetadataError::ManifestReferenced { by }),
     }
 }
 

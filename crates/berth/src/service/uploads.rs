@@ -202,6 +202,20 @@ impl Drop for DiscardOnDrop<'_> {
     }
 }
 
+/// What an append that storage refused means to the client: the upload is gone (cancelled or
+/// committed, perhaps on another node), or it does not end where the chunk starts (a stale
+/// client, or another node's append at the same offset won).
+fn append_error(e: StorageError, offset: u64) -> ServiceError {
+    match e {
+        StorageError::NotFound => ServiceError::UploadUnknown,
+        StorageError::OffsetMismatch { actual, .. } => ServiceError::RangeMismatch {
+            size: actual,
+            requested: offset,
+        },
+        e => e.into(),
+    }
+}
+
 impl Registry {
     /// The session, if it exists and belongs to `repo`.
     async fn session(
@@ -491,17 +505,11 @@ impl Registry {
             _ => None,
         };
         let guard: WriteGuard = held;
-        let mut writer = match self.blobs.append_upload(id, offset, guard).await {
-            Ok(w) => w,
-            Err(StorageError::NotFound) => return Err(ServiceError::UploadUnknown),
-            Err(StorageError::OffsetMismatch { actual, .. }) => {
-                return Err(ServiceError::RangeMismatch {
-                    size: actual,
-                    requested: offset,
-                });
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let mut writer = self
+            .blobs
+            .append_upload(id, offset, guard)
+            .await
+            .map_err(|e| append_error(e, offset))?;
         let mut body_error = None;
         let mut write_error = None;
         let mut overrun = None;
@@ -546,19 +554,7 @@ impl Registry {
                 }
             }
         }
-        let extent = match writer.finish().await {
-            Ok(extent) => extent,
-            // The upload was cancelled or committed on another node meanwhile.
-            Err(StorageError::NotFound) => return Err(ServiceError::UploadUnknown),
-            // Another node appended at this offset first: this chunk was withdrawn.
-            Err(StorageError::OffsetMismatch { actual, .. }) => {
-                return Err(ServiceError::RangeMismatch {
-                    size: actual,
-                    requested: offset,
-                });
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let extent = writer.finish().await.map_err(|e| append_error(e, offset))?;
         if let Some(e) = write_error {
             return Err(e.into());
         }
