@@ -25,9 +25,6 @@ use crate::storage::{StorageError, UploadExtent, WriteGuard};
 /// A request body as the service consumes it.
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
 
-/// How long the janitor waits for one upload's lock before moving on to the next: a client
-/// streaming a chunk holds it, and must not stop expiry for everyone else.
-const JANITOR_LOCK_WAIT: Duration = Duration::from_secs(2);
 /// Bytes in storage with no upload session are reclaimed once they have not changed for this
 /// long: a session is recorded right after its bytes are created, so anything older was left by
 /// a crash or a failed metadata write.
@@ -108,9 +105,18 @@ impl UploadLocks {
         })
     }
 
-    /// Like [`UploadLocks::hold`], but gives up after `wait`.
-    async fn hold_within(self: &Arc<Self>, id: &str, wait: Duration) -> Option<Arc<HeldUpload>> {
-        tokio::time::timeout(wait, self.hold(id)).await.ok()
+    /// The lock if nobody holds it now. The janitor uses this: an upload whose lock is held is
+    /// in use (a chunk streaming, perhaps stalled), so not idle, and waiting for it would let
+    /// one stalled client hold up expiry for everyone.
+    fn try_hold(self: &Arc<Self>, id: &str) -> Option<Arc<HeldUpload>> {
+        let lock = self.entry(id);
+        let guard = lock.clone().try_lock_owned().ok();
+        Some(Arc::new(HeldUpload {
+            id: id.to_string(),
+            lock,
+            guard: Some(guard?),
+            locks: self.clone(),
+        }))
     }
 
     #[cfg(test)]
@@ -388,7 +394,7 @@ impl Registry {
         let stale = self.metadata.stale_uploads(cutoff).await?;
         let mut purged = 0;
         for id in &stale {
-            let Some(_held) = self.upload_locks.hold_within(id, JANITOR_LOCK_WAIT).await else {
+            let Some(_held) = self.upload_locks.try_hold(id) else {
                 continue; // a chunk is streaming: it is not idle
             };
             // A chunk may have been streaming while the list was taken: it touched the upload
@@ -421,11 +427,7 @@ impl Registry {
             if sessions.contains(&upload.id) || age < ORPHAN_GRACE {
                 continue;
             }
-            let Some(_held) = self
-                .upload_locks
-                .hold_within(&upload.id, JANITOR_LOCK_WAIT)
-                .await
-            else {
+            let Some(_held) = self.upload_locks.try_hold(&upload.id) else {
                 continue;
             };
             // Look again under the lock: the session may have been recorded meanwhile.
@@ -439,7 +441,7 @@ impl Registry {
         let stored: std::collections::HashSet<&str> =
             stored.iter().map(|u| u.id.as_str()).collect();
         for id in sessions.iter().filter(|id| !stored.contains(id.as_str())) {
-            let Some(_held) = self.upload_locks.hold_within(id, JANITOR_LOCK_WAIT).await else {
+            let Some(_held) = self.upload_locks.try_hold(id) else {
                 continue;
             };
             if self.blobs.upload_size(id).await?.is_none() {

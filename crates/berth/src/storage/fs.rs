@@ -5,14 +5,17 @@
 //! rename: the upload is fsynced, renamed into place, and the directory fsynced, so a crash
 //! leaves either the whole blob or none of it.
 //!
-//! File IO is blocking. No transfer holds a blocking thread for its duration: each read or
-//! write of one chunk is its own short task on tokio's blocking pool, so a thousand clients
-//! that stall mid-transfer hold memory for a chunk each but no thread. Small blobs (configs,
-//! signatures, under [`INLINE_READ`]) are read inline on the async task, where a hop to the
-//! blocking pool would cost more than the read itself.
+//! File IO can block, but no transfer holds a blocking thread for its duration. A read is first
+//! tried without blocking (`preadv2` with `RWF_NOWAIT`: it succeeds only from the page cache),
+//! inline on the async task, where a hop to the blocking pool would cost more than the read
+//! itself; only bytes that must come from the disk are read on the blocking pool, one chunk per
+//! task. Writes are one short blocking task per batch. So a thousand clients that stall
+//! mid-transfer hold memory for a chunk each but no thread, and a slow disk blocks only the
+//! blocking pool, never the async workers.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::io::IoSliceMut;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,8 +35,7 @@ use super::{
 /// enough that a stalled pull holds little (one chunk being sent and one read ahead: 600
 /// clients that stop reading hold 150 MiB between them).
 const READ_CHUNK: usize = 128 * 1024;
-/// Blobs up to this size are read inline on the async task (from the page cache, in
-/// microseconds); larger ones stream chunk by chunk from the blocking pool.
+/// Reads up to this size are answered in one piece; larger ones stream chunk by chunk.
 const INLINE_READ: u64 = 128 * 1024;
 /// While an upload streams in, the bytes written so far are flushed to disk in the
 /// background every this many bytes, so the fsync before the 201 finds little left to do.
@@ -109,52 +111,74 @@ fn read_exact_at(file: &File, at: u64, len: usize) -> io::Result<Bytes> {
     Ok(buf.freeze())
 }
 
-/// Streams `len` bytes of `file` from `start`, one blocking task per chunk with the next chunk
-/// read while the current one is sent. Dropping the stream stops reading after at most the
-/// chunk in flight.
-fn stream_file(file: File, start: u64, len: u64) -> ByteStream {
-    struct Reader {
-        file: Arc<File>,
-        pos: u64,
-        end: u64,
-        ahead: Option<JoinHandle<io::Result<Bytes>>>,
-    }
-    impl Reader {
-        fn spawn_next(&mut self) {
-            if self.pos >= self.end {
-                self.ahead = None;
-                return;
+/// Reads up to `len` bytes at `at` only as far as they are in the page cache, without blocking:
+/// `None` when the first byte is not (or the kernel cannot tell), else what was there.
+fn read_cached(file: &File, at: u64, len: usize) -> io::Result<Option<Bytes>> {
+    let mut buf = BytesMut::zeroed(len);
+    let mut done = 0;
+    while done < len {
+        let mut slices = [IoSliceMut::new(&mut buf[done..])];
+        match rustix::io::preadv2(
+            file,
+            &mut slices,
+            at + done as u64,
+            rustix::io::ReadWriteFlags::NOWAIT,
+        ) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob shorter than expected",
+                ));
             }
-            let n = (self.end - self.pos).min(READ_CHUNK as u64) as usize;
-            let (file, at) = (self.file.clone(), self.pos);
-            self.pos += n as u64;
-            self.ahead = Some(tokio::task::spawn_blocking(move || {
-                read_exact_at(&file, at, n)
-            }));
+            Ok(n) => done += n,
+            // Not cached (or a kernel or filesystem without RWF_NOWAIT): what we have, if any.
+            Err(
+                rustix::io::Errno::AGAIN | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS,
+            ) => break,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
-    let mut reader = Reader {
-        file: Arc::new(file),
-        pos: start,
-        end: start + len,
-        ahead: None,
-    };
-    reader.spawn_next();
+    if done == 0 {
+        return Ok(None);
+    }
+    buf.truncate(done);
+    Ok(Some(buf.freeze()))
+}
+
+/// Reads up to `len` bytes at `at`: from the page cache inline if they are there, else on the
+/// blocking pool.
+async fn read_chunk(file: &Arc<File>, at: u64, len: usize) -> io::Result<Bytes> {
+    if let Some(bytes) = read_cached(file, at, len)? {
+        return Ok(bytes);
+    }
+    let file = file.clone();
+    match tokio::task::spawn_blocking(move || read_exact_at(&file, at, len)).await {
+        Ok(r) => r,
+        Err(e) => Err(io::Error::other(e)),
+    }
+}
+
+/// Streams `len` bytes of `file` from `start`, a chunk at a time as the socket takes them.
+/// Nothing is read ahead: a pull whose client stops reading holds at most the chunk being
+/// sent.
+fn stream_file(file: File, start: u64, len: u64) -> ByteStream {
+    let state = (Arc::new(file), start, start + len);
     Box::pin(futures_util::stream::unfold(
-        reader,
-        |mut reader| async move {
-            let handle = reader.ahead.take()?;
-            let item = match handle.await {
-                Ok(Ok(bytes)) => Ok(bytes),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(io::Error::other(e)),
-            };
-            if item.is_ok() {
-                reader.spawn_next();
-            } else {
-                reader.end = reader.pos;
+        state,
+        |(file, pos, end)| async move {
+            if pos >= end {
+                return None;
             }
-            Some((item, reader))
+            let want = (end - pos).min(READ_CHUNK as u64) as usize;
+            match read_chunk(&file, pos, want).await {
+                Ok(bytes) => {
+                    let next = pos + bytes.len() as u64;
+                    Some((Ok(bytes), (file, next, end)))
+                }
+                // Stop after reporting the error.
+                Err(e) => Some((Err(e), (file, end, end))),
+            }
         },
     ))
 }
@@ -184,11 +208,18 @@ impl BlobStore for FsBlobStore {
     ) -> Result<ByteStream, StorageError> {
         let path = self.blob_path(digest);
         // Open and stat inline: both are cheap on a cached directory entry, and they tell
-        // whether the read itself is small enough to do inline too.
+        // whether the read can be answered in one piece.
         let (file, start, len) =
             open_range(&path, range).map_err(|e| not_found_as_storage(e.into()))?;
-        if len <= INLINE_READ {
-            let bytes = read_exact_at(&file, start, len as usize)?;
+        if len <= INLINE_READ && len > 0 {
+            let file = Arc::new(file);
+            let mut bytes = read_chunk(&file, start, len as usize).await?;
+            while (bytes.len() as u64) < len {
+                // Partly cached: the rest as it comes.
+                let got = bytes.len();
+                let rest = read_chunk(&file, start + got as u64, len as usize - got).await?;
+                bytes = [bytes, rest].concat().into();
+            }
             return Ok(Box::pin(futures_util::stream::once(async { Ok(bytes) })));
         }
         Ok(stream_file(file, start, len))
@@ -433,6 +464,31 @@ impl UploadWriter for FsUploadWriter {
 mod tests {
     use super::*;
     use crate::storage::tests::blob_store_suite;
+
+    /// Bytes not in the page cache come from the blocking pool, whole and in order.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn reads_what_the_page_cache_does_not_hold() {
+        use futures_util::TryStreamExt;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("cold");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap_or_else(|e| panic!("{e}"));
+        let file = File::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        file.sync_all().unwrap_or_else(|e| panic!("{e}"));
+        // Written back, so the kernel may drop the pages when asked.
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let cold = read_cached(&file, 0, READ_CHUNK).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            cold.is_none(),
+            "the first chunk is still cached: the blocking path is not exercised"
+        );
+        let chunks: Vec<Bytes> = stream_file(file, 5, data.len() as u64 - 5)
+            .try_collect()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(chunks.concat(), &data[5..]);
+    }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn passes_the_shared_suite() {
