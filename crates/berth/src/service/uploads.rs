@@ -558,7 +558,7 @@ impl Registry {
         }
         let extent = writer.finish().await.map_err(|e| append_error(e, offset))?;
         if let Some(e) = write_error {
-            return Err(e.into());
+            return Err(append_error(e, offset));
         }
         // Even when the body broke off, the hasher saw exactly the bytes written, so its state
         // is good for a resumed upload.

@@ -65,6 +65,9 @@ use super::{
 /// S3 wants parts of at least 5 MiB and at most 10,000 of them: 8 MiB parts allow a single
 /// append of up to 78 GiB.
 pub const PART_SIZE: usize = 8 * 1024 * 1024;
+/// A quiet sender's buffer becomes a part of its own from this size (see
+/// `S3UploadWriter::flush`).
+pub const QUIET_PART_MIN: usize = 256 * 1024;
 /// Parts of one multipart upload sent at once.
 pub const PARTS_IN_FLIGHT: usize = 2;
 /// S3 refuses server-side copies of objects larger than 5 GiB; larger single parts are streamed.
@@ -753,6 +756,44 @@ impl UploadWriter for S3UploadWriter {
 
     /// Writes what arrived (even if the request body broke off) as one complete part.
     async fn finish(mut self: Box<Self>) -> Result<UploadExtent, StorageError> {
+        let seen = self.complete_part().await?;
+        let extent = extent_of(&seen.parts);
+        self.seen.remember(&self.id, seen);
+        Ok(extent)
+    }
+
+    /// A sender that went quiet: what is buffered becomes a complete part now, and later bytes
+    /// go to a new part after it, so that a stalled upload holds at most [`QUIET_PART_MIN`] in
+    /// memory instead of a whole [`PART_SIZE`]. Smaller buffers stay, so that a client sending
+    /// a trickle cannot make a part object out of every few bytes.
+    async fn flush(&mut self) -> Result<(), StorageError> {
+        let worth_it = match &self.state {
+            WriterState::Buffering(buf) => buf.content_length() >= QUIET_PART_MIN,
+            WriterState::Multipart(_) => true,
+            WriterState::Failed => false,
+        };
+        if !worth_it {
+            return Ok(());
+        }
+        let seen = self.complete_part().await?;
+        // The next part starts where this one ends, under a new writer key.
+        self.offset += self.written;
+        self.written = 0;
+        let writer = uuid::Uuid::new_v4().simple();
+        self.path = self
+            .dir
+            .clone()
+            .join(format!("{:020}-{writer}", self.offset));
+        self.state = WriterState::Buffering(PutPayloadMut::new());
+        self.opened_on = seen;
+        Ok(())
+    }
+}
+
+impl S3UploadWriter {
+    /// Writes what arrived as one complete part object and checks it against racing writers;
+    /// returns the upload's parts up to its end, as listed (as opened, if nothing was written).
+    async fn complete_part(&mut self) -> Result<Seen, StorageError> {
         match std::mem::replace(&mut self.state, WriterState::Failed) {
             WriterState::Buffering(_) if self.written == 0 => {}
             WriterState::Buffering(buf) => {
@@ -770,22 +811,18 @@ impl UploadWriter for S3UploadWriter {
                 )));
             }
         }
-        let seen = if self.written == 0 {
+        if self.written == 0 {
             // Nothing written: the upload is as it was when the writer was opened.
-            self.opened_on.clone()
-        } else {
-            let written = PartWritten {
-                store: self.store.clone(),
-                dir: self.dir.clone(),
-                path: self.path.clone(),
-                offset: self.offset,
-                written: self.written,
-            };
-            written.withdraw_if_raced().await?
+            return Ok(self.opened_on.clone());
+        }
+        let written = PartWritten {
+            store: self.store.clone(),
+            dir: self.dir.clone(),
+            path: self.path.clone(),
+            offset: self.offset,
+            written: self.written,
         };
-        let extent = extent_of(&seen.parts);
-        self.seen.remember(&self.id, seen);
-        Ok(extent)
+        written.withdraw_if_raced().await
     }
 }
 
@@ -920,6 +957,56 @@ mod tests {
         let (endpoint, bucket) = test_store();
         let store = open(&endpoint, &bucket, &unique_prefix("suite")).await;
         blob_store_suite(&store).await;
+    }
+
+    /// A writer whose sender goes quiet turns its buffer into a part of its own and goes on in
+    /// a new one; the upload reads back whole and commits.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_quiet_writer_flushes_its_buffer_as_a_part() {
+        let (endpoint, bucket) = test_store();
+        let store = open(&endpoint, &bucket, &unique_prefix("flush")).await;
+        store
+            .create_upload("q")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let first = vec![1u8; QUIET_PART_MIN + 10];
+        let second = vec![2u8; 1000];
+        let mut w = store
+            .append_upload("q", 0, Arc::new(()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        w.write(Bytes::from(first.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        w.flush().await.unwrap_or_else(|e| panic!("{e}"));
+        // The flushed part is already in the store while the writer is still open.
+        assert_eq!(
+            store
+                .upload_size("q")
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+            Some(first.len() as u64)
+        );
+        w.write(Bytes::from(second.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let extent = w.finish().await.unwrap_or_else(|e| panic!("{e}"));
+        let whole = [first, second].concat();
+        assert_eq!(extent.size, whole.len() as u64);
+        assert_eq!(extent.pieces.iter().filter(|p| p.size > 0).count(), 2);
+        let digest = Digest::sha256_of(&whole);
+        store
+            .commit_upload("q", &digest, Some(&extent))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let blob = collect(
+            store
+                .read(&digest, None)
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+        .await;
+        assert!(blob == whole, "the committed blob differs");
     }
 
     /// A commit joins exactly the parts that were hashed: a part another node appends between

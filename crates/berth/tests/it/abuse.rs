@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::support::net::connect;
 use crate::support::*;
 
-fn vm_hwm_mib(pid: u32) -> u64 {
+pub(crate) fn vm_hwm_mib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
@@ -209,7 +209,12 @@ fn on_a_full_disk_pushes_fail_cleanly_and_cancelling_an_upload_frees_space() {
 
 /// Starts an upload and sends a PATCH declaring `declared` bytes but only `sent` of them,
 /// keeping the connection open: a stalled client.
-fn stalled_patch(app: &TestApp, repo: &str, declared: usize, sent: usize) -> std::net::TcpStream {
+pub(crate) fn stalled_patch(
+    app: &TestApp,
+    repo: &str,
+    declared: usize,
+    sent: usize,
+) -> std::net::TcpStream {
     let loc = app.start_upload(repo);
     let path = location_path(&loc);
     let mut s = connect(&app.host);

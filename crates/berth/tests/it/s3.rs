@@ -410,3 +410,19 @@ fn store_down_gives_503_and_recovers() {
     assert!(!get_bytes(&app, &config_path).is_empty());
     push_blob(&app, "s3/down", &other);
 }
+
+/// Stalled uploads on S3 hold no part buffers: each sender that goes quiet has what it sent
+/// written out as a part of its own (before, each held up to a whole 8 MiB part in memory).
+#[test]
+fn stalled_patches_on_s3_hold_no_part_buffers() {
+    use crate::abuse::{stalled_patch, vm_hwm_mib};
+    let app = s3_app(&storage_url("stalled"), &endpoint()).start();
+    let stalled: Vec<_> = (0..100)
+        .map(|_| stalled_patch(&app, "s3/stalled", 16 << 20, 3 << 20))
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let rss = vm_hwm_mib(app.pid());
+    eprintln!("peak RSS with 100 stalled S3 PATCHes holding 3 MiB each: {rss} MiB");
+    assert!(rss <= 256, "peak RSS {rss} MiB");
+    drop(stalled);
+}
