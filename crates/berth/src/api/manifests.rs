@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use oci::{Reference, RepositoryName};
 
 use super::error::{ApiError, ErrorCode};
-use super::{ApiResult, digest, query_pairs};
+use super::{ApiResult, content_length, digest, query_pairs};
 use crate::service::{ManifestPut, Registry, RequestContext, ServiceError};
 
 const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
@@ -103,11 +103,7 @@ pub async fn put(
         .map(str::to_string);
     let options = push_options(request)?;
     let by_digest_with_tags = matches!(reference, Reference::Digest(_)) && !options.tags.is_empty();
-    let declared = request
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared = content_length(&request.headers).and_then(|n| usize::try_from(n).ok());
     // Reserved before any byte is read, held until the manifest is stored.
     let _buffer = registry.reserve_manifest_buffer(declared).await?;
     let bytes = read_limited(body, registry.max_manifest_bytes()).await?;

@@ -235,6 +235,16 @@ fn query_param(pairs: &[(String, String)], key: &str) -> Option<String> {
     pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
 }
 
+/// The request's `Content-Length`, if it sent a valid one.
+fn content_length(headers: &axum::http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 fn body_stream(body: Body) -> BodyStream {
     Box::pin(body.into_data_stream().map_err(|e| e.to_string()))
 }

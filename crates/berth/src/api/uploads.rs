@@ -8,7 +8,7 @@ use axum::response::IntoResponse;
 use oci::{Digest, RepositoryName};
 
 use super::error::{ApiError, ApiResult, ErrorCode};
-use super::{body_stream, digest, query_pairs, query_param, upload_range};
+use super::{body_stream, content_length, digest, query_pairs, query_param, upload_range};
 use crate::service::{Chunk, Registry, RequestContext, UploadState};
 
 const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
@@ -113,15 +113,6 @@ fn parse_content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>, ApiErr
         return Err(invalid());
     }
     Ok(Some((start, end)))
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// A chunk from a PATCH or closing PUT: its declared start (from Content-Range) and body.

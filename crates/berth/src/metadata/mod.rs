@@ -282,7 +282,18 @@ impl Metadata {
         manifest: &NewManifest,
         tag: Option<&Tag>,
     ) -> Result<(), MetadataError> {
-        self.write(|tx| Box::pin(queries::put_manifest(tx, repo, manifest, tag)))
+        let tags = tag.map_or(&[][..], std::slice::from_ref);
+        self.put_manifest_tagged(repo, manifest, tags).await
+    }
+
+    /// Stores a manifest and points every tag in `tags` at it, in one transaction.
+    pub async fn put_manifest_tagged(
+        &self,
+        repo: &RepositoryName,
+        manifest: &NewManifest,
+        tags: &[Tag],
+    ) -> Result<(), MetadataError> {
+        self.write(|tx| Box::pin(queries::put_manifest(tx, repo, manifest, tags)))
             .await
     }
 

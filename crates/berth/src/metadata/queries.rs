@@ -222,22 +222,6 @@ async fn delete_unless_referenced(
     }
 }
 
-/// The size the store has for each of `digests` that `repo` may read (for checking the sizes a
-/// manifest's descriptors declare), in the order given.
-pub async fn blob_sizes_in_repository(
-    tx: &mut Tx<'_>,
-    repo: &RepositoryName,
-    digests: &[Digest],
-) -> Result<Vec<(Digest, u64)>, MetadataError> {
-    let mut sizes = Vec::with_capacity(digests.len());
-    for digest in digests {
-        if let Some(size) = blob_in_repository(tx, repo, digest).await? {
-            sizes.push((digest.clone(), size));
-        }
-    }
-    Ok(sizes)
-}
-
 pub async fn create_upload(tx: &mut Tx<'_>, s: &UploadSession) -> Result<(), MetadataError> {
     tx.execute(
         "INSERT INTO uploads (id, repository, updated_at) VALUES (?1, ?2, ?3)",
@@ -318,14 +302,15 @@ fn texts(rows: Vec<Row>) -> Result<Vec<String>, MetadataError> {
 const MANIFEST_ID: &str =
     "SELECT id FROM manifests WHERE repository_id = ?1 AND digest = ?2 {KEY_SHARE}";
 
-/// Stores a manifest with a row per reference and, with it, points `tag` at it. Refused
-/// without changing anything if a referenced blob or child manifest is missing from the
-/// repository, or a blob's stored size differs from the size the manifest declares for it.
+/// Stores a manifest with a row per reference and, with it, points every tag in `tags` at it.
+/// Refused without changing anything if a referenced blob or child manifest is missing from
+/// the repository, or the size stored under a digest differs from the size the manifest
+/// declares for it.
 pub async fn put_manifest(
     tx: &mut Tx<'_>,
     repo: &RepositoryName,
     m: &NewManifest,
-    tag: Option<&Tag>,
+    tags: &[Tag],
 ) -> Result<(), MetadataError> {
     let repo_id = ensure_repository(tx, repo).await?;
     let now = now_secs();
@@ -343,26 +328,20 @@ pub async fn put_manifest(
             .await?
             .ok_or_else(|| MetadataError::MissingBlob(blob.clone()))?
             .u64(0)?;
-        match declared.get(blob) {
-            Some(&size) if size != stored => {
-                return Err(MetadataError::SizeMismatch {
-                    digest: blob.clone(),
-                    declared: size,
-                    stored,
-                });
-            }
-            _ => {}
-        }
+        check_size(&declared, blob, stored)?;
     }
     for child in &m.children {
         let d = child.to_string();
-        if tx
-            .query_opt(MANIFEST_ID, &[repo_id.into(), (&d).into()])
+        let stored = tx
+            .query_opt(
+                "SELECT length(content) FROM manifests
+                 WHERE repository_id = ?1 AND digest = ?2 {KEY_SHARE}",
+                &[repo_id.into(), (&d).into()],
+            )
             .await?
-            .is_none()
-        {
-            return Err(MetadataError::MissingManifest(child.clone()));
-        }
+            .ok_or_else(|| MetadataError::MissingManifest(child.clone()))?
+            .u64(0)?;
+        check_size(&declared, child, stored)?;
     }
 
     let digest = m.digest.to_string();
@@ -388,7 +367,7 @@ pub async fn put_manifest(
         &[now.into(), stale.into(), manifest_id.into()],
     )
     .await?;
-    if let Some(tag) = tag {
+    for tag in tags {
         tx.execute(
             "INSERT INTO tags (repository_id, name, manifest_id, updated_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (repository_id, name)
@@ -403,6 +382,22 @@ pub async fn put_manifest(
         .await?;
     }
     Ok(())
+}
+
+/// A manifest's descriptor for `digest` must declare the size stored under it.
+fn check_size(
+    declared: &HashMap<&Digest, u64>,
+    digest: &Digest,
+    stored: u64,
+) -> Result<(), MetadataError> {
+    match declared.get(digest) {
+        Some(&size) if size != stored => Err(MetadataError::SizeMismatch {
+            digest: digest.clone(),
+            declared: size,
+            stored,
+        }),
+        _ => Ok(()),
+    }
 }
 
 async fn insert_manifest(

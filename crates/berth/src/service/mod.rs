@@ -407,13 +407,13 @@ impl Registry {
             }
             None => Digest::sha256_of(&bytes),
         };
-        self.check_declared_sizes(repo, &parsed).await?;
         let record = NewManifest {
             digest: digest.clone(),
             media_type: parsed.media_type,
             bytes,
             blobs: parsed.blobs,
-            declared_sizes: Vec::new(),
+            // Checked in the put's transaction, where the stored sizes are read anyway.
+            declared_sizes: parsed.declared_sizes,
             children: parsed.children,
             subject: parsed.subject.clone(),
             artifact_type: parsed.artifact_type,
@@ -426,47 +426,16 @@ impl Registry {
             }
         }
         let tags = distinct;
+        // The manifest and all its tags commit together.
         self.metadata
-            .put_manifest(repo, &record, tags.first())
+            .put_manifest_tagged(repo, &record, &tags)
             .await?;
-        // Further tags point at the manifest just stored; each is its own small transaction.
-        for tag in tags.iter().skip(1) {
-            self.metadata.put_manifest(repo, &record, Some(tag)).await?;
-        }
         ctx.log_change("manifest pushed", repo, &digest, &tags);
         Ok(PushedManifest {
             digest,
             subject: parsed.subject,
             tags,
         })
-    }
-
-    /// Each descriptor's size must be the size stored under its digest. A digest's size never
-    /// changes, so checking outside the put's transaction is as good as inside it; whether the
-    /// repository still holds the blob is checked in the transaction.
-    async fn check_declared_sizes(
-        &self,
-        repo: &RepositoryName,
-        parsed: &manifest::ParsedManifest,
-    ) -> Result<(), ServiceError> {
-        for (digest, declared) in &parsed.declared_sizes {
-            let stored = if parsed.children.contains(digest) {
-                self.metadata
-                    .manifest_by_digest(repo, digest)
-                    .await?
-                    .map(|m| m.bytes.len() as u64)
-            } else {
-                self.metadata.blob_in_repository(repo, digest).await?
-            };
-            if let Some(stored) = stored
-                && stored != *declared
-            {
-                return Err(ServiceError::ManifestInvalid(format!(
-                    "descriptor {digest} declares size {declared}, but the registry holds {stored} bytes under that digest"
-                )));
-            }
-        }
-        Ok(())
     }
 
     pub async fn get_manifest(

@@ -97,12 +97,7 @@ impl UploadLocks {
     pub(super) async fn hold(self: &Arc<Self>, id: &str) -> Arc<HeldUpload> {
         let lock = self.entry(id);
         let guard = lock.clone().lock_owned().await;
-        Arc::new(HeldUpload {
-            id: id.to_string(),
-            lock,
-            guard: Some(guard),
-            locks: self.clone(),
-        })
+        self.held(id, lock, guard)
     }
 
     /// The lock if nobody holds it now. The janitor uses this: an upload whose lock is held is
@@ -110,13 +105,22 @@ impl UploadLocks {
     /// one stalled client hold up expiry for everyone.
     fn try_hold(self: &Arc<Self>, id: &str) -> Option<Arc<HeldUpload>> {
         let lock = self.entry(id);
-        let guard = lock.clone().try_lock_owned().ok();
-        Some(Arc::new(HeldUpload {
+        let guard = lock.clone().try_lock_owned().ok()?;
+        Some(self.held(id, lock, guard))
+    }
+
+    fn held(
+        self: &Arc<Self>,
+        id: &str,
+        lock: Arc<tokio::sync::Mutex<()>>,
+        guard: tokio::sync::OwnedMutexGuard<()>,
+    ) -> Arc<HeldUpload> {
+        Arc::new(HeldUpload {
             id: id.to_string(),
             lock,
-            guard: Some(guard?),
+            guard: Some(guard),
             locks: self.clone(),
-        }))
+        })
     }
 
     #[cfg(test)]
