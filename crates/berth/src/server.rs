@@ -4,7 +4,6 @@
 //! (which also reaps idle keep-alive connections), and silence inside a request body.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -115,7 +114,7 @@ const HYPER_MAX_BUF: usize = 128 * 1024;
 /// middleware stack: `api` parses routes itself, and each layer cost allocations per request.
 async fn answer(
     registry: &Registry,
-    peer: SocketAddr,
+    peer: &api::Peer,
     body_idle_timeout: Duration,
     request: hyper::Request<Incoming>,
 ) -> Response {
@@ -195,17 +194,18 @@ pub async fn run(
             },
         };
         let (tcp, peer) = tcp;
+        let peer = Arc::new(api::Peer::plain(peer));
         // Small responses (manifests, statuses) must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
         let answered = Arc::new(AtomicBool::new(false));
         let service = {
-            let (registry, answered) = (registry.clone(), answered.clone());
+            let (registry, answered, peer) = (registry.clone(), answered.clone(), peer.clone());
             let body_idle_timeout = options.body_idle_timeout;
             service_fn(move |request: hyper::Request<Incoming>| {
                 answered.store(true, Ordering::Relaxed);
-                let registry = registry.clone();
+                let (registry, peer) = (registry.clone(), peer.clone());
                 async move {
-                    let response = answer(&registry, peer, body_idle_timeout, request).await;
+                    let response = answer(&registry, &peer, body_idle_timeout, request).await;
                     Ok::<_, std::convert::Infallible>(response)
                 }
             })

@@ -113,8 +113,29 @@ pub fn parse_route(path: &str) -> Result<Route, ApiError> {
     Err(not_found())
 }
 
+/// What the server knows about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// Whether the connection is TLS (the token realm's scheme follows it).
+    pub tls: bool,
+    /// The subject of the client certificate, when the connection presented one that the
+    /// configured client CA verified.
+    pub client_cert_subject: Option<String>,
+}
+
+impl Peer {
+    pub fn plain(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            tls: false,
+            client_cert_subject: None,
+        }
+    }
+}
+
 /// The single entry point: route, dispatch, and stamp the API version header.
-pub async fn handle(registry: &Registry, peer: SocketAddr, request: Request) -> Response {
+pub async fn handle(registry: &Registry, peer: &Peer, request: Request) -> Response {
     let (method, uri) = (request.method().clone(), request.uri().clone());
     let mut response = match dispatch(registry, peer, request).await {
         Ok(r) => r,
@@ -129,7 +150,7 @@ pub async fn handle(registry: &Registry, peer: SocketAddr, request: Request) -> 
     response
 }
 
-async fn dispatch(registry: &Registry, peer: SocketAddr, request: Request) -> ApiResult {
+async fn dispatch(registry: &Registry, peer: &Peer, request: Request) -> ApiResult {
     let route = parse_route(request.uri().path())?;
     let (parts, body) = request.into_parts();
     let ctx = &request_context(&parts, peer);
@@ -191,7 +212,7 @@ async fn dispatch(registry: &Registry, peer: SocketAddr, request: Request) -> Ap
 
 /// Who is asking and from where, as the service sees it. The peer address is the one the
 /// server recorded for the connection (`ConnectInfo`), when it did.
-fn request_context(parts: &Parts, peer: SocketAddr) -> RequestContext {
+fn request_context(parts: &Parts, peer: &Peer) -> RequestContext {
     let header = |name: &str| {
         parts
             .headers
@@ -213,7 +234,7 @@ fn request_context(parts: &Parts, peer: SocketAddr) -> RequestContext {
     RequestContext {
         request_id,
         actor: Actor::Anonymous,
-        client_addr: Some(peer.ip()),
+        client_addr: Some(peer.addr.ip()),
         user_agent: header("user-agent"),
     }
 }
