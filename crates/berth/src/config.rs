@@ -75,6 +75,30 @@ pub struct RawConfig {
     /// text or json [default: text]
     #[arg(long, env = "BERTH_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Access control: none (anyone may do anything; only on loopback unless
+    /// --allow-anonymous) or token (accounts, Docker token auth) [default: none]
+    #[arg(long, env = "BERTH_AUTH", value_name = "MODE")]
+    pub auth: Option<String>,
+    /// Serve without access control on a non-loopback address (warns at every start)
+    /// [default: false]
+    #[arg(long, env = "BERTH_ALLOW_ANONYMOUS", value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub allow_anonymous: Option<bool>,
+    /// The service name in challenges and tokens (the tokens' audience and issuer)
+    /// [default: berth]
+    #[arg(long, env = "BERTH_AUTH_SERVICE", value_name = "NAME")]
+    pub auth_service: Option<String>,
+    /// Lifetime of issued registry tokens [default: 300]
+    #[arg(long, env = "BERTH_TOKEN_TTL_SECS", value_name = "SECS")]
+    pub token_ttl_secs: Option<u64>,
+    /// Lifetime of refresh tokens (OAuth2 access_type=offline) [default: 2592000]
+    #[arg(long, env = "BERTH_REFRESH_TOKEN_TTL_SECS", value_name = "SECS")]
+    pub refresh_token_ttl_secs: Option<u64>,
+    /// The registry's external URL, for the token realm in challenges [default: the scheme
+    /// and Host of each request]
+    #[arg(long, env = "BERTH_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<String>,
     /// S3 API URL, e.g. http://127.0.0.1:3900 [default: AWS_ENDPOINT_URL, else AWS]
     #[arg(long, env = "BERTH_S3_ENDPOINT", value_name = "URL")]
     pub s3_endpoint: Option<String>,
@@ -244,7 +268,53 @@ impl RawConfig {
             redirect_blob_gets: self.s3_redirect_blob_gets.unwrap_or(false),
         };
 
+        let auth_enabled = match self.auth.as_deref().unwrap_or("none") {
+            "none" => false,
+            "token" => true,
+            other => anyhow::bail!("auth must be none or token, not {other:?}"),
+        };
+        let allow_anonymous = self.allow_anonymous.unwrap_or(false);
+        anyhow::ensure!(
+            auth_enabled || allow_anonymous || listen.ip().is_loopback(),
+            "refusing to serve {listen} without access control: anyone who reaches it could \
+             push, overwrite and delete. Turn auth on (--auth token, after `berth user add \
+             NAME --admin`), listen on a loopback address, or pass --allow-anonymous"
+        );
+        let service = self.auth_service.unwrap_or_else(|| "berth".to_string());
+        anyhow::ensure!(
+            !service.is_empty() && !service.contains('"') && service.len() <= 255,
+            "auth_service must be 1 to 255 characters without quotes"
+        );
+        let public_url = match self.public_url {
+            Some(url) => {
+                let url = url.trim_end_matches('/').to_string();
+                anyhow::ensure!(
+                    (url.starts_with("http://") || url.starts_with("https://"))
+                        && !url.contains('"'),
+                    "public_url must be an http:// or https:// URL, not {url:?}"
+                );
+                Some(url)
+            }
+            None => None,
+        };
+        let auth = crate::auth::AuthOptions {
+            enabled: auth_enabled,
+            public_url,
+            issuer: service.clone(),
+            service,
+            token_ttl: secs("token_ttl_secs", self.token_ttl_secs, 300, 10, DAY_SECS)?,
+            refresh_token_ttl: secs(
+                "refresh_token_ttl_secs",
+                self.refresh_token_ttl_secs,
+                30 * DAY_SECS,
+                60,
+                365 * DAY_SECS,
+            )?,
+        };
+
         Ok(Config {
+            auth,
+            allow_anonymous,
             listen,
             storage,
             metadata,
@@ -407,6 +477,9 @@ impl MetadataConfig {
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub auth: crate::auth::AuthOptions,
+    /// Serving without access control on a non-loopback address was asked for.
+    pub allow_anonymous: bool,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub storage: StorageConfig,

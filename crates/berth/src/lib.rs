@@ -8,11 +8,13 @@
 //! - [`server`]: binds the router to an already-bound listener; graceful shutdown.
 //! - [`api`]: route parsing into a typed enum, one handler module per endpoint family, and the
 //!   one table of spec error codes.
+//! - [`auth`]: accounts, credentials, registry tokens and rights (who may do what).
 //! - [`service`]: pushes, pulls, deletes, uploads, referrers; background upload expiry.
 //! - [`storage`]: the [`storage::BlobStore`] trait and its filesystem implementation.
 //! - [`metadata`]: [`metadata::Metadata`], one SQL layer over SQLite and PostgreSQL.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod metadata;
 pub mod server;

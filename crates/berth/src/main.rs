@@ -4,6 +4,8 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
+use berth::auth::manage;
+use berth::auth::rights::{Grant, Role};
 use berth::config::{Config, LogFormat, RawConfig};
 use berth::server::{self, ServeOptions};
 use clap::{Parser, Subcommand};
@@ -32,6 +34,183 @@ enum Command {
     /// defaults to PostgreSQL + S3), verifying every blob's digest on the way. Re-running it
     /// skips what the target already holds, so an interrupted copy resumes.
     Copy(CopyArgs),
+    /// Users: people who log in with a password.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Namespaces (a repository name's first segment), their members and roles.
+    #[command(subcommand)]
+    Namespace(NamespaceCommand),
+    /// Robot accounts: for CI and deployments, with grants in one namespace.
+    #[command(subcommand)]
+    Robot(RobotCommand),
+    /// Secrets usable as passwords: personal access tokens of users, secrets of robots.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The keys registry tokens are signed with.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a user; the password is read from the first line of stdin.
+    Add {
+        name: String,
+        /// A system administrator may do everything.
+        #[arg(long)]
+        admin: bool,
+        /// Read the password from stdin (required: passwords never go on a command line).
+        #[arg(long, required = true)]
+        password_stdin: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Set a user's password, read from the first line of stdin.
+    Passwd {
+        name: String,
+        #[arg(long, required = true)]
+        password_stdin: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Remove a user or robot, its memberships and secrets (at once, on every node).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List accounts.
+    List {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Add the users of an htpasswd file (bcrypt entries, `htpasswd -B`); existing names are
+    /// skipped. Their hashes are replaced by argon2id at each user's next login.
+    ImportHtpasswd {
+        file: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum NamespaceCommand {
+    /// Create a namespace.
+    Add {
+        name: String,
+        /// Anyone, even without credentials, may pull from it.
+        #[arg(long)]
+        public: bool,
+        /// Make this account its owner.
+        #[arg(long)]
+        owner: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Delete a namespace and its memberships (its repositories stay).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List namespaces.
+    List {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Make a namespace public or private.
+    Public {
+        name: String,
+        #[arg(action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+        public: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Give an account a role: reader, writer, maintainer or owner.
+    Grant {
+        namespace: String,
+        account: String,
+        role: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Take an account's role away.
+    Revoke {
+        namespace: String,
+        account: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List a namespace's members.
+    Members {
+        namespace: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum RobotCommand {
+    /// Create a robot NAMESPACE+NAME and print its secret (shown once).
+    Add {
+        namespace: String,
+        name: String,
+        /// What it may do: PATTERN:ACTIONS, e.g. team/*:pull or team/app:pull,push,delete
+        /// (repeatable; patterns stay inside the namespace).
+        #[arg(long = "grant", required = true)]
+        grants: Vec<String>,
+        /// The robot (and its secret) stop working after this many days.
+        #[arg(long)]
+        expires_in_days: Option<u64>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List robots, of one namespace if given.
+    List {
+        namespace: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a secret for an account and print it (shown once): a personal access token for
+    /// a user, another secret for a robot.
+    Add {
+        account: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Limit a personal token to PATTERN:ACTIONS (repeatable); none: all the user's rights.
+        #[arg(long = "grant")]
+        grants: Vec<String>,
+        #[arg(long)]
+        expires_in_days: Option<u64>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List an account's secrets (ids, never the secrets).
+    List {
+        account: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Revoke a secret by id, at once on every node.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Start a new signing key. Tokens signed by the previous key stay valid until they
+    /// expire; every node picks the new key up within a second.
+    Rotate {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -142,6 +321,13 @@ async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
     if let Some(warning) = config.fd_warning() {
         tracing::warn!("{warning}");
     }
+    if !config.auth.enabled && !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.listen,
+            "serving WITHOUT ACCESS CONTROL (--allow-anonymous): anyone who reaches this \
+             address may push, overwrite and delete anything"
+        );
+    }
 
     let registry = server::open_registry(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -171,6 +357,259 @@ async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The metadata store a management command works on: the same one `serve` uses.
+async fn admin_metadata(config: ConfigArgs) -> anyhow::Result<berth::metadata::Metadata> {
+    let config = load_config_for_admin(config)?;
+    init_logging(config.log_format);
+    server::open_metadata(&config).await
+}
+
+/// Like [`load_config`], but a management command never serves, so the secure-default check
+/// on the listen address does not apply to it.
+fn load_config_for_admin(mut args: ConfigArgs) -> anyhow::Result<Config> {
+    args.settings.allow_anonymous = Some(true);
+    load_config(args)
+}
+
+fn read_password() -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from stdin")?;
+    let password = line.trim_end_matches(['\n', '\r']).to_string();
+    anyhow::ensure!(!password.is_empty(), "the password on stdin is empty");
+    Ok(password)
+}
+
+fn expiry(days: Option<u64>) -> anyhow::Result<Option<i64>> {
+    days.map(|d| {
+        anyhow::ensure!((1..=3650).contains(&d), "expiry must be 1 to 3650 days");
+        Ok(berth::metadata::queries::now_secs() + d as i64 * 86_400)
+    })
+    .transpose()
+}
+
+fn grants(texts: &[String]) -> anyhow::Result<Vec<Grant>> {
+    texts
+        .iter()
+        .map(|g| Grant::parse(g).map_err(anyhow::Error::msg))
+        .collect()
+}
+
+fn when(secs: Option<i64>) -> String {
+    secs.map_or_else(|| "-".to_string(), berth::api::token::rfc3339)
+}
+
+#[allow(clippy::print_stdout)]
+async fn user(command: UserCommand) -> anyhow::Result<()> {
+    match command {
+        UserCommand::Add {
+            name,
+            admin,
+            config,
+            ..
+        } => {
+            let password = read_password()?;
+            manage::add_user(&admin_metadata(config).await?, &name, &password, admin).await?;
+            println!(
+                "added user {name}{}",
+                if admin { " (administrator)" } else { "" }
+            );
+        }
+        UserCommand::Passwd { name, config, .. } => {
+            let password = read_password()?;
+            manage::set_password(&admin_metadata(config).await?, &name, &password).await?;
+            println!("password of {name} changed");
+        }
+        UserCommand::Rm { name, config } => {
+            manage::remove_account(&admin_metadata(config).await?, &name).await?;
+            println!("removed {name}");
+        }
+        UserCommand::List { config } => {
+            for a in manage::list_accounts(&admin_metadata(config).await?, None).await? {
+                let admin = if a.admin { " admin" } else { "" };
+                println!(
+                    "{}\t{}{admin}\tcreated {}",
+                    a.name,
+                    a.kind,
+                    when(Some(a.created_at))
+                );
+            }
+        }
+        UserCommand::ImportHtpasswd { file, config } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let (added, skipped) =
+                manage::import_htpasswd(&admin_metadata(config).await?, &text).await?;
+            println!(
+                "added {} users, skipped {} that exist",
+                added.len(),
+                skipped.len()
+            );
+            for name in skipped {
+                println!("skipped {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+async fn namespace(command: NamespaceCommand) -> anyhow::Result<()> {
+    match command {
+        NamespaceCommand::Add {
+            name,
+            public,
+            owner,
+            config,
+        } => {
+            let md = admin_metadata(config).await?;
+            manage::add_namespace(&md, &name, public, owner.as_deref()).await?;
+            println!("added namespace {name}");
+        }
+        NamespaceCommand::Rm { name, config } => {
+            manage::remove_namespace(&admin_metadata(config).await?, &name).await?;
+            println!("removed namespace {name}");
+        }
+        NamespaceCommand::List { config } => {
+            for ns in manage::list_namespaces(&admin_metadata(config).await?).await? {
+                let public = if ns.public { "public" } else { "private" };
+                println!("{}\t{public}", ns.name);
+            }
+        }
+        NamespaceCommand::Public {
+            name,
+            public,
+            config,
+        } => {
+            manage::set_public(&admin_metadata(config).await?, &name, public).await?;
+            println!("{name} is {}", if public { "public" } else { "private" });
+        }
+        NamespaceCommand::Grant {
+            namespace,
+            account,
+            role,
+            config,
+        } => {
+            let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+            manage::set_member(&admin_metadata(config).await?, &namespace, &account, role).await?;
+            println!("{account} is {role} of {namespace}");
+        }
+        NamespaceCommand::Revoke {
+            namespace,
+            account,
+            config,
+        } => {
+            manage::remove_member(&admin_metadata(config).await?, &namespace, &account).await?;
+            println!("{account} has no role in {namespace}");
+        }
+        NamespaceCommand::Members { namespace, config } => {
+            for (name, role) in manage::members(&admin_metadata(config).await?, &namespace).await? {
+                println!("{name}\t{role}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+async fn robot(command: RobotCommand) -> anyhow::Result<()> {
+    match command {
+        RobotCommand::Add {
+            namespace,
+            name,
+            grants: texts,
+            expires_in_days,
+            config,
+        } => {
+            let md = admin_metadata(config).await?;
+            let (full, secret) = manage::add_robot(
+                &md,
+                &namespace,
+                &name,
+                &grants(&texts)?,
+                expiry(expires_in_days)?,
+            )
+            .await?;
+            println!("robot: {full}");
+            println!("secret: {secret}");
+        }
+        RobotCommand::List { namespace, config } => {
+            let md = admin_metadata(config).await?;
+            for a in manage::list_accounts(&md, namespace.as_deref()).await? {
+                if a.kind == "robot" {
+                    println!(
+                        "{}\t{}\texpires {}",
+                        a.name,
+                        a.grants.unwrap_or_default(),
+                        when(a.expires_at)
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+async fn token(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Add {
+            account,
+            description,
+            grants: texts,
+            expires_in_days,
+            config,
+        } => {
+            let md = admin_metadata(config).await?;
+            let limit = grants(&texts)?;
+            let secret = manage::add_token(
+                &md,
+                &account,
+                &description,
+                (!limit.is_empty()).then_some(limit.as_slice()),
+                expiry(expires_in_days)?,
+            )
+            .await?;
+            println!("{secret}");
+        }
+        TokenCommand::List { account, config } => {
+            for c in manage::list_tokens(&admin_metadata(config).await?, &account).await? {
+                let state = if c.revoked_at.is_some() {
+                    "revoked"
+                } else {
+                    "live"
+                };
+                println!(
+                    "{}\t{}\t{state}\tcreated {}\texpires {}\tlast used {}\t{}",
+                    c.id,
+                    c.kind,
+                    when(Some(c.created_at)),
+                    when(c.expires_at),
+                    when(c.last_used_at),
+                    c.description
+                );
+            }
+        }
+        TokenCommand::Revoke { id, config } => {
+            manage::revoke_token(&admin_metadata(config).await?, &id).await?;
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+async fn key(command: KeyCommand) -> anyhow::Result<()> {
+    match command {
+        KeyCommand::Rotate { config } => {
+            let kid = manage::rotate_key(&admin_metadata(config).await?).await?;
+            println!("new signing key {kid}; the previous one verifies until its tokens expire");
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -180,5 +619,10 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Migrate(args) => runtime.block_on(migrate(args)),
         Command::Copy(args) => runtime.block_on(copy(args)),
+        Command::User(c) => runtime.block_on(user(c)),
+        Command::Namespace(c) => runtime.block_on(namespace(c)),
+        Command::Robot(c) => runtime.block_on(robot(c)),
+        Command::Token(c) => runtime.block_on(token(c)),
+        Command::Key(c) => runtime.block_on(key(c)),
     }
 }

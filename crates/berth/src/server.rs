@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tower_http::timeout::TimeoutBody;
 
 use crate::api;
+use crate::auth::Auth;
 use crate::config::{Config, MetadataConfig, StorageConfig};
 use crate::metadata::{Metadata, PoolOptions};
 use crate::service::{Registry, RegistryOptions};
@@ -40,7 +41,11 @@ pub async fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
         ),
     };
     let metadata = open_metadata(config).await?;
+    let auth = Auth::open(metadata.clone(), config.auth.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("loading access control: {e}"))?;
     let registry = Arc::new(Registry::new(
+        auth,
         blobs,
         metadata,
         RegistryOptions {
@@ -154,6 +159,7 @@ pub async fn run(
         tracing::info!("shutting down: no new connections; finishing in-flight requests");
         let _ = stop_tx.send(true);
     });
+    let access_watch = tokio::spawn(registry.auth().clone().watch(stop_rx.clone()));
     let janitor = tokio::spawn(expire_uploads(
         registry.clone(),
         options.upload_purge_interval,
@@ -242,6 +248,7 @@ pub async fn run(
         }
     }
     janitor.abort();
+    access_watch.abort();
     Ok(())
 }
 

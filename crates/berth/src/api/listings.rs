@@ -8,6 +8,7 @@ use serde_json::json;
 
 use super::error::{ApiError, ErrorCode};
 use super::{ApiResult, query_pairs, query_param};
+use crate::auth::rights::Rights;
 use crate::service::{Listing, MAX_PAGE_SIZE, Registry, RequestContext};
 
 /// `n` and `last` from the query.
@@ -70,9 +71,17 @@ pub async fn tags(
     listing_response(&format!("/v2/{repo}/tags/list"), n, &listing, body)
 }
 
-pub async fn catalog(registry: &Registry, ctx: &RequestContext, request: &Parts) -> ApiResult {
+/// The catalog as `visible` lets the caller see it.
+pub async fn catalog(
+    registry: &Registry,
+    ctx: &RequestContext,
+    visible: &Rights,
+    request: &Parts,
+) -> ApiResult {
     let (n, last) = page(request)?;
-    let listing = registry.list_repositories(ctx, last.as_deref(), n).await?;
+    let listing = registry
+        .list_repositories(ctx, visible, last.as_deref(), n)
+        .await?;
     let body = json!({ "repositories": listing.items });
     listing_response("/v2/_catalog", n, &listing, body)
 }

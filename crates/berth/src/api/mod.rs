@@ -4,13 +4,16 @@
 //! Repository names may contain any number of `/`, so routes are parsed from the end of the
 //! path rather than matched by a router's patterns.
 
+pub mod access;
 mod blobs;
 pub mod error;
 mod listings;
 mod manifests;
+pub mod token;
 mod uploads;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -20,7 +23,8 @@ use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
 use oci::{Digest, Reference, RepositoryName};
 
-use crate::service::{Actor, BodyStream, Registry, RequestContext, RequestId};
+use crate::auth::{AuthError, Principal};
+use crate::service::{BodyStream, Registry, RequestContext, RequestId};
 use error::{ApiError, ApiResult, ErrorCode};
 
 const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
@@ -136,6 +140,9 @@ impl Peer {
 
 /// The single entry point: route, dispatch, and stamp the API version header.
 pub async fn handle(registry: &Registry, peer: &Peer, request: Request) -> Response {
+    if request.uri().path() == "/auth/token" {
+        return token::handle(registry, peer, request).await;
+    }
     let (method, uri) = (request.method().clone(), request.uri().clone());
     let mut response = match dispatch(registry, peer, request).await {
         Ok(r) => r,
@@ -153,14 +160,26 @@ pub async fn handle(registry: &Registry, peer: &Peer, request: Request) -> Respo
 async fn dispatch(registry: &Registry, peer: &Peer, request: Request) -> ApiResult {
     let route = parse_route(request.uri().path())?;
     let (parts, body) = request.into_parts();
-    let ctx = &request_context(&parts, peer);
+    let need = access::Need::of(&route, &parts.method);
+    let principal = authenticate(registry, peer, &parts, &route, &need).await?;
+    let ctx = &request_context(&parts, peer, principal);
     let method = parts.method.clone();
     let request = &parts;
     match (route, method) {
         (Route::Base, Method::GET | Method::HEAD) => {
             Ok(([(header::CONTENT_TYPE, "application/json")], "{}").into_response())
         }
-        (Route::Catalog, Method::GET) => listings::catalog(registry, ctx, request).await,
+        (Route::Catalog, Method::GET) => {
+            let Some(visible) = registry
+                .auth()
+                .catalog_rights(&ctx.principal)
+                .await
+                .map_err(|e| access::refused(registry.auth().options(), peer, request, &need, e))?
+            else {
+                return Err(ApiError::new(ErrorCode::Denied));
+            };
+            listings::catalog(registry, ctx, &visible, request).await
+        }
         (Route::Tags(repo), Method::GET) => listings::tags(registry, ctx, &repo, request).await,
         (Route::Referrers(repo, d), Method::GET) => {
             listings::referrers(registry, ctx, &repo, &d, request).await
@@ -210,9 +229,34 @@ async fn dispatch(registry: &Registry, peer: &Peer, request: Request) -> ApiResu
     }
 }
 
-/// Who is asking and from where, as the service sees it. The peer address is the one the
-/// server recorded for the connection (`ConnectInfo`), when it did.
-fn request_context(parts: &Parts, peer: &Peer) -> RequestContext {
+/// Who is asking, checked against what the route needs. A bearer token that expired is
+/// accepted for an upload already open: the upload session is the capability (the service
+/// lets only the account that opened it continue it), so a long push outlives its token.
+async fn authenticate(
+    registry: &Registry,
+    peer: &Peer,
+    parts: &Parts,
+    route: &Route,
+    need: &access::Need,
+) -> Result<Arc<Principal>, ApiError> {
+    let auth = registry.auth();
+    let options = auth.options();
+    let credentials = access::credentials(&parts.headers)
+        .map_err(|why| access::refused(options, peer, parts, need, AuthError::Unauthorized(why)))?;
+    let principal = match auth
+        .authenticate(&credentials, peer.client_cert_subject.as_deref())
+        .await
+    {
+        Ok(p) => p,
+        Err(AuthError::Expired(p)) if matches!(route, Route::Upload(..)) => Arc::new(*p),
+        Err(e) => return Err(access::refused(options, peer, parts, need, e)),
+    };
+    access::check(options, peer, parts, &principal, need)?;
+    Ok(principal)
+}
+
+/// Who is asking and from where, as the service sees it.
+fn request_context(parts: &Parts, peer: &Peer, principal: Arc<Principal>) -> RequestContext {
     let header = |name: &str| {
         parts
             .headers
@@ -233,7 +277,7 @@ fn request_context(parts: &Parts, peer: &Peer) -> RequestContext {
         .map_or_else(RequestId::generate, RequestId::Client);
     RequestContext {
         request_id,
-        actor: Actor::Anonymous,
+        principal,
         client_addr: Some(peer.addr.ip()),
         user_agent: header("user-agent"),
     }

@@ -181,6 +181,13 @@ impl Row {
         }
     }
 
+    pub fn opt_i64(&self, i: usize) -> Result<Option<i64>, MetadataError> {
+        match self.get(i)? {
+            Value::Null => Ok(None),
+            _ => self.i64(i).map(Some),
+        }
+    }
+
     pub fn u64(&self, i: usize) -> Result<u64, MetadataError> {
         let v = self.i64(i)?;
         u64::try_from(v).map_err(|_| MetadataError::internal(format!("column {i}: {v} < 0")))

@@ -10,6 +10,7 @@
 //! operation, each one transaction, and [`Metadata::write`] / [`Metadata::read`] to compose
 //! several [`queries`] into one.
 
+pub mod access;
 pub mod db;
 pub mod queries;
 pub mod schema;
@@ -124,6 +125,9 @@ pub struct UploadSession {
     pub repository: RepositoryName,
     /// Seconds since the Unix epoch of the last byte or status change.
     pub updated_at: i64,
+    /// The account that opened the upload: only it may continue it, even after the token that
+    /// opened it expired. `None` when opened without an account (auth off, or anonymous).
+    pub owner: Option<String>,
 }
 
 /// One page of a sorted listing.
@@ -192,6 +196,14 @@ impl Metadata {
         digest: &Digest,
     ) -> Result<Option<u64>, MetadataError> {
         self.read(|tx| Box::pin(queries::blob_in_repository(tx, repo, digest)))
+            .await
+    }
+
+    pub async fn repositories_with_blob(
+        &self,
+        digest: &Digest,
+    ) -> Result<Vec<String>, MetadataError> {
+        self.read(|tx| Box::pin(queries::repositories_with_blob(tx, digest)))
             .await
     }
 

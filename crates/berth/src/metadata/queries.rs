@@ -224,11 +224,12 @@ async fn delete_unless_referenced(
 
 pub async fn create_upload(tx: &mut Tx<'_>, s: &UploadSession) -> Result<(), MetadataError> {
     tx.execute(
-        "INSERT INTO uploads (id, repository, updated_at) VALUES (?1, ?2, ?3)",
+        "INSERT INTO uploads (id, repository, updated_at, owner) VALUES (?1, ?2, ?3, ?4)",
         &[
             s.id.as_str().into(),
             s.repository.as_str().into(),
             s.updated_at.into(),
+            s.owner.as_deref().into(),
         ],
     )
     .await?;
@@ -238,7 +239,7 @@ pub async fn create_upload(tx: &mut Tx<'_>, s: &UploadSession) -> Result<(), Met
 pub async fn get_upload(tx: &mut Tx<'_>, id: &str) -> Result<Option<UploadSession>, MetadataError> {
     let Some(row) = tx
         .query_opt(
-            "SELECT id, repository, updated_at FROM uploads WHERE id = ?1",
+            "SELECT id, repository, updated_at, owner FROM uploads WHERE id = ?1",
             &[id.into()],
         )
         .await?
@@ -249,6 +250,7 @@ pub async fn get_upload(tx: &mut Tx<'_>, id: &str) -> Result<Option<UploadSessio
         id: row.text(0)?.to_owned(),
         repository: row.text(1)?.parse().map_err(MetadataError::internal)?,
         updated_at: row.i64(2)?,
+        owner: row.opt_text(3)?.map(str::to_owned),
     }))
 }
 
@@ -657,4 +659,22 @@ pub async fn referrers(
             })
         })
         .collect()
+}
+
+/// Up to 1000 repositories that may read a blob (for a mount without `from`, which looks for
+/// one the caller may read).
+pub async fn repositories_with_blob(
+    tx: &mut Tx<'_>,
+    digest: &Digest,
+) -> Result<Vec<String>, MetadataError> {
+    let digest = digest.to_string();
+    tx.query(
+        "SELECT r.name FROM repository_blobs rb JOIN repositories r ON r.id = rb.repository_id
+         WHERE rb.digest = ?1 ORDER BY r.name LIMIT 1000",
+        &[(&digest).into()],
+    )
+    .await?
+    .iter()
+    .map(|r| r.text(0).map(str::to_owned))
+    .collect()
 }

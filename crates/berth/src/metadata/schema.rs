@@ -24,6 +24,7 @@ pub const MIGRATIONS: &[Migration] = &[
         postgres: V1_POSTGRES,
     },
     Migration::Shared(V2),
+    Migration::Shared(V3),
 ];
 
 /// Key of the transaction-scoped advisory lock that serializes migrations across nodes.
@@ -222,4 +223,76 @@ ALTER TABLE repository_blobs ADD COLUMN created_at {INT} NOT NULL DEFAULT 0;
 ALTER TABLE repository_blobs ADD COLUMN last_referenced_at {INT} NOT NULL DEFAULT 0;
 UPDATE blobs SET created_at = {NOW}, last_referenced_at = {NOW};
 UPDATE repository_blobs SET created_at = {NOW}, last_referenced_at = {NOW};
+"#;
+
+/// Version 3, both dialects: who may do what (see `auth` in ARCHITECTURE.md). Accounts are
+/// users and robots; credentials are the secrets other than passwords (robot secrets, personal
+/// access tokens, refresh tokens), stored as SHA-256 of high-entropy secrets; signing keys are
+/// shared by every node; `auth_generation` is bumped by every change to any of these, and
+/// nodes poll it to drop their caches. An upload remembers the account that opened it.
+const V3: &str = r#"
+CREATE TABLE accounts (
+    id            {ID},
+    name          {NAME} NOT NULL UNIQUE,
+    kind          TEXT NOT NULL CHECK (kind IN ('user', 'robot')),
+    password_hash TEXT,
+    admin         {INT} NOT NULL DEFAULT 0,
+    -- Robots: the namespace they belong to, what they may do there (JSON), and an expiry.
+    namespace     {NAME},
+    grants        TEXT,
+    expires_at    {INT},
+    created_at    {INT} NOT NULL
+);
+CREATE TABLE namespaces (
+    name       {NAME} PRIMARY KEY,
+    public     {INT} NOT NULL DEFAULT 0,
+    created_at {INT} NOT NULL
+) {WITHOUT_ROWID};
+CREATE TABLE namespace_members (
+    namespace  {NAME} NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
+    account_id {INT} NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    role       TEXT NOT NULL CHECK (role IN ('reader', 'writer', 'maintainer', 'owner')),
+    PRIMARY KEY (namespace, account_id)
+) {WITHOUT_ROWID};
+CREATE INDEX namespace_members_account ON namespace_members(account_id);
+CREATE TABLE credentials (
+    id           {NAME} PRIMARY KEY,
+    account_id   {INT} NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    kind         TEXT NOT NULL CHECK (kind IN ('robot', 'personal', 'refresh')),
+    secret_hash  TEXT NOT NULL,
+    description  TEXT NOT NULL DEFAULT '',
+    -- Personal tokens: at most these rights (JSON), NULL for all the user may do.
+    grants       TEXT,
+    -- Refresh tokens: the service they were issued for.
+    service      TEXT,
+    created_at   {INT} NOT NULL,
+    expires_at   {INT},
+    last_used_at {INT},
+    revoked_at   {INT}
+) {WITHOUT_ROWID};
+CREATE INDEX credentials_account ON credentials(account_id);
+CREATE TABLE signing_keys (
+    kid         {NAME} PRIMARY KEY,
+    algorithm   TEXT NOT NULL,
+    private_key {BYTES} NOT NULL,
+    public_key  {BYTES} NOT NULL,
+    created_at  {INT} NOT NULL,
+    retired_at  {INT}
+) {WITHOUT_ROWID};
+CREATE TABLE trust_rules (
+    id         {ID},
+    name       {NAME} NOT NULL UNIQUE,
+    issuer     TEXT NOT NULL,
+    audience   TEXT NOT NULL,
+    jwks       TEXT NOT NULL,
+    conditions TEXT NOT NULL,
+    robot_id   {INT} NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    created_at {INT} NOT NULL
+);
+CREATE TABLE auth_generation (
+    id         {INT} PRIMARY KEY CHECK (id = 1),
+    generation {INT} NOT NULL
+);
+INSERT INTO auth_generation (id, generation) VALUES (1, 0);
+ALTER TABLE uploads ADD COLUMN owner TEXT;
 "#;

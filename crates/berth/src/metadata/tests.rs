@@ -44,6 +44,185 @@ fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
+/// Accounts, namespaces, members, credentials, keys: each change bumps the generation.
+pub(crate) async fn access_suite(store: &Metadata) {
+    use super::access::{self as q, AccountRow, CredentialRow};
+    let generation = || async { must(store.read(|tx| Box::pin(q::generation(tx))).await) };
+    let g0 = generation().await;
+    let user = AccountRow {
+        id: 0,
+        name: "alice".into(),
+        kind: "user".into(),
+        password_hash: Some("h".into()),
+        admin: false,
+        namespace: None,
+        grants: None,
+        expires_at: None,
+        created_at: 1,
+    };
+    let u = &user;
+    let id = must(store.write(|tx| Box::pin(q::insert_account(tx, u))).await).expect("new");
+    assert_eq!(
+        must(store.write(|tx| Box::pin(q::insert_account(tx, u))).await),
+        None,
+        "a taken name"
+    );
+    let g1 = generation().await;
+    assert!(g1 > g0);
+    let found = must(
+        store
+            .read(|tx| Box::pin(q::account_by_name(tx, "alice")))
+            .await,
+    );
+    assert_eq!(found, Some(AccountRow { id, ..user.clone() }));
+    assert!(must(
+        store
+            .write(|tx| Box::pin(q::set_password_hash(tx, "alice", "h2")))
+            .await
+    ));
+    assert!(!must(
+        store
+            .write(|tx| Box::pin(q::set_password_hash(tx, "bob", "h2")))
+            .await
+    ));
+
+    assert!(must(
+        store
+            .write(|tx| Box::pin(q::insert_namespace(tx, "team", false, 5)))
+            .await
+    ));
+    assert!(!must(
+        store
+            .write(|tx| Box::pin(q::insert_namespace(tx, "team", true, 5)))
+            .await
+    ));
+    assert!(must(
+        store
+            .write(|tx| Box::pin(q::insert_namespace(tx, "lib", true, 5)))
+            .await
+    ));
+    assert_eq!(
+        must(store.read(|tx| Box::pin(q::public_namespaces(tx))).await),
+        strings(&["lib"])
+    );
+    must(
+        store
+            .write(|tx| Box::pin(q::set_member(tx, "team", id, "reader")))
+            .await,
+    );
+    must(
+        store
+            .write(|tx| Box::pin(q::set_member(tx, "team", id, "owner")))
+            .await,
+    );
+    assert_eq!(
+        must(store.read(|tx| Box::pin(q::memberships(tx, id))).await),
+        vec![("team".to_string(), "owner".to_string())]
+    );
+    assert_eq!(
+        must(store.read(|tx| Box::pin(q::members(tx, "team"))).await),
+        vec![("alice".to_string(), "owner".to_string())]
+    );
+
+    let cred = CredentialRow {
+        id: "c1".into(),
+        account_id: id,
+        kind: "personal".into(),
+        secret_hash: "x".into(),
+        description: "ci".into(),
+        grants: None,
+        service: None,
+        created_at: 10,
+        expires_at: Some(1000),
+        last_used_at: None,
+        revoked_at: None,
+    };
+    let c = &cred;
+    must(
+        store
+            .write(|tx| Box::pin(q::insert_credential(tx, c)))
+            .await,
+    );
+    must(
+        store
+            .write(|tx| Box::pin(q::touch_credential(tx, "c1", 100, 60)))
+            .await,
+    );
+    must(
+        store
+            .write(|tx| Box::pin(q::touch_credential(tx, "c1", 120, 60)))
+            .await,
+    );
+    let listed = must(store.read(|tx| Box::pin(q::list_credentials(tx, id))).await);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        listed[0].last_used_at,
+        Some(100),
+        "touches within the granularity write nothing"
+    );
+    let before = generation().await;
+    assert!(must(
+        store
+            .write(|tx| Box::pin(q::revoke_credential(tx, "c1", 200)))
+            .await
+    ));
+    assert!(!must(
+        store
+            .write(|tx| Box::pin(q::revoke_credential(tx, "c1", 201)))
+            .await
+    ));
+    assert!(generation().await > before, "a revocation tells every node");
+
+    let key = |kid: &str, at: i64| q::SigningKeyRow {
+        kid: kid.into(),
+        algorithm: "ES256".into(),
+        private_key: vec![1, 2],
+        public_key: vec![3],
+        created_at: at,
+        retired_at: None,
+    };
+    let (k1, k2) = (key("k1", 100), key("k2", 200));
+    must(
+        store
+            .write(|tx| Box::pin(q::rotate_signing_key(tx, &k1)))
+            .await,
+    );
+    must(
+        store
+            .write(|tx| Box::pin(q::rotate_signing_key(tx, &k2)))
+            .await,
+    );
+    let keys = must(store.read(|tx| Box::pin(q::signing_keys(tx, 0))).await);
+    assert_eq!(
+        keys.iter()
+            .map(|k| (k.kid.as_str(), k.retired_at))
+            .collect::<Vec<_>>(),
+        vec![("k2", None), ("k1", Some(200))],
+        "the live key first; the old one retired when the new one started"
+    );
+    let keys = must(store.read(|tx| Box::pin(q::signing_keys(tx, 201))).await);
+    assert_eq!(keys.len(), 1, "keys retired long enough ago are not loaded");
+
+    // Removing the account removes its memberships and credentials.
+    assert!(must(
+        store
+            .write(|tx| Box::pin(q::delete_account(tx, "alice")))
+            .await
+    ));
+    assert_eq!(
+        must(store.read(|tx| Box::pin(q::members(tx, "team"))).await),
+        vec![]
+    );
+    assert_eq!(
+        must(
+            store
+                .read(|tx| Box::pin(q::credential_by_id(tx, "c1")))
+                .await
+        ),
+        None
+    );
+}
+
 pub(crate) async fn metadata_suite(store: &Metadata) {
     let (a, b) = (name("team/a"), name("team/b"));
     let blob = Digest::sha256_of(b"layer");
@@ -190,6 +369,7 @@ pub(crate) async fn metadata_suite(store: &Metadata) {
         id: "u1".into(),
         repository: a.clone(),
         updated_at: 100,
+        owner: Some("alice".into()),
     };
     must(store.create_upload(&s).await);
     assert_eq!(must(store.get_upload("u1").await), Some(s.clone()));
@@ -283,6 +463,12 @@ mod sqlite {
     async fn passes_the_shared_suite() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         metadata_suite(&open(&dir.path().join("m.db")).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_access_suite() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        access_suite(&open(&dir.path().join("m.db")).await).await;
     }
 
     #[tokio::test]
@@ -474,6 +660,13 @@ mod postgres {
     async fn passes_the_shared_suite() {
         let db = TestDb::create().await;
         metadata_suite(&db.store().await).await;
+        db.drop_database().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_access_suite() {
+        let db = TestDb::create().await;
+        access_suite(&db.store().await).await;
         db.drop_database().await;
     }
 

@@ -1,20 +1,44 @@
 //! Who is asking the service, and from where: passed into every entry point of the registry,
 //! so that access control, audit events and quotas read it there instead of changing every
-//! signature. Changes are logged with it now (`log_change`); reads take it unused until access
-//! control decides with it.
+//! signature. Changes are logged with it (`log_change`); the service asks its principal what
+//! the caller may read where a rule depends on it (the catalog, mounts).
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::auth::Principal;
+use crate::auth::rights::Action;
 
 use oci::{Digest, RepositoryName, Tag};
 
 /// The identity a request acts as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Actor {
-    /// No credentials were presented (the only kind until access control lands).
+    /// No credentials were presented (or access control is off).
     Anonymous,
     /// Berth acting on its own behalf (`berth copy`, background workers).
     System(&'static str),
+    User(String),
+    Robot(String),
+    /// A CI job's own identity (`issuer#subject`) acting with a robot's rights through a
+    /// trust rule.
+    Federated {
+        robot: String,
+        subject: String,
+    },
+}
+
+impl Actor {
+    /// The account acting, if any.
+    pub fn account(&self) -> Option<&str> {
+        match self {
+            Actor::User(name) | Actor::Robot(name) | Actor::Federated { robot: name, .. } => {
+                Some(name)
+            }
+            Actor::Anonymous | Actor::System(_) => None,
+        }
+    }
 }
 
 impl fmt::Display for Actor {
@@ -22,6 +46,9 @@ impl fmt::Display for Actor {
         match self {
             Actor::Anonymous => f.write_str("anonymous"),
             Actor::System(what) => write!(f, "system:{what}"),
+            Actor::User(name) => write!(f, "user:{name}"),
+            Actor::Robot(name) => write!(f, "robot:{name}"),
+            Actor::Federated { robot, subject } => write!(f, "robot:{robot}({subject})"),
         }
     }
 }
@@ -62,7 +89,8 @@ impl fmt::Display for RequestId {
 pub struct RequestContext {
     /// The client's `X-Request-Id` when it sent a usable one, else generated.
     pub request_id: RequestId,
-    pub actor: Actor,
+    /// Who is asking and what they may do.
+    pub principal: Arc<Principal>,
     /// The peer's address, when the request came over the network.
     pub client_addr: Option<IpAddr>,
     pub user_agent: Option<String>,
@@ -73,10 +101,19 @@ impl RequestContext {
     pub fn system(what: &'static str) -> RequestContext {
         RequestContext {
             request_id: RequestId::generate(),
-            actor: Actor::System(what),
+            principal: Arc::new(Principal::system(what)),
             client_addr: None,
             user_agent: None,
         }
+    }
+
+    pub fn actor(&self) -> &Actor {
+        &self.principal.actor
+    }
+
+    /// Whether the caller may do `action` on `repository`.
+    pub fn may(&self, repository: &str, action: Action) -> bool {
+        self.principal.may(repository, action)
     }
 
     /// The client address for logs: `-` when there is none.
@@ -99,7 +136,7 @@ impl RequestContext {
     ) {
         tracing::info!(
             request.id = %self.request_id,
-            actor = %self.actor,
+            actor = %self.principal.actor,
             client.addr = %self.client(),
             repository = %repo,
             digest = %digest,
@@ -111,7 +148,7 @@ impl RequestContext {
     pub(crate) fn log_tag_deleted(&self, repo: &RepositoryName, tag: &Tag) {
         tracing::info!(
             request.id = %self.request_id,
-            actor = %self.actor,
+            actor = %self.principal.actor,
             client.addr = %self.client(),
             repository = %repo,
             tag = tag.as_str(),

@@ -16,6 +16,8 @@ use std::time::Duration;
 use oci::manifest;
 use oci::{Digest, Reference, RepositoryName, Tag};
 
+use crate::auth::Auth;
+use crate::auth::rights::{Action, Rights};
 use crate::metadata::{Metadata, MetadataError, NewManifest, Page, Referrer, StoredManifest};
 use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
 
@@ -120,6 +122,7 @@ pub struct ManifestBuffer {
 }
 
 pub struct Registry {
+    auth: Arc<Auth>,
     blobs: Arc<dyn BlobStore>,
     metadata: Metadata,
     options: RegistryOptions,
@@ -173,6 +176,9 @@ impl RangeRequest {
     }
 }
 
+/// Repository names read at once while filtering the catalog by what the caller may see.
+const CATALOG_SCAN_BATCH: usize = 1000;
+
 /// The most entries one page of the tags list or catalog holds; a larger `n` is cut to it.
 pub const MAX_PAGE_SIZE: usize = 10_000;
 
@@ -207,6 +213,7 @@ pub(crate) fn now_secs() -> i64 {
 
 impl Registry {
     pub fn new(
+        auth: Arc<Auth>,
         blobs: Arc<dyn BlobStore>,
         metadata: Metadata,
         options: RegistryOptions,
@@ -217,6 +224,7 @@ impl Registry {
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
         ));
         Registry {
+            auth,
             manifest_buffer,
             blobs,
             metadata,
@@ -224,6 +232,11 @@ impl Registry {
             hash_states: Mutex::new(HashMap::new()),
             upload_locks: Arc::new(UploadLocks::default()),
         }
+    }
+
+    /// Who may do what; the API asks it before calling the registry.
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.auth
     }
 
     pub fn max_manifest_bytes(&self) -> usize {
@@ -319,7 +332,8 @@ impl Registry {
     }
 
     /// Cross-repository mount: links a blob `from` may read into `repo`. `None` when `from`
-    /// does not have it, in which case the caller falls back to an ordinary upload.
+    /// does not have it, or the caller may not pull from `from`, in which case the caller
+    /// falls back to an ordinary upload (and learns nothing about `from`).
     pub async fn mount_blob(
         &self,
         ctx: &RequestContext,
@@ -327,6 +341,9 @@ impl Registry {
         from: &RepositoryName,
         digest: &Digest,
     ) -> Result<Option<u64>, ServiceError> {
+        if !ctx.may(from.as_str(), Action::Pull) {
+            return Ok(None);
+        }
         let Some(size) = self.metadata.blob_in_repository(from, digest).await? else {
             return Ok(None);
         };
@@ -339,9 +356,10 @@ impl Registry {
     }
 
     /// Mount without `from` (the spec's automatic content discovery): links the blob if the
-    /// registry holds it at all. Every committed blob was verified against its digest when it
-    /// was stored, so holding its bytes proves it; with no access control yet, any caller may
-    /// read every repository. `None` sends the client to an ordinary upload.
+    /// caller may read it in some repository. Every committed blob was verified against its
+    /// digest when it was stored, so holding its bytes proves it. `None` sends the client to an
+    /// ordinary upload, which is also what a caller who may read it nowhere gets: the answer
+    /// must not tell them the registry holds it.
     pub async fn mount_known_blob(
         &self,
         ctx: &RequestContext,
@@ -350,6 +368,12 @@ impl Registry {
     ) -> Result<Option<u64>, ServiceError> {
         if let Some(size) = self.metadata.blob_in_repository(repo, digest).await? {
             return Ok(Some(size));
+        }
+        if !ctx.principal.rights.is_all() {
+            let holders = self.metadata.repositories_with_blob(digest).await?;
+            if !holders.iter().any(|r| ctx.may(r, Action::Pull)) {
+                return Ok(None);
+            }
         }
         let Some(size) = self.blobs.stat(digest).await? else {
             return Ok(None);
@@ -491,17 +515,43 @@ impl Registry {
         Ok(truncate(&mut items, limit))
     }
 
+    /// A page of the repositories `visible` lets the caller pull from.
     pub async fn list_repositories(
         &self,
         _ctx: &RequestContext,
+        visible: &Rights,
         last: Option<&str>,
         limit: Option<usize>,
     ) -> Result<Listing, ServiceError> {
-        let page = Page {
-            last,
-            limit: limit.map(|n| n + 1),
-        };
-        let mut items = self.metadata.list_repositories(page).await?;
+        if visible.is_all() {
+            let page = Page {
+                last,
+                limit: limit.map(|n| n + 1),
+            };
+            let mut items = self.metadata.list_repositories(page).await?;
+            return Ok(truncate(&mut items, limit));
+        }
+        // Filtered page by page until the page is full: a caller who sees few repositories
+        // costs a scan of the names, never more than one page of them in memory.
+        let want = limit.map_or(usize::MAX, |n| n.saturating_add(1));
+        let mut items = Vec::new();
+        let mut after = last.map(str::to_owned);
+        loop {
+            let batch = self
+                .metadata
+                .list_repositories(Page {
+                    last: after.as_deref(),
+                    limit: Some(CATALOG_SCAN_BATCH),
+                })
+                .await?;
+            let exhausted = batch.len() < CATALOG_SCAN_BATCH;
+            after = batch.last().cloned();
+            items.extend(batch.into_iter().filter(|r| visible.may(r, Action::Pull)));
+            if exhausted || items.len() >= want {
+                break;
+            }
+        }
+        items.truncate(want);
         Ok(truncate(&mut items, limit))
     }
 

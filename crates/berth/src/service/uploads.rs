@@ -228,13 +228,21 @@ fn append_error(e: StorageError, offset: u64) -> ServiceError {
 
 impl Registry {
     /// The session, if it exists and belongs to `repo`.
+    /// The upload, if it is in `repo` and the caller may continue it: only the account that
+    /// opened an upload may, so its id alone is no capability for anyone else.
     async fn session(
         &self,
+        ctx: &RequestContext,
         repo: &RepositoryName,
         id: &str,
     ) -> Result<UploadSession, ServiceError> {
         match self.metadata.get_upload(id).await? {
-            Some(s) if &s.repository == repo => Ok(s),
+            Some(s)
+                if &s.repository == repo
+                    && (s.owner.is_none() || s.owner.as_deref() == ctx.actor().account()) =>
+            {
+                Ok(s)
+            }
             _ => Err(ServiceError::UploadUnknown),
         }
     }
@@ -259,7 +267,7 @@ impl Registry {
 
     pub async fn start_upload(
         &self,
-        _ctx: &RequestContext,
+        ctx: &RequestContext,
         repo: &RepositoryName,
     ) -> Result<UploadState, ServiceError> {
         let id = uuid::Uuid::new_v4().to_string();
@@ -271,6 +279,7 @@ impl Registry {
                 id: id.clone(),
                 repository: repo.clone(),
                 updated_at: now_secs(),
+                owner: ctx.actor().account().map(str::to_owned),
             })
             .await?;
         Ok(UploadState { id, size: 0 })
@@ -278,11 +287,11 @@ impl Registry {
 
     pub async fn upload_status(
         &self,
-        _ctx: &RequestContext,
+        ctx: &RequestContext,
         repo: &RepositoryName,
         id: &str,
     ) -> Result<UploadState, ServiceError> {
-        self.session(repo, id).await?;
+        self.session(ctx, repo, id).await?;
         let size = self.stored_size(id).await?;
         Ok(UploadState {
             id: id.to_string(),
@@ -293,12 +302,12 @@ impl Registry {
     /// Appends a chunk. `start`, when the client gave a Content-Range, must equal the current size.
     pub async fn append_upload(
         &self,
-        _ctx: &RequestContext,
+        ctx: &RequestContext,
         repo: &RepositoryName,
         id: &str,
         chunk: Chunk,
     ) -> Result<UploadState, ServiceError> {
-        self.session(repo, id).await?;
+        self.session(ctx, repo, id).await?;
         let held = self.upload_locks.hold(id).await;
         let size = self.stored_size(id).await?;
         let size = self.write_chunk(id, size, chunk, held).await?.size;
@@ -324,7 +333,7 @@ impl Registry {
         digest: &Digest,
         last_chunk: Chunk,
     ) -> Result<u64, ServiceError> {
-        self.session(repo, id).await?;
+        self.session(ctx, repo, id).await?;
         let held = self.upload_locks.hold(id).await;
         let size = self.stored_size(id).await?;
         let extent = self.write_chunk(id, size, last_chunk, held.clone()).await?;
@@ -368,11 +377,11 @@ impl Registry {
 
     pub async fn cancel_upload(
         &self,
-        _ctx: &RequestContext,
+        ctx: &RequestContext,
         repo: &RepositoryName,
         id: &str,
     ) -> Result<(), ServiceError> {
-        self.session(repo, id).await?;
+        self.session(ctx, repo, id).await?;
         let _held = self.upload_locks.hold(id).await;
         self.discard_upload(id).await
     }

@@ -1,0 +1,351 @@
+//! The token endpoint (`/auth/token`), as distribution's token spec describes it:
+//!
+//! - `GET` with basic credentials (or none, for an anonymous token) and `service`, `scope`
+//!   (repeatable, each space-separated), `offline_token`, `client_id` (`token.md`);
+//! - `POST` with a form: `grant_type=password` (`username`, `password`) or
+//!   `grant_type=refresh_token` (`refresh_token`), `service`, `client_id`, `scope`,
+//!   `access_type=offline` for a refresh token (`oauth.md`).
+//!
+//! The token grants what the caller may do of what it asked for, possibly nothing; the
+//! registry then answers 401/403 on what it lacks. Errors carry both the OAuth2 fields
+//! (`error`, `error_description`) and the registry's `errors` array, so either kind of client
+//! can show them.
+
+use axum::extract::Request;
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::Peer;
+use super::access::credentials;
+use crate::auth::scope::{self, ResourceScope};
+use crate::auth::{AuthError, Credentials, Principal};
+use crate::service::Registry;
+
+/// Largest form body accepted by `POST`.
+const MAX_FORM_BYTES: usize = 64 * 1024;
+
+struct TokenError {
+    status: StatusCode,
+    /// The OAuth2 error code.
+    oauth: &'static str,
+    description: String,
+}
+
+impl TokenError {
+    fn new(status: StatusCode, oauth: &'static str, description: impl Into<String>) -> Self {
+        TokenError {
+            status,
+            oauth,
+            description: description.into(),
+        }
+    }
+
+    fn from_auth(e: AuthError) -> TokenError {
+        match e {
+            AuthError::Unauthorized(why) | AuthError::Invalid(why) => {
+                TokenError::new(StatusCode::UNAUTHORIZED, "invalid_grant", why)
+            }
+            AuthError::Expired(_) => {
+                TokenError::new(StatusCode::UNAUTHORIZED, "invalid_grant", "expired")
+            }
+            AuthError::Throttled(wait) => TokenError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                oauth: "slow_down",
+                description: format!(
+                    "too many failed logins; retry in {} s",
+                    wait.as_secs().max(1)
+                ),
+            },
+            AuthError::Metadata(e) => {
+                tracing::warn!(error = %e, "token endpoint: metadata unavailable");
+                TokenError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "temporarily_unavailable",
+                    "a backend is unavailable; retry later",
+                )
+            }
+            AuthError::Internal(e) => {
+                tracing::error!(error = %e, "token endpoint: internal error (a bug)");
+                TokenError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "internal error",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for TokenError {
+    fn into_response(self) -> Response {
+        let code = match self.status {
+            StatusCode::UNAUTHORIZED => "UNAUTHORIZED",
+            StatusCode::TOO_MANY_REQUESTS => "TOOMANYREQUESTS",
+            StatusCode::SERVICE_UNAVAILABLE => "UNAVAILABLE",
+            StatusCode::INTERNAL_SERVER_ERROR => "UNKNOWN",
+            _ => "DENIED",
+        };
+        let body = json!({
+            "error": self.oauth,
+            "error_description": self.description,
+            "errors": [{ "code": code, "message": self.description }],
+        });
+        let mut response = (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+pub async fn handle(registry: &Registry, peer: &Peer, request: Request) -> Response {
+    let result = match *request.method() {
+        Method::GET => get(registry, peer, request).await,
+        Method::POST => post(registry, request).await,
+        _ => Err(TokenError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "use GET or POST",
+        )),
+    };
+    let mut response = result.unwrap_or_else(IntoResponse::into_response);
+    // Tokens must not be cached by anything between the client and us.
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+fn pairs(query: &[u8]) -> Vec<(String, String)> {
+    form_urlencoded::parse(query).into_owned().collect()
+}
+
+fn param<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+fn scopes<'a>(values: impl Iterator<Item = &'a str>) -> Result<Vec<ResourceScope>, TokenError> {
+    let mut out = Vec::new();
+    for v in values {
+        out.extend(scope::parse(v).map_err(|e| {
+            TokenError::new(StatusCode::BAD_REQUEST, "invalid_scope", e.to_string())
+        })?);
+    }
+    Ok(out)
+}
+
+fn check_service(registry: &Registry, service: Option<&str>) -> Result<(), TokenError> {
+    let ours = &registry.auth().options().service;
+    match service {
+        Some(s) if s != ours => Err(TokenError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("unknown service {s:?}; this registry is {ours:?}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+async fn get(registry: &Registry, peer: &Peer, request: Request) -> Result<Response, TokenError> {
+    let auth = registry.auth();
+    let pairs = pairs(request.uri().query().unwrap_or("").as_bytes());
+    check_service(registry, param(&pairs, "service"))?;
+    let scopes = scopes(
+        pairs
+            .iter()
+            .filter(|(k, _)| k == "scope")
+            .map(|(_, v)| v.as_str()),
+    )?;
+    let credentials = credentials(request.headers())
+        .map_err(|why| TokenError::new(StatusCode::UNAUTHORIZED, "invalid_request", why))?;
+    if matches!(credentials, Credentials::Bearer(_)) {
+        return Err(TokenError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request",
+            "the token endpoint takes basic credentials, or none",
+        ));
+    }
+    let principal = auth
+        .authenticate(&credentials, peer.client_cert_subject.as_deref())
+        .await
+        .map_err(TokenError::from_auth)?;
+    let offline = param(&pairs, "offline_token") == Some("true");
+    let client_id = param(&pairs, "client_id").unwrap_or("docker");
+    respond(
+        registry, &principal, &scopes, offline, client_id, None, false,
+    )
+    .await
+}
+
+async fn post(registry: &Registry, request: Request) -> Result<Response, TokenError> {
+    let auth = registry.auth();
+    let body = axum::body::to_bytes(request.into_body(), MAX_FORM_BYTES)
+        .await
+        .map_err(|_| {
+            TokenError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("the form must be at most {MAX_FORM_BYTES} bytes"),
+            )
+        })?;
+    let form = pairs(&body);
+    let field = |k: &str| param(&form, k);
+    check_service(registry, field("service"))?;
+    let client_id = field("client_id").ok_or_else(|| {
+        TokenError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "client_id is required",
+        )
+    })?;
+    let scopes = scopes(field("scope").into_iter())?;
+    let offline = field("access_type") == Some("offline");
+    let missing = |what: &str| {
+        TokenError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{what} is required"),
+        )
+    };
+    match field("grant_type") {
+        Some("password") => {
+            let user = field("username").ok_or_else(|| missing("username"))?;
+            let password = field("password").ok_or_else(|| missing("password"))?;
+            let credentials = Credentials::Basic {
+                user: user.to_string(),
+                password: password.to_string(),
+            };
+            let principal = auth
+                .authenticate(&credentials, None)
+                .await
+                .map_err(TokenError::from_auth)?;
+            respond(
+                registry, &principal, &scopes, offline, client_id, None, true,
+            )
+            .await
+        }
+        Some("refresh_token") => {
+            let refresh = field("refresh_token").ok_or_else(|| missing("refresh_token"))?;
+            let service = field("service").unwrap_or(&auth.options().service);
+            let principal = auth
+                .redeem_refresh_token(refresh, service)
+                .await
+                .map_err(TokenError::from_auth)?;
+            respond(
+                registry,
+                &principal,
+                &scopes,
+                false,
+                client_id,
+                Some(refresh),
+                true,
+            )
+            .await
+        }
+        Some(other) => Err(TokenError::new(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            format!("grant_type {other:?} is not supported"),
+        )),
+        None => Err(missing("grant_type")),
+    }
+}
+
+async fn respond(
+    registry: &Registry,
+    principal: &Principal,
+    scopes: &[ResourceScope],
+    offline: bool,
+    client_id: &str,
+    refresh_token: Option<&str>,
+    oauth: bool,
+) -> Result<Response, TokenError> {
+    let auth = registry.auth();
+    let issued = auth
+        .issue(principal, scopes)
+        .map_err(TokenError::from_auth)?;
+    let refresh = match refresh_token {
+        Some(r) => Some(r.to_string()),
+        None if offline && !principal.is_anonymous() => Some(
+            auth.issue_refresh_token(principal, client_id)
+                .await
+                .map_err(TokenError::from_auth)?,
+        ),
+        None => None,
+    };
+    let issued_at = rfc3339(issued.issued_at);
+    let mut body = if oauth {
+        let granted: Vec<String> = issued
+            .access
+            .iter()
+            .map(|a| format!("{}:{}:{}", a.resource_type, a.name, a.actions.join(",")))
+            .collect();
+        json!({
+            "access_token": issued.token,
+            "token_type": "Bearer",
+            "scope": granted.join(" "),
+            "expires_in": issued.expires_in,
+            "issued_at": issued_at,
+        })
+    } else {
+        json!({
+            "token": issued.token,
+            "access_token": issued.token,
+            "expires_in": issued.expires_in,
+            "issued_at": issued_at,
+        })
+    };
+    if let Some(r) = refresh {
+        body["refresh_token"] = json!(r);
+    }
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response())
+}
+
+/// Seconds since the epoch as RFC 3339 UTC (`2026-12-01T07:00:00Z`).
+pub fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::rfc3339(1_796_108_400), "2026-12-01T07:00:00Z");
+    }
+}

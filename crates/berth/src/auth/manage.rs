@@ -1,0 +1,468 @@
+//! Changing who may do what: the operations behind `berth user|namespace|robot|token|key` and
+//! the management API, written once. Each is one metadata transaction that also bumps the
+//! access generation, so every node's caches follow within a second.
+
+use crate::metadata::access::{self as q, AccountRow, CredentialRow, NamespaceRow};
+use crate::metadata::queries::now_secs;
+use crate::metadata::{Metadata, MetadataError};
+
+use super::rights::{Grant, Role};
+use super::secrets::{self, ApiSecret};
+use super::token;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManageError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+}
+
+type Result<T> = std::result::Result<T, ManageError>;
+
+/// Account names: lower case letters, digits and `._-`, starting with a letter or digit, at
+/// most 64 characters (they appear in tokens, logs and basic-auth user names).
+pub fn valid_account_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(c))
+}
+
+/// A namespace is a repository name's first component.
+pub fn valid_namespace(name: &str) -> bool {
+    !name.contains('/') && name.parse::<oci::RepositoryName>().is_ok()
+}
+
+fn invalid(what: impl Into<String>) -> ManageError {
+    ManageError::Invalid(what.into())
+}
+
+async fn hash(password: String) -> Result<String> {
+    if password.is_empty() {
+        return Err(invalid("the password is empty"));
+    }
+    tokio::task::spawn_blocking(move || secrets::hash_password(&password))
+        .await
+        .map_err(|e| invalid(e.to_string()))?
+        .map_err(invalid)
+}
+
+pub async fn add_user(md: &Metadata, name: &str, password: &str, admin: bool) -> Result<()> {
+    if !valid_account_name(name) {
+        return Err(invalid(format!(
+            "invalid user name {name:?}: lower case letters, digits and ._- (at most 64)"
+        )));
+    }
+    let row = AccountRow {
+        id: 0,
+        name: name.to_string(),
+        kind: "user".to_string(),
+        password_hash: Some(hash(password.to_string()).await?),
+        admin,
+        namespace: None,
+        grants: None,
+        expires_at: None,
+        created_at: now_secs(),
+    };
+    match md.write(|tx| Box::pin(q::insert_account(tx, &row))).await? {
+        Some(_) => Ok(()),
+        None => Err(ManageError::Conflict(format!("account {name} exists"))),
+    }
+}
+
+pub async fn set_password(md: &Metadata, name: &str, password: &str) -> Result<()> {
+    let hash = hash(password.to_string()).await?;
+    if md
+        .write(|tx| Box::pin(q::set_password_hash(tx, name, &hash)))
+        .await?
+    {
+        Ok(())
+    } else {
+        Err(ManageError::NotFound(format!("no user {name}")))
+    }
+}
+
+pub async fn set_admin(md: &Metadata, name: &str, admin: bool) -> Result<()> {
+    if md
+        .write(|tx| Box::pin(q::set_admin(tx, name, admin)))
+        .await?
+    {
+        Ok(())
+    } else {
+        Err(ManageError::NotFound(format!("no user {name}")))
+    }
+}
+
+/// Removes a user or robot with its memberships and credentials, at once on every node.
+pub async fn remove_account(md: &Metadata, name: &str) -> Result<()> {
+    if md.write(|tx| Box::pin(q::delete_account(tx, name))).await? {
+        Ok(())
+    } else {
+        Err(ManageError::NotFound(format!("no account {name}")))
+    }
+}
+
+pub async fn account(md: &Metadata, name: &str) -> Result<AccountRow> {
+    md.read(|tx| Box::pin(q::account_by_name(tx, name)))
+        .await?
+        .ok_or_else(|| ManageError::NotFound(format!("no account {name}")))
+}
+
+pub async fn list_accounts(md: &Metadata, namespace: Option<&str>) -> Result<Vec<AccountRow>> {
+    Ok(md
+        .read(|tx| Box::pin(q::list_accounts(tx, namespace)))
+        .await?)
+}
+
+/// Adds the bcrypt entries of an htpasswd file as users; existing names are skipped. Returns
+/// (added, skipped) names.
+pub async fn import_htpasswd(md: &Metadata, text: &str) -> Result<(Vec<String>, Vec<String>)> {
+    let entries = secrets::parse_htpasswd(text).map_err(invalid)?;
+    for (name, _) in &entries {
+        if !valid_account_name(name) {
+            return Err(invalid(format!("invalid user name {name:?} in the file")));
+        }
+    }
+    let now = now_secs();
+    let entries = &entries;
+    Ok(md
+        .write(|tx| {
+            Box::pin(async move {
+                let (mut added, mut skipped) = (Vec::new(), Vec::new());
+                for (name, hash) in entries {
+                    let row = AccountRow {
+                        id: 0,
+                        name: name.clone(),
+                        kind: "user".to_string(),
+                        password_hash: Some(hash.clone()),
+                        admin: false,
+                        namespace: None,
+                        grants: None,
+                        expires_at: None,
+                        created_at: now,
+                    };
+                    match q::insert_account(tx, &row).await? {
+                        Some(_) => added.push(name.clone()),
+                        None => skipped.push(name.clone()),
+                    }
+                }
+                Ok((added, skipped))
+            })
+        })
+        .await?)
+}
+
+/// Creates a namespace, optionally public, optionally with an owner.
+pub async fn add_namespace(
+    md: &Metadata,
+    name: &str,
+    public: bool,
+    owner: Option<&str>,
+) -> Result<()> {
+    if !valid_namespace(name) {
+        return Err(invalid(format!("invalid namespace name {name:?}")));
+    }
+    let now = now_secs();
+    md.write(|tx| {
+        Box::pin(async move {
+            let owner_id = match owner {
+                Some(owner) => match q::account_by_name(tx, owner).await? {
+                    Some(account) => Some(account.id),
+                    None => return Ok(Err(ManageError::NotFound(format!("no account {owner}")))),
+                },
+                None => None,
+            };
+            if !q::insert_namespace(tx, name, public, now).await? {
+                return Ok(Err(ManageError::Conflict(format!(
+                    "namespace {name} exists"
+                ))));
+            }
+            if let Some(id) = owner_id {
+                q::set_member(tx, name, id, Role::Owner.as_str()).await?;
+            }
+            Ok(Ok(()))
+        })
+    })
+    .await?
+}
+
+pub async fn remove_namespace(md: &Metadata, name: &str) -> Result<()> {
+    if md
+        .write(|tx| Box::pin(q::delete_namespace(tx, name)))
+        .await?
+    {
+        Ok(())
+    } else {
+        Err(ManageError::NotFound(format!("no namespace {name}")))
+    }
+}
+
+pub async fn set_public(md: &Metadata, name: &str, public: bool) -> Result<()> {
+    if md
+        .write(|tx| Box::pin(q::set_namespace_public(tx, name, public)))
+        .await?
+    {
+        Ok(())
+    } else {
+        Err(ManageError::NotFound(format!("no namespace {name}")))
+    }
+}
+
+pub async fn namespace(md: &Metadata, name: &str) -> Result<NamespaceRow> {
+    md.read(|tx| Box::pin(q::namespace(tx, name)))
+        .await?
+        .ok_or_else(|| ManageError::NotFound(format!("no namespace {name}")))
+}
+
+pub async fn list_namespaces(md: &Metadata) -> Result<Vec<NamespaceRow>> {
+    Ok(md.read(|tx| Box::pin(q::list_namespaces(tx))).await?)
+}
+
+/// Gives an account a role in a namespace (replacing its previous role there).
+pub async fn set_member(md: &Metadata, namespace: &str, name: &str, role: Role) -> Result<()> {
+    md.write(|tx| {
+        Box::pin(async move {
+            if q::namespace(tx, namespace).await?.is_none() {
+                return Ok(Err(ManageError::NotFound(format!(
+                    "no namespace {namespace}"
+                ))));
+            }
+            let Some(account) = q::account_by_name(tx, name).await? else {
+                return Ok(Err(ManageError::NotFound(format!("no account {name}"))));
+            };
+            q::set_member(tx, namespace, account.id, role.as_str()).await?;
+            Ok(Ok(()))
+        })
+    })
+    .await?
+}
+
+pub async fn remove_member(md: &Metadata, namespace: &str, name: &str) -> Result<()> {
+    let removed = md
+        .write(|tx| {
+            Box::pin(async move {
+                let Some(account) = q::account_by_name(tx, name).await? else {
+                    return Ok(false);
+                };
+                q::remove_member(tx, namespace, account.id).await
+            })
+        })
+        .await?;
+    if removed {
+        Ok(())
+    } else {
+        Err(ManageError::NotFound(format!(
+            "{name} is not a member of {namespace}"
+        )))
+    }
+}
+
+/// A namespace's members and their roles.
+pub async fn members(md: &Metadata, namespace: &str) -> Result<Vec<(String, Role)>> {
+    let rows = md.read(|tx| Box::pin(q::members(tx, namespace))).await?;
+    rows.into_iter()
+        .map(|(name, role)| {
+            let role = role
+                .parse()
+                .map_err(|e: String| ManageError::Metadata(MetadataError::internal(e)))?;
+            Ok((name, role))
+        })
+        .collect()
+}
+
+/// A robot's full name: `NAMESPACE+NAME`.
+pub fn robot_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}+{name}")
+}
+
+/// Creates a robot in `namespace` with `grants` (each inside the namespace) and its first
+/// secret. Returns the robot's full name and the secret, shown once.
+pub async fn add_robot(
+    md: &Metadata,
+    namespace: &str,
+    name: &str,
+    grants: &[Grant],
+    expires_at: Option<i64>,
+) -> Result<(String, String)> {
+    if !valid_account_name(name) {
+        return Err(invalid(format!("invalid robot name {name:?}")));
+    }
+    if grants.is_empty() {
+        return Err(invalid(
+            "a robot needs at least one grant, e.g. team/*:pull",
+        ));
+    }
+    if let Some(g) = grants.iter().find(|g| !g.within(namespace)) {
+        return Err(invalid(format!(
+            "grant {g} reaches outside namespace {namespace}"
+        )));
+    }
+    let full = robot_name(namespace, name);
+    let now = now_secs();
+    let row = AccountRow {
+        id: 0,
+        name: full.clone(),
+        kind: "robot".to_string(),
+        password_hash: None,
+        admin: false,
+        namespace: Some(namespace.to_string()),
+        grants: Some(serde_json::to_string(grants).map_err(|e| invalid(e.to_string()))?),
+        expires_at,
+        created_at: now,
+    };
+    let secret = ApiSecret::generate();
+    let (row, secret_ref) = (&row, &secret);
+    md.write(|tx| {
+        Box::pin(async move {
+            if q::namespace(tx, namespace).await?.is_none() {
+                return Ok(Err(ManageError::NotFound(format!(
+                    "no namespace {namespace}"
+                ))));
+            }
+            let Some(id) = q::insert_account(tx, row).await? else {
+                return Ok(Err(ManageError::Conflict(format!(
+                    "robot {} exists",
+                    row.name
+                ))));
+            };
+            q::insert_credential(
+                tx,
+                &credential_row(secret_ref, id, "robot", "", None, now, expires_at),
+            )
+            .await?;
+            Ok(Ok(()))
+        })
+    })
+    .await??;
+    Ok((full, secret.to_string()))
+}
+
+fn credential_row(
+    secret: &ApiSecret,
+    account_id: i64,
+    kind: &str,
+    description: &str,
+    grants: Option<String>,
+    now: i64,
+    expires_at: Option<i64>,
+) -> CredentialRow {
+    CredentialRow {
+        id: secret.id.clone(),
+        account_id,
+        kind: kind.to_string(),
+        secret_hash: secret.hash(),
+        description: description.to_string(),
+        grants,
+        service: None,
+        created_at: now,
+        expires_at,
+        last_used_at: None,
+        revoked_at: None,
+    }
+}
+
+/// A new secret for an account: a personal access token for a user (limited to `grants` when
+/// given), another secret for a robot. Returns the secret, shown once.
+pub async fn add_token(
+    md: &Metadata,
+    account: &str,
+    description: &str,
+    grants: Option<&[Grant]>,
+    expires_at: Option<i64>,
+) -> Result<String> {
+    let row = self::account(md, account).await?;
+    let kind = if row.kind == "robot" {
+        if grants.is_some() {
+            return Err(invalid(
+                "a robot's rights are its own grants; a secret takes none",
+            ));
+        }
+        "robot"
+    } else {
+        "personal"
+    };
+    let grants = grants
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| invalid(e.to_string()))?;
+    let secret = ApiSecret::generate();
+    let c = credential_row(
+        &secret,
+        row.id,
+        kind,
+        description,
+        grants,
+        now_secs(),
+        expires_at,
+    );
+    md.write(|tx| Box::pin(q::insert_credential(tx, &c)))
+        .await?;
+    Ok(secret.to_string())
+}
+
+pub async fn list_tokens(md: &Metadata, account: &str) -> Result<Vec<CredentialRow>> {
+    let row = self::account(md, account).await?;
+    Ok(md
+        .read(|tx| Box::pin(q::list_credentials(tx, row.id)))
+        .await?)
+}
+
+pub async fn token(md: &Metadata, id: &str) -> Result<CredentialRow> {
+    md.read(|tx| Box::pin(q::credential_by_id(tx, id)))
+        .await?
+        .ok_or_else(|| ManageError::NotFound(format!("no token {id}")))
+}
+
+/// Revokes a secret at once on every node (tokens obtained with it stop working too).
+pub async fn revoke_token(md: &Metadata, id: &str) -> Result<()> {
+    let now = now_secs();
+    if md
+        .write(|tx| Box::pin(q::revoke_credential(tx, id, now)))
+        .await?
+    {
+        Ok(())
+    } else {
+        Err(ManageError::NotFound(format!("no live token {id}")))
+    }
+}
+
+/// Starts a new signing key; the previous one keeps verifying until its tokens expire.
+/// Returns the new key's id.
+pub async fn rotate_key(md: &Metadata) -> Result<String> {
+    let key = token::generate_key(now_secs()).map_err(invalid)?;
+    let kid = key.kid.clone();
+    md.write(|tx| Box::pin(q::rotate_signing_key(tx, &key)))
+        .await?;
+    Ok(kid)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap in a test is the failure
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for (name, ok) in [
+            ("alice", true),
+            ("ci-bot.2", true),
+            ("Alice", false),
+            ("", false),
+            ("-x", false),
+            ("a b", false),
+            ("a+b", false),
+        ] {
+            assert_eq!(valid_account_name(name), ok, "{name}");
+        }
+        assert!(valid_namespace("team"));
+        assert!(!valid_namespace("team/app"));
+        assert!(!valid_namespace("Team"));
+    }
+}
