@@ -99,6 +99,30 @@ pub struct RawConfig {
     /// and Host of each request]
     #[arg(long, env = "BERTH_PUBLIC_URL", value_name = "URL")]
     pub public_url: Option<String>,
+    /// Failed logins per minute one account may have; then attempts wait [default: 10]
+    #[arg(long, env = "BERTH_MAX_FAILED_LOGINS_PER_MINUTE", value_name = "N")]
+    pub max_failed_logins_per_minute: Option<u32>,
+    /// Failed logins per minute from one client address [default: 30]
+    #[arg(
+        long,
+        env = "BERTH_MAX_FAILED_LOGINS_PER_MINUTE_PER_ADDRESS",
+        value_name = "N"
+    )]
+    pub max_failed_logins_per_minute_per_address: Option<u32>,
+    /// Requests per second from one client address; 0 is unlimited [default: 0]
+    #[arg(long, env = "BERTH_RATE_LIMIT_PER_ADDRESS", value_name = "N")]
+    pub rate_limit_per_address: Option<u32>,
+    /// Requests per second by one account; 0 is unlimited [default: 0]
+    #[arg(long, env = "BERTH_RATE_LIMIT_PER_ACCOUNT", value_name = "N")]
+    pub rate_limit_per_account: Option<u32>,
+    /// Upload requests in flight per account (per address when anonymous); 0 is unlimited
+    /// [default: 0]
+    #[arg(
+        long,
+        env = "BERTH_MAX_CONCURRENT_UPLOADS_PER_CLIENT",
+        value_name = "N"
+    )]
+    pub max_concurrent_uploads_per_client: Option<u32>,
     /// S3 API URL, e.g. http://127.0.0.1:3900 [default: AWS_ENDPOINT_URL, else AWS]
     #[arg(long, env = "BERTH_S3_ENDPOINT", value_name = "URL")]
     pub s3_endpoint: Option<String>,
@@ -297,8 +321,46 @@ impl RawConfig {
             }
             None => None,
         };
+        let limits = crate::auth::limits::LimitOptions {
+            failed_logins_per_account: within(
+                "max_failed_logins_per_minute",
+                self.max_failed_logins_per_minute,
+                10,
+                1,
+                10_000,
+            )?,
+            failed_logins_per_address: within(
+                "max_failed_logins_per_minute_per_address",
+                self.max_failed_logins_per_minute_per_address,
+                30,
+                1,
+                100_000,
+            )?,
+            requests_per_address: within(
+                "rate_limit_per_address",
+                self.rate_limit_per_address,
+                0,
+                0,
+                1_000_000,
+            )?,
+            requests_per_account: within(
+                "rate_limit_per_account",
+                self.rate_limit_per_account,
+                0,
+                0,
+                1_000_000,
+            )?,
+            concurrent_uploads: within(
+                "max_concurrent_uploads_per_client",
+                self.max_concurrent_uploads_per_client,
+                0,
+                0,
+                100_000,
+            )?,
+        };
         let auth = crate::auth::AuthOptions {
             enabled: auth_enabled,
+            limits,
             public_url,
             issuer: service.clone(),
             service,

@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
 use oci::{Digest, Reference, RepositoryName};
 
+use crate::auth::limits::{ClientKey, Limited};
 use crate::auth::{AuthError, Principal};
 use crate::service::{BodyStream, Registry, RequestContext, RequestId};
 use error::{ApiError, ApiResult, ErrorCode};
@@ -161,7 +162,32 @@ async fn dispatch(registry: &Registry, peer: &Peer, request: Request) -> ApiResu
     let route = parse_route(request.uri().path())?;
     let (parts, body) = request.into_parts();
     let need = access::Need::of(&route, &parts.method);
+    let limits = registry.auth().request_limits();
+    if !limits.is_off() {
+        limits.check_address(peer.addr.ip()).map_err(too_many)?;
+    }
     let principal = authenticate(registry, peer, &parts, &route, &need).await?;
+    // Held until the handler returns, which is when an upload's body has been read.
+    let _upload_slot = if limits.is_off() {
+        None
+    } else {
+        if let Some(account) = principal.account() {
+            limits.check_account(account).map_err(too_many)?;
+        }
+        let uploading = matches!(
+            (&route, &parts.method),
+            (Route::Uploads(_), &Method::POST) | (Route::Upload(..), &Method::PATCH | &Method::PUT)
+        );
+        if uploading {
+            let key = match principal.account() {
+                Some(a) => ClientKey::Account(a.to_string()),
+                None => ClientKey::Address(peer.addr.ip()),
+            };
+            limits.start_upload(key).map_err(too_many)?
+        } else {
+            None
+        }
+    };
     let ctx = &request_context(&parts, peer, principal);
     let method = parts.method.clone();
     let request = &parts;
@@ -244,7 +270,11 @@ async fn authenticate(
     let credentials = access::credentials(&parts.headers)
         .map_err(|why| access::refused(options, peer, parts, need, AuthError::Unauthorized(why)))?;
     let principal = match auth
-        .authenticate(&credentials, peer.client_cert_subject.as_deref())
+        .authenticate(
+            &credentials,
+            peer.client_cert_subject.as_deref(),
+            Some(peer.addr.ip()),
+        )
         .await
     {
         Ok(p) => p,
@@ -253,6 +283,14 @@ async fn authenticate(
     };
     access::check(options, peer, parts, &principal, need)?;
     Ok(principal)
+}
+
+/// 429 with the time to wait, in whole seconds.
+fn too_many(limited: Limited) -> ApiError {
+    let secs = limited.0.as_secs() + u64::from(limited.0.subsec_nanos() > 0);
+    ApiError::new(ErrorCode::TooManyRequests)
+        .header(header::RETRY_AFTER, &secs.max(1).to_string())
+        .detail("rate limit reached")
 }
 
 /// Who is asking and from where, as the service sees it.

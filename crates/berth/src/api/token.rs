@@ -109,7 +109,7 @@ impl IntoResponse for TokenError {
 pub async fn handle(registry: &Registry, peer: &Peer, request: Request) -> Response {
     let result = match *request.method() {
         Method::GET => get(registry, peer, request).await,
-        Method::POST => post(registry, request).await,
+        Method::POST => post(registry, peer, request).await,
         _ => Err(TokenError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request",
@@ -178,7 +178,11 @@ async fn get(registry: &Registry, peer: &Peer, request: Request) -> Result<Respo
         ));
     }
     let principal = auth
-        .authenticate(&credentials, peer.client_cert_subject.as_deref())
+        .authenticate(
+            &credentials,
+            peer.client_cert_subject.as_deref(),
+            Some(peer.addr.ip()),
+        )
         .await
         .map_err(TokenError::from_auth)?;
     let offline = param(&pairs, "offline_token") == Some("true");
@@ -189,7 +193,7 @@ async fn get(registry: &Registry, peer: &Peer, request: Request) -> Result<Respo
     .await
 }
 
-async fn post(registry: &Registry, request: Request) -> Result<Response, TokenError> {
+async fn post(registry: &Registry, peer: &Peer, request: Request) -> Result<Response, TokenError> {
     let auth = registry.auth();
     let body = axum::body::to_bytes(request.into_body(), MAX_FORM_BYTES)
         .await
@@ -228,7 +232,7 @@ async fn post(registry: &Registry, request: Request) -> Result<Response, TokenEr
                 password: password.to_string(),
             };
             let principal = auth
-                .authenticate(&credentials, None)
+                .authenticate(&credentials, None, Some(peer.addr.ip()))
                 .await
                 .map_err(TokenError::from_auth)?;
             respond(

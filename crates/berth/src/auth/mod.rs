@@ -16,6 +16,7 @@
 //! it every [`GENERATION_POLL`] and drops its caches when it moves, which is how a robot
 //! revoked on one node is refused by every node within a second.
 
+pub mod limits;
 pub mod manage;
 pub mod rights;
 pub mod scope;
@@ -23,6 +24,7 @@ pub mod secrets;
 pub mod token;
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -46,6 +48,8 @@ pub const GENERATION_POLL: Duration = Duration::from_millis(500);
 const MAX_CACHED: usize = 10_000;
 /// Password hashes computed at once: each argon2 takes 19 MiB and a core for ~20 ms.
 const CONCURRENT_HASHES: usize = 4;
+/// The limiters forget idle keys every this many generation polls (a minute).
+const PRUNE_EVERY_TICKS: u64 = 120;
 /// `last_used_at` of a credential is written at most this often.
 const LAST_USED_GRANULARITY_SECS: i64 = 60;
 
@@ -62,6 +66,7 @@ pub struct AuthOptions {
     /// The registry's external base URL for the token realm; `None`: each request's own
     /// scheme and `Host`.
     pub public_url: Option<String>,
+    pub limits: limits::LimitOptions,
 }
 
 impl AuthOptions {
@@ -73,6 +78,7 @@ impl AuthOptions {
             token_ttl: Duration::from_secs(300),
             refresh_token_ttl: Duration::from_secs(30 * 86400),
             public_url: None,
+            limits: limits::LimitOptions::default(),
         }
     }
 }
@@ -195,12 +201,16 @@ pub struct Auth {
     hashing: Semaphore,
     /// Serializes reloads, so a burst of unknown-`kid` tokens reloads once.
     reloading: tokio::sync::Mutex<()>,
+    throttle: limits::LoginThrottle,
+    requests: limits::RequestLimits,
 }
 
 impl Auth {
     /// Loads keys and public namespaces; with access control on, creates the first signing key
     /// if there is none.
     pub async fn open(metadata: Metadata, options: AuthOptions) -> Result<Arc<Auth>, AuthError> {
+        let throttle = limits::LoginThrottle::new(&options.limits);
+        let requests = limits::RequestLimits::new(&options.limits);
         let auth = Arc::new(Auth {
             metadata,
             open: Arc::new(Principal {
@@ -220,6 +230,8 @@ impl Auth {
             basic_cache: Mutex::default(),
             hashing: Semaphore::new(CONCURRENT_HASHES),
             reloading: tokio::sync::Mutex::new(()),
+            throttle,
+            requests,
         });
         if auth.options.enabled {
             auth.reload(true).await?;
@@ -241,6 +253,11 @@ impl Auth {
 
     pub fn metadata(&self) -> &Metadata {
         &self.metadata
+    }
+
+    /// Request rates and uploads in flight, as configured.
+    pub fn request_limits(&self) -> &limits::RequestLimits {
+        &self.requests
     }
 
     fn loaded(&self) -> Arc<Loaded> {
@@ -293,10 +310,16 @@ impl Auth {
         let mut tick = tokio::time::interval(GENERATION_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        let mut ticks: u64 = 0;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
+            }
+            ticks += 1;
+            if ticks.is_multiple_of(PRUNE_EVERY_TICKS) {
+                self.throttle.prune();
+                self.requests.prune();
             }
             match self.reload(false).await {
                 Ok(()) => failing = false,
@@ -314,6 +337,7 @@ impl Auth {
         &self,
         credentials: &Credentials,
         client_cert_subject: Option<&str>,
+        client: Option<IpAddr>,
     ) -> Result<Arc<Principal>, AuthError> {
         if !self.options.enabled {
             return Ok(self.open.clone());
@@ -325,7 +349,7 @@ impl Auth {
                     self.loaded().public.clone(),
                 )))),
             },
-            Credentials::Basic { user, password } => self.by_password(user, password).await,
+            Credentials::Basic { user, password } => self.by_password(user, password, client).await,
             Credentials::Bearer(token) => self.by_token(token).await,
         }
     }
@@ -355,12 +379,27 @@ impl Auth {
         Ok(principal)
     }
 
-    async fn by_password(&self, user: &str, password: &str) -> Result<Arc<Principal>, AuthError> {
+    async fn by_password(
+        &self,
+        user: &str,
+        password: &str,
+        client: Option<IpAddr>,
+    ) -> Result<Arc<Principal>, AuthError> {
         let key = secrets::hex_sha256(format!("{user}\0{password}").as_bytes());
         if let Some(p) = cached(&self.basic_cache, &key) {
             return Ok(p);
         }
-        let principal = Arc::new(self.check_password(user, password).await?);
+        if let Some(wait) = self.throttle.wait(user, client) {
+            return Err(AuthError::Throttled(wait));
+        }
+        let principal = match self.check_password(user, password).await {
+            Ok(p) => Arc::new(p),
+            Err(e @ AuthError::Unauthorized(_)) => {
+                self.throttle.failed(user, client);
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         remember(
             &self.basic_cache,
             key,

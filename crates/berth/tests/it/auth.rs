@@ -20,6 +20,14 @@ pub fn admin(data_dir: &std::path::Path, args: &[&str], stdin: &str) -> String {
     run_with_stdin(cmd, stdin)
 }
 
+/// Runs `berth ARGS --metadata URL` (a management command on a shared database).
+pub fn admin_on(metadata: &str, args: &[&str], stdin: &str) -> String {
+    let dir = std::env::temp_dir();
+    let mut cmd = clean_command(&dir);
+    cmd.args(args).arg("--metadata").arg(metadata);
+    run_with_stdin(cmd, stdin)
+}
+
 pub fn run_with_stdin(mut cmd: Command, stdin: &str) -> String {
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -118,7 +126,7 @@ fn claims(token: &str) -> Value {
 }
 
 /// Pushes a small image as `user` over basic auth; returns its manifest digest.
-fn push_as(app: &TestApp, user: &str, password: &str, repo: &str, tag: &str) -> Reply {
+pub fn push_as(app: &TestApp, user: &str, password: &str, repo: &str, tag: &str) -> Reply {
     let client = app.client();
     let layer = format!("layer of {repo}:{tag}").into_bytes();
     let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
@@ -856,4 +864,100 @@ fn real_clients_log_in_with_each_kind_of_credential() {
     );
     tags.assert_status(200);
     assert_eq!(tags.json()["tags"], serde_json::json!(["1"]));
+}
+
+#[test]
+fn failed_logins_are_throttled_per_account() {
+    let c = cast_with(
+        TestApp::builder()
+            .arg("--max-failed-logins-per-minute")
+            .arg("3"),
+    );
+    let app = &c.app;
+    let login =
+        |user: &str, pw: &str| send(app.client().get(app.url("/v2/")).basic_auth(user, Some(pw)));
+    for _ in 0..4 {
+        login("bob", "guess").assert_status(401);
+    }
+    // Now even the right password waits: guessing is slow.
+    let throttled = login("bob", "bob-pw");
+    assert_error(&throttled, 429, "TOOMANYREQUESTS");
+    let wait: u64 = throttled
+        .must_header("retry-after")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&wait), "{wait}");
+    // Other accounts are unaffected.
+    login("alice", "alice-pw").assert_status(200);
+    // The token endpoint is throttled the same way.
+    let reply = send(
+        app.client()
+            .get(app.url("/auth/token?service=berth"))
+            .basic_auth("bob", Some("bob-pw")),
+    );
+    reply.assert_status(429);
+    assert!(reply.header("retry-after").is_some());
+}
+
+#[test]
+fn request_rates_and_uploads_in_flight_are_limited_when_configured() {
+    let c = cast_with(
+        TestApp::builder()
+            .arg("--rate-limit-per-address")
+            .arg("5")
+            .arg("--max-concurrent-uploads-per-client")
+            .arg("1"),
+    );
+    let app = &c.app;
+    let statuses: Vec<u16> = (0..20)
+        .map(|_| send(app.client().get(app.url("/v2/lib/base/tags/list"))).status)
+        .collect();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!(limited >= 10, "{statuses:?}");
+    std::thread::sleep(Duration::from_millis(1200));
+
+    // One upload streaming slowly holds alice's only upload slot.
+    let start = send(
+        app.client()
+            .post(app.url("/v2/team/app/blobs/uploads/"))
+            .basic_auth("alice", Some("alice-pw")),
+    );
+    start.assert_status(202);
+    let location = app.location_url(start.must_header("location"));
+    let body = crate::support::clients::GenReader::new(7, 1 << 20).stall_after(1000);
+    let abort = body.abort_flag();
+    let slow = {
+        let (client, location) = (app.client(), location.clone());
+        std::thread::spawn(move || {
+            client
+                .patch(&location)
+                .basic_auth("alice", Some("alice-pw"))
+                .body(reqwest::blocking::Body::new(body))
+                .send()
+                .map(|r| r.status().as_u16())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let second = send(
+        app.client()
+            .post(app.url("/v2/team/other/blobs/uploads/"))
+            .basic_auth("alice", Some("alice-pw")),
+    );
+    assert_error(&second, 429, "TOOMANYREQUESTS");
+    // Another account has its own slot.
+    send(
+        app.client()
+            .post(app.url("/v2/team/other/blobs/uploads/"))
+            .basic_auth("admin", Some("admin-pw")),
+    )
+    .assert_status(202);
+    abort.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = slow.join();
+    std::thread::sleep(Duration::from_millis(300));
+    send(
+        app.client()
+            .post(app.url("/v2/team/other/blobs/uploads/"))
+            .basic_auth("alice", Some("alice-pw")),
+    )
+    .assert_status(202);
 }
