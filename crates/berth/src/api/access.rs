@@ -154,7 +154,12 @@ pub fn refused(
             Some("token expired".to_string()),
         ),
         AuthError::Throttled(wait) => ApiError::new(ErrorCode::TooManyRequests)
-            .header(header::RETRY_AFTER, &wait.as_secs().max(1).to_string())
+            .header(
+                header::RETRY_AFTER,
+                &(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+                    .max(1)
+                    .to_string(),
+            )
             .detail("too many failed logins"),
         AuthError::Invalid(why) => challenge(options, peer, parts, need, Some(why)),
         AuthError::Metadata(e) => crate::service::ServiceError::from(e).into(),

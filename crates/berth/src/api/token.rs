@@ -27,6 +27,8 @@ const MAX_FORM_BYTES: usize = 64 * 1024;
 
 struct TokenError {
     status: StatusCode,
+    /// Seconds to wait, for a 429.
+    retry_after: u64,
     /// The OAuth2 error code.
     oauth: &'static str,
     description: String,
@@ -36,6 +38,7 @@ impl TokenError {
     fn new(status: StatusCode, oauth: &'static str, description: impl Into<String>) -> Self {
         TokenError {
             status,
+            retry_after: 1,
             oauth,
             description: description.into(),
         }
@@ -51,10 +54,11 @@ impl TokenError {
             }
             AuthError::Throttled(wait) => TokenError {
                 status: StatusCode::TOO_MANY_REQUESTS,
+                retry_after: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
                 oauth: "slow_down",
                 description: format!(
                     "too many failed logins; retry in {} s",
-                    wait.as_secs().max(1)
+                    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
                 ),
             },
             AuthError::Metadata(e) => {
@@ -100,7 +104,7 @@ impl IntoResponse for TokenError {
         if self.status == StatusCode::TOO_MANY_REQUESTS {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, self.retry_after.max(1).into());
         }
         response
     }

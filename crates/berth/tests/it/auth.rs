@@ -961,3 +961,207 @@ fn request_rates_and_uploads_in_flight_are_limited_when_configured() {
     )
     .assert_status(202);
 }
+
+/// Every `/v2` endpoint times every kind of caller, with basic credentials and again with a
+/// bearer token obtained by the same caller for everything on the repository.
+#[test]
+fn the_v2_access_matrix() {
+    // The revoked robot fails every request; it must not be throttled into 429s here.
+    let c = cast_with(
+        TestApp::builder()
+            .arg("--max-failed-logins-per-minute")
+            .arg("1000"),
+    );
+    let app = &c.app;
+    let data = app.data_dir();
+    for (user, role) in [
+        ("dave", "writer"),
+        ("erin", "maintainer"),
+        ("zed", "writer"),
+    ] {
+        admin(
+            data,
+            &["user", "add", user, "--password-stdin"],
+            &format!("{user}-pw\n"),
+        );
+        admin(data, &["namespace", "grant", "team", user, role], "");
+    }
+    admin(data, &["namespace", "add", "other"], "");
+    let out = admin(
+        data,
+        &[
+            "robot",
+            "add",
+            "other",
+            "ci",
+            "--grant",
+            "other/*:pull,push",
+        ],
+        "",
+    );
+    let outside = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret: "))
+        .expect("secret")
+        .to_string();
+    let out = admin(
+        data,
+        &["robot", "add", "team", "old", "--grant", "team/*:pull"],
+        "",
+    );
+    let revoked = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret: "))
+        .expect("secret")
+        .to_string();
+    admin(
+        data,
+        &["token", "revoke", revoked.split('_').nth(1).expect("id")],
+        "",
+    );
+    push_as(app, "alice", "alice-pw", "team/app", "1").assert_status(201);
+    let layer = sha256(b"layer of team/app:1");
+    let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+    // An upload of zed's, whom no column is.
+    let upload = send(
+        app.client()
+            .post(app.url("/v2/team/app/blobs/uploads/"))
+            .basic_auth("zed", Some("zed-pw")),
+    );
+    let upload = location_path(upload.must_header("location"));
+    let manifest = oci_manifest(
+        &descriptor("application/vnd.oci.image.config.v1+json", &config),
+        &[],
+        serde_json::json!({}),
+    );
+
+    // Columns: anonymous, reader, writer, maintainer, owner, admin, robot in scope, robot out
+    // of scope, revoked robot.
+    let callers: [(&str, Option<(&str, String)>); 9] = [
+        ("anonymous", None),
+        ("reader", Some(("bob", "bob-pw".into()))),
+        ("writer", Some(("dave", "dave-pw".into()))),
+        ("maintainer", Some(("erin", "erin-pw".into()))),
+        ("owner", Some(("alice", "alice-pw".into()))),
+        ("admin", Some(("admin", "admin-pw".into()))),
+        ("robot", Some(("team+ci", c.robot_secret.clone()))),
+        ("robot elsewhere", Some(("other+ci", outside))),
+        ("revoked robot", Some(("team+old", revoked))),
+    ];
+    type Row = (&'static str, &'static str, String, [u16; 9]);
+    const LOGIN: [u16; 9] = [401, 200, 200, 200, 200, 200, 200, 200, 401];
+    const PULL: [u16; 9] = [401, 200, 200, 200, 200, 200, 200, 403, 401];
+    let push = |ok: u16| [401, 403, ok, ok, ok, ok, ok, 403, 401];
+    let delete = |ok: u16| [401, 403, 403, ok, ok, ok, 403, 403, 401];
+    let rows: Vec<Row> = vec![
+        ("base", "GET", "/v2/".into(), LOGIN),
+        ("catalog", "GET", "/v2/_catalog".into(), LOGIN),
+        ("tags", "GET", "/v2/team/app/tags/list".into(), PULL),
+        ("manifest", "GET", "/v2/team/app/manifests/1".into(), PULL),
+        (
+            "manifest head",
+            "HEAD",
+            "/v2/team/app/manifests/1".into(),
+            PULL,
+        ),
+        ("blob", "GET", format!("/v2/team/app/blobs/{layer}"), PULL),
+        (
+            "blob head",
+            "HEAD",
+            format!("/v2/team/app/blobs/{layer}"),
+            PULL,
+        ),
+        (
+            "referrers",
+            "GET",
+            format!("/v2/team/app/referrers/{layer}"),
+            PULL,
+        ),
+        (
+            "start upload",
+            "POST",
+            "/v2/team/app/blobs/uploads/".into(),
+            push(202),
+        ),
+        // Someone else's upload: push rights let the request through, to a 404.
+        ("upload status", "GET", upload.clone(), push(404)),
+        ("upload patch", "PATCH", upload.clone(), push(404)),
+        ("upload cancel", "DELETE", upload.clone(), push(404)),
+        (
+            "manifest put",
+            "PUT",
+            "/v2/team/app/manifests/2".into(),
+            push(201),
+        ),
+        (
+            "manifest delete",
+            "DELETE",
+            "/v2/team/app/manifests/nope".into(),
+            delete(404),
+        ),
+        (
+            "blob delete",
+            "DELETE",
+            format!("/v2/team/app/blobs/{}", sha256(b"none")),
+            delete(404),
+        ),
+    ];
+    let config_pushed = send(
+        app.client()
+            .post(app.url(&format!(
+                "/v2/team/app/blobs/uploads/?digest={}",
+                sha256(&config)
+            )))
+            .basic_auth("alice", Some("alice-pw"))
+            .body(config.clone()),
+    );
+    config_pushed.assert_status(201);
+
+    let mut failures = Vec::new();
+    for bearer_tokens in [false, true] {
+        for (column, (who, creds)) in callers.iter().enumerate() {
+            let token = match (bearer_tokens, creds) {
+                (true, Some((user, password))) => {
+                    let reply = send(
+                        app.client()
+                            .get(app.url(
+                                "/auth/token?service=berth&scope=repository:team/app:*\
+                                 &scope=registry:catalog:*",
+                            ))
+                            .basic_auth(user, Some(password)),
+                    );
+                    if reply.status != 200 {
+                        // The revoked robot gets no token at all.
+                        assert_eq!(reply.status, 401, "{who}: {}", reply.describe());
+                        continue;
+                    }
+                    Some(reply.json()["token"].as_str().expect("token").to_string())
+                }
+                _ => None,
+            };
+            for (what, method, path, expected) in &rows {
+                let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+                let mut req = app.client().request(method.clone(), app.url(path));
+                req = match (&token, creds) {
+                    (Some(t), _) => req.bearer_auth(t),
+                    (None, Some((u, p))) => req.basic_auth(u, Some(p)),
+                    (None, None) => req,
+                };
+                if *what == "manifest put" {
+                    req = req
+                        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                        .body(manifest.clone());
+                }
+                let got = send(req).status;
+                if got != expected[column] {
+                    failures.push(format!(
+                        "{what} {method} {path} as {who} ({}): got {got}, expected {}",
+                        if bearer_tokens { "token" } else { "basic" },
+                        expected[column]
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
