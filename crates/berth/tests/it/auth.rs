@@ -1165,3 +1165,21 @@ fn the_v2_access_matrix() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn an_open_registry_ignores_whatever_authorization_a_client_sends() {
+    let app = TestApp::start();
+    for value in [
+        "Digest username=x",
+        "Bearer a b c",
+        "Basic !!!",
+        "Bearer x.y.z",
+    ] {
+        let reply = send(
+            app.client()
+                .get(app.url("/v2/"))
+                .header("authorization", value),
+        );
+        assert_eq!(reply.status, 200, "{value}: {}", reply.describe());
+    }
+}
