@@ -23,6 +23,16 @@ pub struct RawConfig {
     /// Address to listen on; port 0 picks a free one [default: 127.0.0.1:5000]
     #[arg(long, env = "BERTH_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key); reloaded when it changes
+    #[arg(long, env = "BERTH_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert
+    #[arg(long, env = "BERTH_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Verify client certificates against these PEM CA certificates; a client may still
+    /// connect without one
+    #[arg(long, env = "BERTH_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Directory for blobs, uploads and the metadata database [default: ./berth-data]
     #[arg(long, env = "BERTH_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -218,6 +228,22 @@ impl RawConfig {
             "json" => LogFormat::Json,
             other => anyhow::bail!("log_format must be text or json, not {other:?}"),
         };
+        // Only paths here: `tls::Tls::load` reads and checks the files when the server starts,
+        // so commands that never serve (migrate, copy) do not need them.
+        let tls = match (self.tls_cert, self.tls_key, self.tls_client_ca) {
+            (Some(cert), Some(key), client_ca) => Some(TlsConfig {
+                cert,
+                key,
+                client_ca,
+            }),
+            (None, None, None) => None,
+            (None, None, Some(_)) => {
+                anyhow::bail!("tls_client_ca needs TLS: set tls_cert and tls_key as well")
+            }
+            (Some(_), None, _) | (None, Some(_), _) => {
+                anyhow::bail!("tls_cert and tls_key go together: set both or neither")
+            }
+        };
         let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from("berth-data"));
         let storage = StorageConfig::parse(self.storage.as_deref(), &data_dir)?;
         let metadata = MetadataConfig::parse(self.metadata.as_deref(), &data_dir)?;
@@ -378,6 +404,7 @@ impl RawConfig {
             auth,
             allow_anonymous,
             listen,
+            tls,
             storage,
             metadata,
             metadata_pool_size,
@@ -536,6 +563,15 @@ impl MetadataConfig {
     }
 }
 
+/// Where the TLS certificate, its key and the optional client CA bundle are (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients may present a certificate, and one they present must chain to these.
+    pub client_ca: Option<PathBuf>,
+}
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -543,6 +579,8 @@ pub struct Config {
     /// Serving without access control on a non-loopback address was asked for.
     pub allow_anonymous: bool,
     pub listen: SocketAddr,
+    /// HTTPS when set, plain HTTP otherwise.
+    pub tls: Option<TlsConfig>,
     pub data_dir: PathBuf,
     pub storage: StorageConfig,
     pub metadata: MetadataConfig,
@@ -731,6 +769,48 @@ mod tests {
             Some(MetadataConfig::Sqlite("/d/metadata.db".into()))
         );
         assert!(MetadataConfig::parse(Some("mysql://x"), d).is_err());
+    }
+
+    #[test]
+    fn tls_keys_come_as_a_pair_and_the_client_ca_needs_them() {
+        let cases = [
+            ("", Ok(None)),
+            (
+                "tls_cert = \"c.pem\"\ntls_key = \"k.pem\"",
+                Ok(Some(("c.pem", "k.pem", None))),
+            ),
+            (
+                "tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\ntls_client_ca = \"ca.pem\"",
+                Ok(Some(("c.pem", "k.pem", Some("ca.pem")))),
+            ),
+            ("tls_cert = \"c.pem\"", Err("tls_key")),
+            ("tls_key = \"k.pem\"", Err("tls_cert")),
+            (
+                "tls_key = \"k.pem\"\ntls_client_ca = \"ca.pem\"",
+                Err("tls_cert"),
+            ),
+            ("tls_client_ca = \"ca.pem\"", Err("tls_client_ca")),
+        ];
+        for (toml, expected) in cases {
+            match (parse(toml).validate(), expected) {
+                (Ok(cfg), Ok(want)) => {
+                    let want = want.map(|(cert, key, ca): (&str, &str, Option<&str>)| TlsConfig {
+                        cert: cert.into(),
+                        key: key.into(),
+                        client_ca: ca.map(PathBuf::from),
+                    });
+                    assert_eq!(cfg.tls, want, "{toml:?}");
+                }
+                (Ok(_), Err(key)) => panic!("{toml:?} was accepted; it should name {key}"),
+                (Err(e), Ok(_)) => panic!("{toml:?} was refused: {e}"),
+                (Err(e), Err(key)) => {
+                    assert!(
+                        e.to_string().contains(key),
+                        "{toml:?}: {e} does not name {key}"
+                    )
+                }
+            }
+        }
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! everything that is not blob bytes). Nothing below `api` knows about HTTP.
 //!
 //! - [`config`]: one serde config, validated into [`config::Config`] that the server trusts.
-//! - [`server`]: binds the router to an already-bound listener; graceful shutdown.
+//! - [`server`]: serves the API on an already-bound listener; limits; graceful shutdown.
+//! - [`tls`]: the certificate (reloaded when its files change) and client-certificate check.
 //! - [`api`]: route parsing into a typed enum, one handler module per endpoint family, and the
 //!   one table of spec error codes.
 //! - [`auth`]: accounts, credentials, registry tokens and rights (who may do what).
@@ -20,3 +21,4 @@ pub mod metadata;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod tls;

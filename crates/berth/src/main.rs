@@ -328,6 +328,12 @@ async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
              address may push, overwrite and delete anything"
         );
     }
+    let options = ServeOptions::from_config(&config)?;
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
 
     let registry = server::open_registry(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -337,22 +343,17 @@ async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
     // The one line on stdout: scripts and tests read the bound address from it.
     #[allow(clippy::print_stdout)]
     {
-        println!("berth listening on http://{addr}");
+        println!("berth listening on {scheme}://{addr}");
     }
     std::io::stdout().flush()?;
     tracing::info!(
         listen = %addr,
         data_dir = %config.data_dir.display(),
         max_connections = config.max_connections,
+        tls = options.tls.is_some(),
         "serving"
     );
-    server::run(
-        listener,
-        registry,
-        ServeOptions::from_config(&config),
-        shutdown_signal(),
-    )
-    .await?;
+    server::run(listener, registry, options, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -1,22 +1,28 @@
 //! Wires the stores into a [`Registry`] and serves it on an already-bound listener until a
 //! shutdown signal, then lets in-flight requests finish within a bound. The accept loop is
 //! where a client's hold on the server is bounded: connections at once, time to send headers
-//! (which also reaps idle keep-alive connections), and silence inside a request body.
+//! (which also reaps idle keep-alive connections), and silence inside a request body. With TLS
+//! configured, each connection's handshake runs on its own task, bounded like the headers, and
+//! ALPN picks HTTP/2 or HTTP/1.1 for it (see [`TlsServer`]).
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::response::Response;
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use bytes::Bytes;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tower_http::timeout::TimeoutBody;
 
@@ -26,6 +32,7 @@ use crate::config::{Config, MetadataConfig, StorageConfig};
 use crate::metadata::{Metadata, PoolOptions};
 use crate::service::{Registry, RegistryOptions};
 use crate::storage::{BlobStore, FsBlobStore, S3BlobStore};
+use crate::tls::{self, Tls, TlsError};
 
 /// Opens the configured blob and metadata stores and builds the registry over them.
 pub async fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
@@ -96,27 +103,41 @@ pub struct ServeOptions {
     /// Connections served at once. Past it the server stops accepting, so further
     /// connections wait in the kernel's accept backlog instead of taking file descriptors.
     pub max_connections: usize,
+    /// HTTPS with this certificate; plain HTTP when `None`.
+    pub tls: Option<Tls>,
 }
 
 impl ServeOptions {
-    pub fn from_config(config: &Config) -> ServeOptions {
-        ServeOptions {
+    /// Also reads and checks the TLS files, so that a bad certificate or key stops the start.
+    pub fn from_config(config: &Config) -> Result<ServeOptions, TlsError> {
+        Ok(ServeOptions {
             shutdown_grace: config.shutdown_grace,
             upload_purge_interval: config.upload_purge_interval,
             header_read_timeout: config.header_read_timeout,
             body_idle_timeout: config.body_idle_timeout,
             max_connections: config.max_connections,
-        }
+            tls: config.tls.as_ref().map(Tls::load).transpose()?,
+        })
     }
 }
 
-/// Most bytes hyper buffers per connection, each way.
+/// Most bytes hyper buffers per connection, each way (per stream for HTTP/2 responses).
 const HYPER_MAX_BUF: usize = 128 * 1024;
+
+/// HTTP/2 requests in flight at once on one connection (nginx's default). Each is bounded like
+/// an HTTP/1.1 connection's, so one connection can hold this many times as much.
+const H2_MAX_STREAMS: u32 = 128;
+/// Largest HTTP/2 request head (decoded header list) accepted.
+const H2_MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+/// Flow-control windows: request body bytes a client may send ahead of the handler, per stream
+/// and per connection (so per connection at most this much is buffered).
+const H2_WINDOW_BYTES: u32 = 1024 * 1024;
 
 /// Answers one request: the body gets its silence bound, `api::handle` the rest, and at debug
 /// level one line is logged per request once its response head is ready: method, path with
-/// query, status, and the time taken (a streamed body may still be on its way). No router or
-/// middleware stack: `api` parses routes itself, and each layer cost allocations per request.
+/// query, status, the time taken (a streamed body may still be on its way) and the client
+/// certificate's subject, if any. No router or middleware stack: `api` parses routes itself,
+/// and each layer cost allocations per request.
 async fn answer(
     registry: &Registry,
     peer: &api::Peer,
@@ -136,6 +157,7 @@ async fn answer(
         uri = %uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()),
         status = response.status().as_u16(),
         duration_ms = started.elapsed().as_secs_f64() * 1e3,
+        client_cert = peer.client_cert_subject.as_deref(),
         "request"
     );
     response
@@ -165,6 +187,9 @@ pub async fn run(
         options.upload_purge_interval,
         stop_rx.clone(),
     ));
+    if let Some(tls) = &options.tls {
+        tokio::spawn(tls.clone().reload_until(stop_rx.clone()));
+    }
 
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -174,6 +199,10 @@ pub async fn run(
         // ~400 MiB. 128 KiB still fills a socket and keeps upload reads large; it bounds
         // request heads as well.
         .max_buf_size(HYPER_MAX_BUF);
+    let tls = options
+        .tls
+        .as_ref()
+        .map(|tls| Arc::new(TlsServer::new(tls.clone(), http.clone(), &options)));
     let connections = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(options.max_connections));
     let mut stop = stop_rx;
@@ -200,9 +229,17 @@ pub async fn run(
             },
         };
         let (tcp, peer) = tcp;
-        let peer = Arc::new(api::Peer::plain(peer));
         // Small responses (manifests, statuses) must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
+        if let Some(tls) = &tls {
+            let connection = (tcp, peer, slot, connections.watcher());
+            tokio::spawn(
+                tls.clone()
+                    .serve(connection, registry.clone(), stop.clone()),
+            );
+            continue;
+        }
+        let peer = Arc::new(api::Peer::plain(peer));
         let answered = Arc::new(AtomicBool::new(false));
         let service = {
             let (registry, answered, peer) = (registry.clone(), answered.clone(), peer.clone());
@@ -250,6 +287,218 @@ pub async fn run(
     janitor.abort();
     access_watch.abort();
     Ok(())
+}
+
+/// Serves TLS connections: one task each, from the handshake on, so a slow handshake holds its
+/// own slot and never the accept loop.
+///
+/// hyper-util's `auto` builder is not used: it tells HTTP/2 from HTTP/1.1 by reading the first
+/// bytes, with no timeout, while ALPN has already said which it is.
+struct TlsServer {
+    tls: Tls,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    /// Bound on the handshake, and on an HTTP/2 connection without a request in flight (the
+    /// counterpart of HTTP/1.1's header timeout).
+    header_read_timeout: Duration,
+    body_idle_timeout: Duration,
+}
+
+/// An accepted connection: its socket, the peer's address, its `max_connections` slot, and the
+/// watcher that makes shutdown wait for it.
+type Accepted = (TcpStream, SocketAddr, OwnedSemaphorePermit, Watcher);
+
+impl TlsServer {
+    fn new(tls: Tls, http1: http1::Builder, options: &ServeOptions) -> TlsServer {
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .max_header_list_size(H2_MAX_HEADER_LIST_BYTES)
+            .initial_stream_window_size(H2_WINDOW_BYTES)
+            .initial_connection_window_size(H2_WINDOW_BYTES)
+            // As for HTTP/1.1: a response stalled by a client that stops reading holds at most
+            // this much (per stream).
+            .max_send_buf_size(HYPER_MAX_BUF)
+            // A quiet connection is pinged, and closed when the peer no longer answers (it
+            // vanished mid-request, without a FIN).
+            .keep_alive_interval(options.header_read_timeout)
+            .keep_alive_timeout(options.header_read_timeout);
+        TlsServer {
+            tls,
+            http1,
+            http2,
+            header_read_timeout: options.header_read_timeout,
+            body_idle_timeout: options.body_idle_timeout,
+        }
+    }
+
+    async fn serve(
+        self: Arc<Self>,
+        (tcp, addr, slot, watcher): Accepted,
+        registry: Arc<Registry>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let _held_until_closed = (slot, watcher);
+        // Nothing was answered yet, so shutdown drops a connection still in its handshake.
+        let handshake = self.tls.acceptor().accept(tcp);
+        let handshake = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return,
+            done = tokio::time::timeout(self.header_read_timeout, handshake) => done,
+        };
+        let stream = match handshake {
+            Ok(Ok(stream)) => stream,
+            // Scanners, clients that distrust the certificate, client certificates from
+            // another CA: the client's problem, and it has been told.
+            Ok(Err(e)) => return tracing::debug!(peer = %addr, error = %e, "TLS handshake failed"),
+            Err(_) => return tracing::debug!(peer = %addr, "TLS handshake timed out"),
+        };
+        let session = stream.get_ref().1;
+        let h2 = session.alpn_protocol() == Some(b"h2");
+        let peer = Arc::new(api::Peer {
+            addr,
+            tls: true,
+            client_cert_subject: session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|cert| tls::common_name(cert)),
+        });
+        let answered = Arc::new(AtomicBool::new(false));
+        // Only HTTP/2 reads the count; TLS connections are not the ones benchmarked.
+        let in_flight = Arc::new(watch::Sender::new(0usize));
+        let service = {
+            let (answered, in_flight) = (answered.clone(), in_flight.clone());
+            let body_idle_timeout = self.body_idle_timeout;
+            service_fn(move |request: hyper::Request<Incoming>| {
+                answered.store(true, Ordering::Relaxed);
+                let in_flight = InFlight::start(&in_flight);
+                let (registry, peer) = (registry.clone(), peer.clone());
+                async move {
+                    let response = answer(&registry, &peer, body_idle_timeout, request).await;
+                    let response = response.map(|body| CountedBody {
+                        body,
+                        _in_flight: in_flight,
+                    });
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            })
+        };
+        let io = TokioIo::new(stream);
+        let linger = self.header_read_timeout;
+        let result = if h2 {
+            let connection = pin!(self.http2.serve_connection(io, service));
+            let idle = idle(in_flight, self.header_read_timeout);
+            let graceful = http2::Connection::graceful_shutdown;
+            drive(connection, graceful, idle, &answered, stop, linger).await
+        } else {
+            // hyper's header timeout already closes an idle HTTP/1.1 connection.
+            let connection = pin!(self.http1.serve_connection(io, service));
+            let graceful = http1::Connection::graceful_shutdown;
+            drive(
+                connection,
+                graceful,
+                std::future::pending(),
+                &answered,
+                stop,
+                linger,
+            )
+            .await
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// Runs a TLS connection to its end. On shutdown it is asked to close gracefully, or dropped at
+/// once if it never answered a request (as in the plain accept loop); once `idle` completes it
+/// is asked to close too and gets `linger` to do so.
+async fn drive<C>(
+    mut connection: Pin<&mut C>,
+    graceful: fn(Pin<&mut C>),
+    idle: impl Future<Output = ()>,
+    answered: &AtomicBool,
+    mut stop: watch::Receiver<bool>,
+    linger: Duration,
+) -> hyper::Result<()>
+where
+    C: Future<Output = hyper::Result<()>>,
+{
+    let stopping = tokio::select! {
+        result = connection.as_mut() => return result,
+        _ = stop.wait_for(|s| *s) => true,
+        _ = idle => false,
+    };
+    if stopping && !answered.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    graceful(connection.as_mut());
+    if stopping {
+        connection.await
+    } else {
+        tokio::time::timeout(linger, connection)
+            .await
+            .unwrap_or(Ok(()))
+    }
+}
+
+/// Completes once no request has been in flight for `after`: how long an HTTP/2 connection may
+/// sit idle, as hyper's header timeout does for HTTP/1.1.
+async fn idle(in_flight: Arc<watch::Sender<usize>>, after: Duration) {
+    let mut count = in_flight.subscribe();
+    loop {
+        if count.wait_for(|n| *n == 0).await.is_err() {
+            return std::future::pending().await;
+        }
+        match tokio::time::timeout(after, count.changed()).await {
+            Err(_) => return,
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return std::future::pending().await,
+        }
+    }
+}
+
+/// One request of a TLS connection, from its start until its response body is sent or dropped.
+struct InFlight(Arc<watch::Sender<usize>>);
+
+impl InFlight {
+    fn start(count: &Arc<watch::Sender<usize>>) -> InFlight {
+        count.send_modify(|n| *n += 1);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// A response body that keeps its request counted as in flight.
+struct CountedBody {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// An accept error: one connection's (it is gone; go on) or the process's, such as running out

@@ -22,3 +22,4 @@ mod multinode;
 mod postgres;
 mod resources;
 mod s3;
+mod tls;

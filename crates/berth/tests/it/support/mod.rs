@@ -16,7 +16,7 @@ use reqwest::blocking::Client;
 
 pub struct TestApp {
     child: Option<Child>,
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT`, or `https://` when berth serves TLS.
     pub base: String,
     /// `127.0.0.1:PORT`, for clients that take a registry host (skopeo, podman).
     pub host: String,
@@ -24,6 +24,7 @@ pub struct TestApp {
     extra_args: Vec<String>,
     envs: Vec<(String, String)>,
     fd_limit: Option<u64>,
+    stderr: Option<PathBuf>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -32,6 +33,7 @@ pub struct TestAppBuilder {
     envs: Vec<(String, String)>,
     data_dir: Option<PathBuf>,
     fd_limit: Option<u64>,
+    stderr: Option<PathBuf>,
 }
 
 impl TestAppBuilder {
@@ -57,6 +59,12 @@ impl TestAppBuilder {
         self
     }
 
+    /// Appends berth's stderr (its logs) to this file instead of the test's stderr.
+    pub fn stderr_to(mut self, file: impl Into<PathBuf>) -> Self {
+        self.stderr = Some(file.into());
+        self
+    }
+
     pub fn start(self) -> TestApp {
         let (tmp, data_dir) = match self.data_dir {
             Some(d) => (None, d),
@@ -74,6 +82,7 @@ impl TestAppBuilder {
             extra_args: self.args,
             envs: self.envs,
             fd_limit: self.fd_limit,
+            stderr: self.stderr,
             _tmp: tmp,
         };
         app.spawn();
@@ -101,6 +110,7 @@ impl TestApp {
             envs: Vec::new(),
             data_dir: None,
             fd_limit: None,
+            stderr: None,
         }
     }
 
@@ -128,7 +138,15 @@ impl TestApp {
             .args(&self.extra_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(match &self.stderr {
+                Some(file) => std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(file)
+                    .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+                    .into(),
+                None => Stdio::inherit(),
+            });
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }
@@ -138,15 +156,18 @@ impl TestApp {
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("read berth's first line");
-        // "berth listening on http://127.0.0.1:PORT"
+        // "berth listening on http://127.0.0.1:PORT" (https:// with TLS)
         let base = line
             .trim()
             .rsplit(' ')
             .next()
-            .filter(|u| u.starts_with("http://"))
+            .filter(|u| u.starts_with("http://") || u.starts_with("https://"))
             .unwrap_or_else(|| panic!("unexpected first line from berth: {line:?}"))
             .to_string();
-        self.host = base.trim_start_matches("http://").to_string();
+        self.host = base
+            .split_once("://")
+            .map_or(base.as_str(), |(_, host)| host)
+            .to_string();
         self.base = base;
         self.child = Some(child);
     }
