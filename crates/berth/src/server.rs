@@ -385,25 +385,17 @@ impl TlsServer {
             })
         };
         let io = TokioIo::new(stream);
-        let linger = self.header_read_timeout;
         let result = if h2 {
             let connection = pin!(self.http2.serve_connection(io, service));
             let idle = idle(in_flight, self.header_read_timeout);
             let graceful = http2::Connection::graceful_shutdown;
-            drive(connection, graceful, idle, &answered, stop, linger).await
+            drive(connection, graceful, idle, &answered, stop).await
         } else {
             // hyper's header timeout already closes an idle HTTP/1.1 connection.
             let connection = pin!(self.http1.serve_connection(io, service));
             let graceful = http1::Connection::graceful_shutdown;
-            drive(
-                connection,
-                graceful,
-                std::future::pending(),
-                &answered,
-                stop,
-                linger,
-            )
-            .await
+            let idle = std::future::pending();
+            drive(connection, graceful, idle, &answered, stop).await
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, "connection ended with an error");
@@ -411,36 +403,32 @@ impl TlsServer {
     }
 }
 
-/// Runs a TLS connection to its end. On shutdown it is asked to close gracefully, or dropped at
-/// once if it never answered a request (as in the plain accept loop); once `idle` completes it
-/// is asked to close too and gets `linger` to do so.
+/// Runs a TLS connection to its end. On shutdown, or once `idle` completes, a connection that
+/// never answered a request is dropped at once (as in the plain accept loop: nothing can be cut
+/// short, and hyper's HTTP/2 handshake, waiting for the preface, has no timeout of its own);
+/// any other is asked to close gracefully: HTTP/2 sends GOAWAY and lets its streams finish
+/// (their last bytes may still be on their way when the count of requests in flight drops),
+/// and a peer that stops answering pings is cut by hyper's keep-alive.
 async fn drive<C>(
     mut connection: Pin<&mut C>,
     graceful: fn(Pin<&mut C>),
     idle: impl Future<Output = ()>,
     answered: &AtomicBool,
     mut stop: watch::Receiver<bool>,
-    linger: Duration,
 ) -> hyper::Result<()>
 where
     C: Future<Output = hyper::Result<()>>,
 {
-    let stopping = tokio::select! {
+    tokio::select! {
         result = connection.as_mut() => return result,
-        _ = stop.wait_for(|s| *s) => true,
-        _ = idle => false,
+        _ = stop.wait_for(|s| *s) => {}
+        _ = idle => {}
     };
-    if stopping && !answered.load(Ordering::Relaxed) {
+    if !answered.load(Ordering::Relaxed) {
         return Ok(());
     }
     graceful(connection.as_mut());
-    if stopping {
-        connection.await
-    } else {
-        tokio::time::timeout(linger, connection)
-            .await
-            .unwrap_or(Ok(()))
-    }
+    connection.await
 }
 
 /// Completes once no request has been in flight for `after`: how long an HTTP/2 connection may

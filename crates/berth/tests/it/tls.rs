@@ -4,6 +4,7 @@
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -422,9 +423,111 @@ fn a_silent_tls_client_is_dropped_after_the_header_timeout() {
     );
 }
 
-/// A TLS handshake with a bare rustls client offering `alpn`; the session and its socket,
-/// nothing sent after the handshake.
-fn handshake(host: &str, ca: &Ca, alpn: &[u8]) -> (rustls::ClientConnection, TcpStream) {
+#[test]
+fn an_http2_connection_stays_open_while_a_request_runs_and_closes_once_idle() {
+    let ca = Ca::new("berth test CA");
+    let files = CertFiles::new(&ca.server());
+    let app = files.serve(
+        TestApp::builder()
+            .arg("--header-read-timeout-secs")
+            .arg("1"),
+    );
+    let blob = pseudo_random(34, 1 << 20);
+    let digest = sha256(&blob);
+    let pushed = https_client(&ca, None)
+        .post(app.url(&format!("/v2/tls/idle/blobs/uploads/?digest={digest}")))
+        .body(blob.clone())
+        .send()
+        .expect("push");
+    assert_eq!(pushed.status().as_u16(), 201);
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&app.host)
+            .await
+            .expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(client_config(&ca, b"h2"))
+            .connect(server_name(), tcp)
+            .await
+            .expect("TLS handshake");
+        // The smallest windows HTTP/2 allows, so the server can only send as fast as this
+        // client reads, and the request stays in flight on the server about as long.
+        let (mut requests, connection) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .initial_stream_window_size(65_535)
+                .initial_connection_window_size(65_535)
+                .handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .expect("HTTP/2 handshake");
+        let ended = tokio::spawn(async move {
+            let _ = connection.await;
+            Instant::now()
+        });
+        let get = |path: &str| {
+            hyper::Request::get(app.url(path))
+                .body(String::new())
+                .expect("request")
+        };
+        let started = Instant::now();
+        let mut body = requests
+            .send_request(get(&format!("/v2/tls/idle/blobs/{digest}")))
+            .await
+            .expect("response")
+            .into_body();
+        // Read slowly, for well past the 1 s idle bound; half-way, a second request on the same
+        // connection is still served: no GOAWAY was sent while the first was in flight.
+        let mut received = Vec::new();
+        let mut second = None;
+        while let Some(frame) =
+            std::future::poll_fn(|cx| hyper::body::Body::poll_frame(Pin::new(&mut body), cx)).await
+        {
+            if let Ok(data) = frame.expect("body frame").into_data() {
+                received.extend_from_slice(&data);
+            }
+            if second.is_none() && started.elapsed() > Duration::from_millis(1500) {
+                let response = requests.send_request(get("/v2/")).await;
+                second = Some(
+                    response
+                        .map(|r| r.status().as_u16())
+                        .map_err(|e| e.to_string()),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let done = Instant::now();
+        assert!(received == blob, "the blob was cut or altered");
+        assert!(
+            done - started > Duration::from_secs(2),
+            "the pull took only {:?}; it proves nothing about the idle bound",
+            done - started
+        );
+        assert_eq!(
+            second,
+            Some(Ok(200)),
+            "a request while another was in flight"
+        );
+
+        // Then, with nothing in flight, the server closes the connection.
+        let ended = tokio::time::timeout(Duration::from_secs(10), ended)
+            .await
+            .expect("the idle connection is still open 10 s after its last request")
+            .expect("connection task");
+        assert!(
+            ended > started + Duration::from_secs(2),
+            "closed while busy"
+        );
+        assert!(
+            ended < done + Duration::from_secs(5),
+            "closed {:?} after its last request",
+            ended - done
+        );
+    });
+}
+
+fn client_config(ca: &Ca, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.issuer.der().clone()).expect("CA root");
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -434,8 +537,18 @@ fn handshake(host: &str, ca: &Ca, alpn: &[u8]) -> (rustls::ClientConnection, Tcp
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![alpn.to_vec()];
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name");
-    let mut session = rustls::ClientConnection::new(Arc::new(config), name).expect("session");
+    Arc::new(config)
+}
+
+fn server_name() -> rustls::pki_types::ServerName<'static> {
+    rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name")
+}
+
+/// A TLS handshake with a bare rustls client offering `alpn`; the session and its socket,
+/// nothing sent after the handshake.
+fn handshake(host: &str, ca: &Ca, alpn: &[u8]) -> (rustls::ClientConnection, TcpStream) {
+    let config = client_config(ca, alpn);
+    let mut session = rustls::ClientConnection::new(config, server_name()).expect("session");
     let mut tcp = connect(host);
     tcp.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("read timeout");
