@@ -1,6 +1,7 @@
 //! TLS end to end: the real binary serving HTTPS with certificates made at test time (rcgen), to
 //! real clients (skopeo, reqwest, curl, a bare rustls client): HTTP/2 by ALPN, certificates
-//! rotated on disk while it runs, client certificates, silent clients, bad files at start.
+//! rotated on disk while it runs, client certificates (alone, and as accounts under access
+//! control), silent and idle clients, bad files at start.
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -101,14 +102,18 @@ impl CertFiles {
         replace(&self.path("tls.key"), key);
     }
 
-    /// `berth serve` with these files as its certificate and key.
-    fn serve(&self, builder: TestAppBuilder) -> TestApp {
-        let app = builder
+    /// `builder` with these files as berth's certificate and key.
+    fn args(&self, builder: TestAppBuilder) -> TestAppBuilder {
+        builder
             .arg("--tls-cert")
             .arg(self.path("tls.crt").display().to_string())
             .arg("--tls-key")
             .arg(self.path("tls.key").display().to_string())
-            .start();
+    }
+
+    /// `berth serve` with these files as its certificate and key.
+    fn serve(&self, builder: TestAppBuilder) -> TestApp {
+        let app = self.args(builder).start();
         assert!(app.base.starts_with("https://"), "{}", app.base);
         app
     }
@@ -180,7 +185,9 @@ fn count_lines(log: &Path, needle: &str) -> usize {
 fn skopeo_pushes_and_pulls_over_tls_verifying_the_certificate() {
     let ca = Ca::new("berth test CA");
     let files = CertFiles::new(&ca.server());
-    let app = files.serve(TestApp::builder());
+    // With access control on, so that skopeo also fetches its token from the HTTPS realm.
+    let cast = crate::auth::cast_with(files.args(TestApp::builder()));
+    let app = &cast.app;
     let tools = Tools::new();
     let certs = tools.path("certs");
     std::fs::create_dir_all(&certs).expect("mkdir certs");
@@ -195,10 +202,12 @@ fn skopeo_pushes_and_pulls_over_tls_verifying_the_certificate() {
             vec![("b.bin", pseudo_random(32, 50_000))],
         ],
     );
-    let remote = format!("docker://{}/tls/app:v1", app.host);
+    let remote = format!("docker://{}/team/app:v1", app.host);
     tools.skopeo(&[
         "copy",
         "--preserve-digests",
+        "--dest-creds",
+        "alice:alice-pw",
         "--dest-tls-verify=true",
         "--dest-cert-dir",
         &certs,
@@ -209,6 +218,8 @@ fn skopeo_pushes_and_pulls_over_tls_verifying_the_certificate() {
     tools.skopeo(&[
         "copy",
         "--preserve-digests",
+        "--src-creds",
+        "alice:alice-pw",
         "--src-tls-verify=true",
         "--src-cert-dir",
         &certs,
@@ -381,6 +392,40 @@ fn client_certificates_are_optional_and_must_come_from_the_client_ca() {
         assert!(refused.is_err(), "a certificate from {who} was accepted");
     }
     assert_eq!(count_lines(&log, "intruder"), 0, "no request got through");
+}
+
+#[test]
+fn with_access_control_a_client_certificate_acts_as_the_user_it_names() {
+    let ca = Ca::new("berth test CA");
+    let client_ca = Ca::new("client CA");
+    let files = CertFiles::new(&ca.server());
+    std::fs::write(files.path("clients.pem"), client_ca.pem()).expect("write client CA");
+    let builder = files
+        .args(TestApp::builder())
+        .arg("--tls-client-ca")
+        .arg(files.path("clients.pem").display().to_string());
+    // alice owns `team`, carol has no role anywhere (see `auth::cast`).
+    let cast = crate::auth::cast_with(builder);
+    let app = &cast.app;
+    let push = |identity: Option<&Pair>| {
+        let blob = pseudo_random(35, 1000);
+        let digest = sha256(&blob);
+        https_client(&ca, identity)
+            .post(app.url(&format!("/v2/team/app/blobs/uploads/?digest={digest}")))
+            .body(blob)
+            .send()
+            .expect("push")
+            .status()
+            .as_u16()
+    };
+    assert_eq!(push(Some(&client_ca.client("alice"))), 201, "alice");
+    assert_eq!(push(Some(&client_ca.client("carol"))), 403, "carol");
+    assert_eq!(
+        push(Some(&client_ca.client("mallory"))),
+        401,
+        "no such user"
+    );
+    assert_eq!(push(None), 401, "no certificate");
 }
 
 #[test]
