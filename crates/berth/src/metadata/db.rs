@@ -59,6 +59,8 @@ pub enum Dialect {
 pub const TOKENS: &[(&str, &str, &str)] = &[
     // A checked row stays until this transaction ends; SQLite's single writer gives that.
     ("KEY_SHARE", "", "FOR KEY SHARE"),
+    // A row only one transaction may hold at a time; SQLite's single writer gives that.
+    ("FOR_UPDATE", "", "FOR UPDATE"),
     (
         "ID",
         "INTEGER PRIMARY KEY",

@@ -12,6 +12,7 @@
 
 pub mod access;
 pub mod db;
+pub mod events;
 pub mod queries;
 pub mod schema;
 

@@ -25,6 +25,7 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration::Shared(V2),
     Migration::Shared(V3),
+    Migration::Shared(V4),
 ];
 
 /// Key of the transaction-scoped advisory lock that serializes migrations across nodes.
@@ -295,4 +296,37 @@ CREATE TABLE auth_generation (
 );
 INSERT INTO auth_generation (id, generation) VALUES (1, 0);
 ALTER TABLE uploads ADD COLUMN owner TEXT;
+"#;
+
+/// Version 4, both dialects: the event log (see "Events" in ARCHITECTURE.md). Each event is
+/// appended in the transaction of the change it describes; `event_chain` is the head of the
+/// hash chain, one row that every append updates, so sequence numbers follow commit order.
+const V4: &str = r#"
+CREATE TABLE events (
+    seq         {INT} PRIMARY KEY,
+    at_ms       {INT} NOT NULL,
+    kind        TEXT NOT NULL,
+    actor       TEXT NOT NULL,
+    client_addr TEXT,
+    user_agent  TEXT,
+    request_id  TEXT,
+    repository  {NAME},
+    digest      TEXT,
+    tags        TEXT NOT NULL,
+    size        {INT},
+    result      TEXT NOT NULL,
+    detail      TEXT,
+    prev_hash   TEXT NOT NULL,
+    hash        TEXT NOT NULL
+);
+CREATE INDEX events_at ON events(at_ms);
+CREATE INDEX events_repository ON events(repository, seq);
+CREATE INDEX events_actor ON events(actor, seq);
+CREATE INDEX events_kind ON events(kind, seq);
+CREATE TABLE event_chain (
+    id   {INT} PRIMARY KEY CHECK (id = 1),
+    seq  {INT} NOT NULL,
+    hash TEXT NOT NULL
+);
+INSERT INTO event_chain (id, seq, hash) VALUES (1, 0, '');
 "#;

@@ -44,6 +44,80 @@ fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
+/// The event log: appends chain, queries filter newest first, and verify names the first
+/// edited, deleted or removed-from-the-end entry.
+pub(crate) async fn events_suite(store: &Metadata) {
+    use super::events::{self, EventFilter, NewEvent};
+    let ev = |kind: &str, actor: &str, repo: &str| NewEvent {
+        kind: kind.into(),
+        actor: actor.into(),
+        repository: Some(repo.into()),
+        tags: vec!["v1".into()],
+        size: Some(7),
+        result: "ok".into(),
+        ..NewEvent::default()
+    };
+    let all = [
+        ev("manifest.pushed", "user:alice", "team/app"),
+        ev("tag.deleted", "user:bob", "team/app"),
+        ev("manifest.pushed", "user:alice", "lib/base"),
+        ev("manifest.deleted", "robot:team+ci", "team/web"),
+    ];
+    for e in &all {
+        must(store.write(|tx| Box::pin(events::append(tx, e))).await);
+    }
+    assert_eq!(must(events::verify(store, 2).await), Ok(4));
+    let alice = EventFilter {
+        actor: Some("user:alice".into()),
+        ..EventFilter::default()
+    };
+    let found = must(
+        store
+            .read(|tx| Box::pin(events::query(tx, &alice, 10)))
+            .await,
+    );
+    assert_eq!(found.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 1]);
+    assert_eq!(found[1].event, all[0]);
+    let team = EventFilter {
+        repository_prefix: Some("team/".into()),
+        before_seq: Some(4),
+        ..EventFilter::default()
+    };
+    let found = must(
+        store
+            .read(|tx| Box::pin(events::query(tx, &team, 10)))
+            .await,
+    );
+    assert_eq!(found.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 1]);
+
+    // Tampering, each kind found and named.
+    must(
+        store
+            .write(|tx| {
+                Box::pin(async move {
+                    tx.execute(
+                        "UPDATE events SET actor = 'user:mallory' WHERE seq = 2",
+                        &[],
+                    )
+                    .await
+                })
+            })
+            .await,
+    );
+    let broken = must(events::verify(store, 2).await).expect_err("an edit");
+    assert_eq!(broken.seq, 2, "{broken:?}");
+    must(
+        store
+            .write(|tx| {
+                Box::pin(async move { tx.execute("DELETE FROM events WHERE seq = 2", &[]).await })
+            })
+            .await,
+    );
+    let broken = must(events::verify(store, 2).await).expect_err("a deletion");
+    assert_eq!(broken.seq, 3, "{broken:?}");
+    assert!(broken.reason.contains("missing"), "{broken:?}");
+}
+
 /// Accounts, namespaces, members, credentials, keys: each change bumps the generation.
 pub(crate) async fn access_suite(store: &Metadata) {
     use super::access::{self as q, AccountRow, CredentialRow};
@@ -471,6 +545,12 @@ mod sqlite {
         access_suite(&open(&dir.path().join("m.db")).await).await;
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_events_suite() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        events_suite(&open(&dir.path().join("m.db")).await).await;
+    }
+
     #[tokio::test]
     async fn migrations_are_idempotent() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -667,6 +747,13 @@ mod postgres {
     async fn passes_the_access_suite() {
         let db = TestDb::create().await;
         access_suite(&db.store().await).await;
+        db.drop_database().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_events_suite() {
+        let db = TestDb::create().await;
+        events_suite(&db.store().await).await;
         db.drop_database().await;
     }
 

@@ -1,0 +1,291 @@
+//! The event log: one row per change (and per login, token, permission change), appended by
+//! [`append`] inside the transaction of the change it describes, so a crash can never leave a
+//! change without its event or an event without its change.
+//!
+//! Events form a hash chain: each row's `hash` is SHA-256 over the previous row's hash and the
+//! row's own fields in a fixed encoding ([`chain_hash`]). Appends lock the one row of
+//! `event_chain` (the head: last sequence number and hash) until they commit, so sequence
+//! numbers follow commit order and [`verify`] can find the first row that was edited,
+//! deleted, inserted or moved.
+
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+
+use super::MetadataError;
+use super::db::{Row, Tx};
+
+/// An event about to be appended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct NewEvent {
+    pub kind: String,
+    pub actor: String,
+    pub client_addr: Option<String>,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+    pub repository: Option<String>,
+    pub digest: Option<String>,
+    pub tags: Vec<String>,
+    pub size: Option<u64>,
+    /// `ok`, `denied` or `failed`.
+    pub result: String,
+    /// More, as JSON, when the kind has more to say.
+    pub detail: Option<String>,
+}
+
+/// An event as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    pub seq: i64,
+    pub at_ms: i64,
+    #[serde(flatten)]
+    pub event: NewEvent,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// The fields a hash commits to, in a fixed order (serde serializes struct fields in
+/// declaration order).
+#[derive(Serialize)]
+struct Hashed<'a> {
+    seq: i64,
+    at_ms: i64,
+    event: &'a NewEvent,
+}
+
+/// SHA-256 (hex) of the previous hash, a newline, and the event's canonical JSON.
+pub fn chain_hash(prev_hash: &str, seq: i64, at_ms: i64, event: &NewEvent) -> String {
+    let json = serde_json::to_vec(&Hashed { seq, at_ms, event }).unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    h.update(b"\n");
+    h.update(&json);
+    let mut out = String::with_capacity(64);
+    for b in h.finalize() {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Appends `event` to the log as part of the caller's transaction; returns its sequence
+/// number. Call it last in a transaction: the chain head stays locked until the commit.
+pub async fn append(tx: &mut Tx<'_>, event: &NewEvent) -> Result<i64, MetadataError> {
+    let head = tx
+        .query_opt(
+            "SELECT seq, hash FROM event_chain WHERE id = 1 {FOR_UPDATE}",
+            &[],
+        )
+        .await?
+        .ok_or_else(|| MetadataError::internal("event_chain has no head row"))?;
+    let (prev_seq, prev_hash) = (head.i64(0)?, head.text(1)?.to_owned());
+    let seq = prev_seq + 1;
+    let at_ms = now_ms();
+    let hash = chain_hash(&prev_hash, seq, at_ms, event);
+    let tags = serde_json::to_string(&event.tags).map_err(MetadataError::internal)?;
+    let size = event
+        .size
+        .map(|s| i64::try_from(s).map_err(MetadataError::internal))
+        .transpose()?;
+    tx.execute(
+        "INSERT INTO events (seq, at_ms, kind, actor, client_addr, user_agent, request_id,
+                             repository, digest, tags, size, result, detail, prev_hash, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        &[
+            seq.into(),
+            at_ms.into(),
+            event.kind.as_str().into(),
+            event.actor.as_str().into(),
+            event.client_addr.as_deref().into(),
+            event.user_agent.as_deref().into(),
+            event.request_id.as_deref().into(),
+            event.repository.as_deref().into(),
+            event.digest.as_deref().into(),
+            tags.as_str().into(),
+            size.into(),
+            event.result.as_str().into(),
+            event.detail.as_deref().into(),
+            prev_hash.as_str().into(),
+            hash.as_str().into(),
+        ],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE event_chain SET seq = ?1, hash = ?2 WHERE id = 1",
+        &[seq.into(), hash.as_str().into()],
+    )
+    .await?;
+    Ok(seq)
+}
+
+fn event(row: &Row) -> Result<Event, MetadataError> {
+    let opt = |i| row.opt_text(i).map(|v| v.map(str::to_owned));
+    Ok(Event {
+        seq: row.i64(0)?,
+        at_ms: row.i64(1)?,
+        event: NewEvent {
+            kind: row.text(2)?.to_owned(),
+            actor: row.text(3)?.to_owned(),
+            client_addr: opt(4)?,
+            user_agent: opt(5)?,
+            request_id: opt(6)?,
+            repository: opt(7)?,
+            digest: opt(8)?,
+            tags: serde_json::from_str(row.text(9)?).map_err(MetadataError::internal)?,
+            size: row
+                .opt_i64(10)?
+                .map(|s| u64::try_from(s).map_err(MetadataError::internal))
+                .transpose()?,
+            result: row.text(11)?.to_owned(),
+            detail: opt(12)?,
+        },
+        prev_hash: row.text(13)?.to_owned(),
+        hash: row.text(14)?.to_owned(),
+    })
+}
+
+macro_rules! select_events {
+    ($rest:literal) => {
+        concat!(
+            "SELECT seq, at_ms, kind, actor, client_addr, user_agent, request_id, repository, \
+             digest, tags, size, result, detail, prev_hash, hash FROM events ",
+            $rest
+        )
+    };
+}
+
+/// Events with `seq` after `after`, in order, at most `limit`.
+pub async fn after(tx: &mut Tx<'_>, after: i64, limit: i64) -> Result<Vec<Event>, MetadataError> {
+    tx.query(
+        select_events!("WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
+        &[after.into(), limit.into()],
+    )
+    .await?
+    .iter()
+    .map(event)
+    .collect()
+}
+
+/// What to look for in the log; `None` matches anything.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub actor: Option<String>,
+    pub repository: Option<String>,
+    /// A repository name prefix: `ns/` for one namespace.
+    pub repository_prefix: Option<String>,
+    pub kind: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    /// Keyset pagination: events with `seq` below this (newest first).
+    pub before_seq: Option<i64>,
+}
+
+/// Newest first, by keyset: each page names the `seq` to continue below. Every condition is
+/// a bound parameter (NULL meaning "any"), so the statement is one prepared plan.
+pub async fn query(
+    tx: &mut Tx<'_>,
+    f: &EventFilter,
+    limit: i64,
+) -> Result<Vec<Event>, MetadataError> {
+    let prefix_end = f
+        .repository_prefix
+        .as_ref()
+        .map(|p| format!("{p}\u{10FFFF}"));
+    tx.query(
+        select_events!(
+            "WHERE (CAST(?1 AS TEXT) IS NULL OR actor = ?1)
+               AND (CAST(?2 AS TEXT) IS NULL OR repository = ?2)
+               AND (CAST(?3 AS TEXT) IS NULL OR (repository >= ?3 AND repository < ?4))
+               AND (CAST(?5 AS TEXT) IS NULL OR kind = ?5)
+               AND (CAST(?6 AS BIGINT) IS NULL OR at_ms >= ?6)
+               AND (CAST(?7 AS BIGINT) IS NULL OR at_ms < ?7)
+               AND (CAST(?8 AS BIGINT) IS NULL OR seq < ?8)
+             ORDER BY seq DESC LIMIT ?9"
+        ),
+        &[
+            f.actor.as_deref().into(),
+            f.repository.as_deref().into(),
+            f.repository_prefix.as_deref().into(),
+            prefix_end.as_deref().into(),
+            f.kind.as_deref().into(),
+            f.since_ms.into(),
+            f.until_ms.into(),
+            f.before_seq.into(),
+            limit.into(),
+        ],
+    )
+    .await?
+    .iter()
+    .map(event)
+    .collect()
+}
+
+/// The head of the chain: last sequence number and hash.
+pub async fn head(tx: &mut Tx<'_>) -> Result<(i64, String), MetadataError> {
+    let row = tx
+        .query_opt("SELECT seq, hash FROM event_chain WHERE id = 1", &[])
+        .await?
+        .ok_or_else(|| MetadataError::internal("event_chain has no head row"))?;
+    Ok((row.i64(0)?, row.text(1)?.to_owned()))
+}
+
+/// The first break in the chain, if any.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainBreak {
+    pub seq: i64,
+    pub reason: String,
+}
+
+/// Walks the chain in order (in pages) and names the first entry that does not follow from
+/// the one before: an edited entry's hash does not match its fields, a deleted entry leaves a
+/// gap in `seq` and a `prev_hash` that names no entry, an inserted or moved one breaks the
+/// `prev_hash` link. Returns how many entries were checked.
+pub async fn verify(
+    metadata: &super::Metadata,
+    page: i64,
+) -> Result<Result<i64, ChainBreak>, MetadataError> {
+    let (mut prev_seq, mut prev_hash) = (0i64, String::new());
+    let mut checked = 0;
+    loop {
+        let batch = metadata
+            .read(|tx| Box::pin(after(tx, prev_seq, page)))
+            .await?;
+        if batch.is_empty() {
+            break;
+        }
+        for e in &batch {
+            let broken = |reason: String| Ok(Err(ChainBreak { seq: e.seq, reason }));
+            if e.seq != prev_seq + 1 {
+                return broken(format!(
+                    "entries {} to {} are missing",
+                    prev_seq + 1,
+                    e.seq - 1
+                ));
+            }
+            if e.prev_hash != prev_hash {
+                return broken("it does not follow the entry before it".to_string());
+            }
+            if chain_hash(&e.prev_hash, e.seq, e.at_ms, &e.event) != e.hash {
+                return broken("its contents do not match its hash (edited)".to_string());
+            }
+            prev_seq = e.seq;
+            prev_hash = e.hash.clone();
+            checked += 1;
+        }
+    }
+    let (head_seq, head_hash) = metadata.read(|tx| Box::pin(head(tx))).await?;
+    if (head_seq, head_hash.as_str()) != (prev_seq, prev_hash.as_str()) {
+        return Ok(Err(ChainBreak {
+            seq: prev_seq + 1,
+            reason: format!(
+                "the log ends at {prev_seq} but its head names entry {head_seq}: entries were removed from the end"
+            ),
+        }));
+    }
+    Ok(Ok(checked))
+}
