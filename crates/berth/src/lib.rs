@@ -21,4 +21,5 @@ pub mod metadata;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod time;
 pub mod tls;

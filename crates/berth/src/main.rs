@@ -49,6 +49,30 @@ enum Command {
     /// The keys registry tokens are signed with.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// The event log: who pushed, deleted, logged in, changed rights.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain from the first entry to the last; names the first entry that was
+    /// edited, deleted, inserted or moved, and exits 1 if there is one.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Write events as JSON lines, oldest first.
+    Export {
+        /// From this time (2026-12-01, 2026-12-01T07:00:00Z, or seconds since the epoch).
+        #[arg(long)]
+        since: String,
+        /// Up to (not including) this time.
+        #[arg(long)]
+        until: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -398,7 +422,7 @@ fn grants(texts: &[String]) -> anyhow::Result<Vec<Grant>> {
 }
 
 fn when(secs: Option<i64>) -> String {
-    secs.map_or_else(|| "-".to_string(), berth::api::token::rfc3339)
+    secs.map_or_else(|| "-".to_string(), berth::time::rfc3339)
 }
 
 #[allow(clippy::print_stdout)]
@@ -611,6 +635,57 @@ async fn key(command: KeyCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Events read at once by `audit verify` and `audit export`.
+const AUDIT_PAGE: i64 = 10_000;
+
+#[allow(clippy::print_stdout)]
+async fn audit(command: AuditCommand) -> anyhow::Result<()> {
+    use berth::metadata::events;
+    match command {
+        AuditCommand::Verify { config } => {
+            let md = admin_metadata(config).await?;
+            match events::verify(&md, AUDIT_PAGE).await? {
+                Ok(n) => println!("ok: {n} entries, the chain is intact"),
+                Err(broken) => {
+                    anyhow::bail!(
+                        "the chain is BROKEN at entry {}: {}",
+                        broken.seq,
+                        broken.reason
+                    )
+                }
+            }
+        }
+        AuditCommand::Export {
+            since,
+            until,
+            config,
+        } => {
+            let since_ms = berth::time::parse(&since).map_err(anyhow::Error::msg)? * 1000;
+            let until_ms = until
+                .map(|u| berth::time::parse(&u).map_err(anyhow::Error::msg))
+                .transpose()?
+                .map(|s| s * 1000);
+            let md = admin_metadata(config).await?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut after = 0;
+            let until_ms = until_ms.unwrap_or(i64::MAX);
+            loop {
+                let batch = md
+                    .read(|tx| Box::pin(events::between(tx, since_ms, until_ms, after, AUDIT_PAGE)))
+                    .await?;
+                let Some(last) = batch.last() else { break };
+                after = last.seq;
+                for e in &batch {
+                    serde_json::to_writer(&mut out, e)?;
+                    out.write_all(b"\n")?;
+                }
+            }
+            out.flush()?;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -625,5 +700,6 @@ fn main() -> anyhow::Result<()> {
         Command::Robot(c) => runtime.block_on(robot(c)),
         Command::Token(c) => runtime.block_on(token(c)),
         Command::Key(c) => runtime.block_on(key(c)),
+        Command::Audit(c) => runtime.block_on(audit(c)),
     }
 }

@@ -20,6 +20,7 @@ use super::Peer;
 use super::access::credentials;
 use crate::auth::scope::{self, ResourceScope};
 use crate::auth::{AuthError, Credentials, Principal};
+use crate::metadata::events::NewEvent;
 use crate::service::Registry;
 
 /// Largest form body accepted by `POST`.
@@ -191,10 +192,12 @@ async fn get(registry: &Registry, peer: &Peer, request: Request) -> Result<Respo
         .map_err(TokenError::from_auth)?;
     let offline = param(&pairs, "offline_token") == Some("true");
     let client_id = param(&pairs, "client_id").unwrap_or("docker");
-    respond(
-        registry, &principal, &scopes, offline, client_id, None, false,
-    )
-    .await
+    let refresh = if offline {
+        Refresh::Issue(client_id)
+    } else {
+        Refresh::No
+    };
+    respond(registry, peer, &principal, &scopes, refresh, false).await
 }
 
 async fn post(registry: &Registry, peer: &Peer, request: Request) -> Result<Response, TokenError> {
@@ -239,10 +242,12 @@ async fn post(registry: &Registry, peer: &Peer, request: Request) -> Result<Resp
                 .authenticate(&credentials, None, Some(peer.addr.ip()))
                 .await
                 .map_err(TokenError::from_auth)?;
-            respond(
-                registry, &principal, &scopes, offline, client_id, None, true,
-            )
-            .await
+            let refresh = if offline {
+                Refresh::Issue(client_id)
+            } else {
+                Refresh::No
+            };
+            respond(registry, peer, &principal, &scopes, refresh, true).await
         }
         Some("refresh_token") => {
             let refresh = field("refresh_token").ok_or_else(|| missing("refresh_token"))?;
@@ -253,11 +258,10 @@ async fn post(registry: &Registry, peer: &Peer, request: Request) -> Result<Resp
                 .map_err(TokenError::from_auth)?;
             respond(
                 registry,
+                peer,
                 &principal,
                 &scopes,
-                false,
-                client_id,
-                Some(refresh),
+                Refresh::Reuse(refresh),
                 true,
             )
             .await
@@ -271,29 +275,53 @@ async fn post(registry: &Registry, peer: &Peer, request: Request) -> Result<Resp
     }
 }
 
+/// Whether the answer carries a refresh token.
+enum Refresh<'a> {
+    No,
+    /// A new one, for this OAuth2 client id (`offline_token=true`, `access_type=offline`).
+    Issue(&'a str),
+    /// The one the client redeemed, returned as it is.
+    Reuse(&'a str),
+}
+
 async fn respond(
     registry: &Registry,
+    peer: &Peer,
     principal: &Principal,
     scopes: &[ResourceScope],
-    offline: bool,
-    client_id: &str,
-    refresh_token: Option<&str>,
+    refresh: Refresh<'_>,
     oauth: bool,
 ) -> Result<Response, TokenError> {
     let auth = registry.auth();
     let issued = auth
         .issue(principal, scopes)
         .map_err(TokenError::from_auth)?;
-    let refresh = match refresh_token {
-        Some(r) => Some(r.to_string()),
-        None if offline && !principal.is_anonymous() => Some(
+    if !principal.is_anonymous() {
+        let granted: Vec<String> = issued
+            .access
+            .iter()
+            .map(|a| format!("{}:{}:{}", a.resource_type, a.name, a.actions.join(",")))
+            .collect();
+        auth.record(NewEvent {
+            kind: "token.issued".to_string(),
+            actor: principal.actor.to_string(),
+            client_addr: Some(peer.addr.ip().to_string()),
+            result: "ok".to_string(),
+            detail: Some(serde_json::json!({ "access": granted }).to_string()),
+            ..NewEvent::default()
+        })
+        .await;
+    }
+    let refresh = match refresh {
+        Refresh::Reuse(r) => Some(r.to_string()),
+        Refresh::Issue(client_id) if !principal.is_anonymous() => Some(
             auth.issue_refresh_token(principal, client_id)
                 .await
                 .map_err(TokenError::from_auth)?,
         ),
-        None => None,
+        Refresh::Issue(_) | Refresh::No => None,
     };
-    let issued_at = rfc3339(issued.issued_at);
+    let issued_at = crate::time::rfc3339(issued.issued_at);
     let mut body = if oauth {
         let granted: Vec<String> = issued
             .access
@@ -324,36 +352,4 @@ async fn respond(
         body.to_string(),
     )
         .into_response())
-}
-
-/// Seconds since the epoch as RFC 3339 UTC (`2026-12-01T07:00:00Z`).
-pub fn rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Howard Hinnant's days-to-civil algorithm.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rfc3339() {
-        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(super::rfc3339(1_796_108_400), "2026-12-01T07:00:00Z");
-    }
 }

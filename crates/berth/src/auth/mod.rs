@@ -31,6 +31,7 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 
 use crate::metadata::access::{self as q, AccountRow};
+use crate::metadata::events::{self, NewEvent};
 use crate::metadata::queries::now_secs;
 use crate::metadata::{Metadata, MetadataError};
 use crate::service::Actor;
@@ -396,10 +397,14 @@ impl Auth {
             Ok(p) => Arc::new(p),
             Err(e @ AuthError::Unauthorized(_)) => {
                 self.throttle.failed(user, client);
+                self.record(login_event(user, client, "denied")).await;
                 return Err(e);
             }
             Err(e) => return Err(e),
         };
+        // Logged once per verification, not per request: a cached login is the same login.
+        self.record(login_event(&principal.actor.to_string(), client, "ok"))
+            .await;
         remember(
             &self.basic_cache,
             key,
@@ -407,6 +412,20 @@ impl Auth {
             now_secs() + BASIC_CACHE.as_secs() as i64,
         );
         Ok(principal)
+    }
+
+    /// Appends an event of its own (a login, a token issued). The event log is the audit
+    /// trail, so a failure to write it is logged loudly; the request itself goes on, since a
+    /// login changes nothing that the event would have to match.
+    pub async fn record(&self, event: NewEvent) {
+        let event = &event;
+        let written = self
+            .metadata
+            .write(|tx| Box::pin(async move { events::append(tx, event).await.map(|_| ()) }))
+            .await;
+        if let Err(e) = written {
+            tracing::error!(kind = %event.kind, actor = %event.actor, error = %e, "could not record an event");
+        }
     }
 
     /// Checks a user name and password or generated secret, uncached.
@@ -826,6 +845,26 @@ pub struct IssuedToken {
 fn dummy_hash() -> &'static str {
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     HASH.get_or_init(|| secrets::hash_password(&ApiSecret::generate().secret).unwrap_or_default())
+}
+
+/// A login attempt; `who` is the actor on success, the name tried on failure.
+fn login_event(who: &str, client: Option<IpAddr>, result: &str) -> NewEvent {
+    NewEvent {
+        kind: if result == "ok" {
+            "login.succeeded"
+        } else {
+            "login.failed"
+        }
+        .to_string(),
+        actor: if result == "ok" {
+            who.to_string()
+        } else {
+            format!("unverified:{who}")
+        },
+        client_addr: client.map(|c| c.to_string()),
+        result: result.to_string(),
+        ..NewEvent::default()
+    }
 }
 
 fn parse_grants(json: &str) -> Result<Vec<Grant>, AuthError> {

@@ -171,6 +171,24 @@ pub async fn after(tx: &mut Tx<'_>, after: i64, limit: i64) -> Result<Vec<Event>
     .collect()
 }
 
+/// Events at or after `since_ms` and before `until_ms`, after `seq`, in order.
+pub async fn between(
+    tx: &mut Tx<'_>,
+    since_ms: i64,
+    until_ms: i64,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<Event>, MetadataError> {
+    tx.query(
+        select_events!("WHERE at_ms >= ?1 AND at_ms < ?2 AND seq > ?3 ORDER BY seq LIMIT ?4"),
+        &[since_ms.into(), until_ms.into(), after.into(), limit.into()],
+    )
+    .await?
+    .iter()
+    .map(event)
+    .collect()
+}
+
 /// What to look for in the log; `None` matches anything.
 #[derive(Debug, Clone, Default)]
 pub struct EventFilter {

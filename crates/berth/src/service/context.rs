@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::auth::Principal;
 use crate::auth::rights::Action;
+use crate::metadata::events::NewEvent;
 
 use oci::{Digest, RepositoryName, Tag};
 
@@ -125,6 +126,30 @@ impl RequestContext {
 }
 
 impl RequestContext {
+    /// An event about `repo` by this request's caller, for the event log.
+    pub(crate) fn event(
+        &self,
+        kind: &str,
+        repo: &RepositoryName,
+        digest: Option<&Digest>,
+        tags: &[String],
+        size: Option<u64>,
+    ) -> NewEvent {
+        NewEvent {
+            kind: kind.to_string(),
+            actor: self.principal.actor.to_string(),
+            client_addr: self.client_addr.map(|a| a.to_string()),
+            user_agent: self.user_agent.clone(),
+            request_id: Some(self.request_id.to_string()),
+            repository: Some(repo.as_str().to_string()),
+            digest: digest.map(|d| d.to_string()),
+            tags: tags.to_vec(),
+            size,
+            result: "ok".to_string(),
+            detail: None,
+        }
+    }
+
     /// One log line per change the registry made, naming who made it: until the event log
     /// exists, this is how an operator answers "who pushed or deleted this".
     pub(crate) fn log_change(

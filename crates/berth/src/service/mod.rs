@@ -19,6 +19,7 @@ use oci::{Digest, Reference, RepositoryName, Tag};
 use crate::auth::Auth;
 use crate::auth::rights::{Action, Rights};
 use crate::metadata::{Metadata, MetadataError, NewManifest, Page, Referrer, StoredManifest};
+use crate::metadata::{events, queries};
 use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
 
 pub use context::{Actor, RequestContext, RequestId};
@@ -324,7 +325,20 @@ impl Registry {
         repo: &RepositoryName,
         digest: &Digest,
     ) -> Result<(), ServiceError> {
-        if !self.metadata.unlink_blob(repo, digest).await? {
+        let event = &ctx.event("blob.deleted", repo, Some(digest), &[], None);
+        let unlinked = self
+            .metadata
+            .write(|tx| {
+                Box::pin(async move {
+                    let unlinked = queries::unlink_blob(tx, repo, digest).await?;
+                    if unlinked {
+                        events::append(tx, event).await?;
+                    }
+                    Ok(unlinked)
+                })
+            })
+            .await?;
+        if !unlinked {
             return Err(ServiceError::BlobUnknown);
         }
         ctx.log_change("blob deleted", repo, digest, &[]);
@@ -350,9 +364,34 @@ impl Registry {
         if self.blobs.stat(digest).await?.is_none() {
             return Ok(None);
         }
-        self.metadata.link_blob(repo, digest, size).await?;
-        ctx.log_change("blob mounted", repo, digest, &[]);
+        self.link_mounted(ctx, repo, digest, size, Some(from))
+            .await?;
         Ok(Some(size))
+    }
+
+    /// Links a mounted blob and records the mount, in one transaction.
+    async fn link_mounted(
+        &self,
+        ctx: &RequestContext,
+        repo: &RepositoryName,
+        digest: &Digest,
+        size: u64,
+        from: Option<&RepositoryName>,
+    ) -> Result<(), ServiceError> {
+        let mut event = ctx.event("blob.mounted", repo, Some(digest), &[], Some(size));
+        event.detail = from.map(|f| serde_json::json!({ "from": f.as_str() }).to_string());
+        let event = &event;
+        self.metadata
+            .write(|tx| {
+                Box::pin(async move {
+                    queries::link_blob(tx, repo, digest, size).await?;
+                    events::append(tx, event).await?;
+                    Ok(())
+                })
+            })
+            .await?;
+        ctx.log_change("blob mounted", repo, digest, &[]);
+        Ok(())
     }
 
     /// Mount without `from` (the spec's automatic content discovery): links the blob if the
@@ -378,8 +417,7 @@ impl Registry {
         let Some(size) = self.blobs.stat(digest).await? else {
             return Ok(None);
         };
-        self.metadata.link_blob(repo, digest, size).await?;
-        ctx.log_change("blob mounted", repo, digest, &[]);
+        self.link_mounted(ctx, repo, digest, size, None).await?;
         Ok(Some(size))
     }
 
@@ -450,9 +488,25 @@ impl Registry {
             }
         }
         let tags = distinct;
-        // The manifest and all its tags commit together.
+        // The manifest, all its tags and the event commit together.
+        let tag_names: Vec<String> = tags.iter().map(|t| t.as_str().to_string()).collect();
+        let mut event = ctx.event(
+            "manifest.pushed",
+            repo,
+            Some(&digest),
+            &tag_names,
+            Some(record.bytes.len() as u64),
+        );
+        event.detail = Some(serde_json::json!({ "media_type": record.media_type }).to_string());
+        let (record_ref, tags_ref, event) = (&record, &tags, &event);
         self.metadata
-            .put_manifest_tagged(repo, &record, &tags)
+            .write(|tx| {
+                Box::pin(async move {
+                    queries::put_manifest(tx, repo, record_ref, tags_ref).await?;
+                    events::append(tx, event).await?;
+                    Ok(())
+                })
+            })
             .await?;
         ctx.log_change("manifest pushed", repo, &digest, &tags);
         Ok(PushedManifest {
@@ -482,10 +536,31 @@ impl Registry {
         repo: &RepositoryName,
         reference: &Reference,
     ) -> Result<(), ServiceError> {
-        let deleted = match reference {
-            Reference::Tag(tag) => self.metadata.delete_tag(repo, tag).await?,
-            Reference::Digest(digest) => self.metadata.delete_manifest(repo, digest).await?,
+        let event = &match reference {
+            Reference::Tag(tag) => {
+                ctx.event("tag.deleted", repo, None, &[tag.as_str().to_string()], None)
+            }
+            Reference::Digest(digest) => {
+                ctx.event("manifest.deleted", repo, Some(digest), &[], None)
+            }
         };
+        let deleted = self
+            .metadata
+            .write(|tx| {
+                Box::pin(async move {
+                    let deleted = match reference {
+                        Reference::Tag(tag) => queries::delete_tag(tx, repo, tag).await?,
+                        Reference::Digest(digest) => {
+                            queries::delete_manifest(tx, repo, digest).await?
+                        }
+                    };
+                    if deleted {
+                        events::append(tx, event).await?;
+                    }
+                    Ok(deleted)
+                })
+            })
+            .await?;
         if !deleted {
             return Err(ServiceError::ManifestUnknown);
         }

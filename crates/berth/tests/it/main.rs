@@ -9,6 +9,7 @@ mod api_manifests;
 mod api_referrers;
 mod api_tags;
 mod api_uploads;
+mod audit;
 mod auth;
 mod chaos;
 mod clients;
