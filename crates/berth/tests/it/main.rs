@@ -19,6 +19,7 @@ mod crash;
 mod integrity;
 mod lifecycle;
 mod multinode;
+mod oras;
 mod postgres;
 mod resources;
 mod s3;
