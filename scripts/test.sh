@@ -17,6 +17,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}" uidmap
 fi
 
+# oras-py (PyPI's `oras`, the ORAS Python SDK) in a venv of its own, for crates/berth/tests/it/oras.rs.
+# Debian's python3 needs python3-venv (ensurepip) to make one. The version is the one verified.
+oras_venv="$PWD/target/oras-venv"
+oras_version=0.2.43
+if ! "$oras_venv/bin/python" -c "import importlib.metadata as m; assert m.version('oras') == '$oras_version'" 2>/dev/null; then
+  if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "installing: python3-venv" >&2
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q python3-venv
+  fi
+  echo "installing oras==$oras_version into $oras_venv" >&2
+  rm -rf "$oras_venv"
+  python3 -m venv "$oras_venv"
+  "$oras_venv/bin/pip" install -q "oras==$oras_version"
+fi
+export BERTH_TEST_ORAS_PYTHON="$oras_venv/bin/python"
+
 # A scratch PostgreSQL for the metadata tests; a no-op when it is already running.
 eval "$(bash scripts/postgres.sh)"
 

@@ -1,7 +1,8 @@
 //! Access control at the HTTP boundary: the `Authorization` header parsed into
 //! [`Credentials`], what each route needs ([`Need`]), and the answers the Docker token spec
 //! prescribes: 401 with a `WWW-Authenticate: Bearer realm=...,service=...,scope=...` challenge
-//! when credentials are missing or bad, 403 DENIED when they are good but not enough. The
+//! when credentials are missing or bad, 403 DENIED when they are good but not enough (for a
+//! token, with an `error="insufficient_scope"` challenge naming the scope it lacked). The
 //! check runs before the route touches anything, so a refusal says nothing about whether the
 //! repository exists.
 
@@ -131,6 +132,18 @@ pub fn check(
         Ok(())
     } else if principal.is_anonymous() {
         Err(challenge(options, peer, parts, need, None))
+    } else if let (Ok(Credentials::Bearer(_)), Some(scope)) =
+        (credentials(&parts.headers), need.scope())
+    {
+        // A token short of the scope: still 403, but with RFC 6750's `insufficient_scope`
+        // challenge naming the scope, so a client that asks for a new token on 403 (oras-py,
+        // which first gets a pull token for its blob HEAD) knows what to ask for.
+        let value = format!(
+            "Bearer realm=\"{}\",service=\"{}\",scope=\"{scope}\",error=\"insufficient_scope\"",
+            realm(options, peer, parts),
+            options.service
+        );
+        Err(ApiError::new(ErrorCode::Denied).header(header::WWW_AUTHENTICATE, &value))
     } else {
         Err(ApiError::new(ErrorCode::Denied))
     }

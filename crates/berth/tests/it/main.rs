@@ -20,6 +20,7 @@ mod crash;
 mod integrity;
 mod lifecycle;
 mod multinode;
+mod oras;
 mod postgres;
 mod resources;
 mod s3;
