@@ -407,11 +407,7 @@ fn read_password() -> anyhow::Result<String> {
 }
 
 fn expiry(days: Option<u64>) -> anyhow::Result<Option<i64>> {
-    days.map(|d| {
-        anyhow::ensure!((1..=3650).contains(&d), "expiry must be 1 to 3650 days");
-        Ok(berth::metadata::queries::now_secs() + d as i64 * 86_400)
-    })
-    .transpose()
+    Ok(days.map(manage::expiry_in_days).transpose()?)
 }
 
 fn grants(texts: &[String]) -> anyhow::Result<Vec<Grant>> {

@@ -40,6 +40,19 @@ pub fn valid_namespace(name: &str) -> bool {
     !name.contains('/') && name.parse::<oci::RepositoryName>().is_ok()
 }
 
+/// Longest lifetime a robot or secret may be given, in days.
+pub const MAX_EXPIRY_DAYS: u64 = 3650;
+
+/// When something given `days` to live expires (seconds since the epoch).
+pub fn expiry_in_days(days: u64) -> Result<i64> {
+    if !(1..=MAX_EXPIRY_DAYS).contains(&days) {
+        return Err(invalid(format!(
+            "expiry must be 1 to {MAX_EXPIRY_DAYS} days"
+        )));
+    }
+    Ok(now_secs() + days as i64 * 86_400)
+}
+
 fn invalid(what: impl Into<String>) -> ManageError {
     ManageError::Invalid(what.into())
 }
@@ -277,6 +290,20 @@ pub async fn members(md: &Metadata, namespace: &str) -> Result<Vec<(String, Role
         .collect()
 }
 
+/// An account's roles: (namespace, role), by namespace.
+pub async fn memberships(md: &Metadata, account: &str) -> Result<Vec<(String, Role)>> {
+    let row = self::account(md, account).await?;
+    let rows = md.read(|tx| Box::pin(q::memberships(tx, row.id))).await?;
+    rows.into_iter()
+        .map(|(namespace, role)| {
+            let role = role
+                .parse()
+                .map_err(|e: String| ManageError::Metadata(MetadataError::internal(e)))?;
+            Ok((namespace, role))
+        })
+        .collect()
+}
+
 /// A robot's full name: `NAMESPACE+NAME`.
 pub fn robot_name(namespace: &str, name: &str) -> String {
     format!("{namespace}+{name}")
@@ -418,6 +445,20 @@ pub async fn token(md: &Metadata, id: &str) -> Result<CredentialRow> {
     md.read(|tx| Box::pin(q::credential_by_id(tx, id)))
         .await?
         .ok_or_else(|| ManageError::NotFound(format!("no token {id}")))
+}
+
+/// A secret and the account it belongs to.
+pub async fn token_holder(md: &Metadata, id: &str) -> Result<(CredentialRow, AccountRow)> {
+    md.read(|tx| {
+        Box::pin(async move {
+            let Some(c) = q::credential_by_id(tx, id).await? else {
+                return Ok(None);
+            };
+            Ok(q::account_by_id(tx, c.account_id).await?.map(|a| (c, a)))
+        })
+    })
+    .await?
+    .ok_or_else(|| ManageError::NotFound(format!("no token {id}")))
 }
 
 /// Revokes a secret at once on every node (tokens obtained with it stop working too).

@@ -8,6 +8,7 @@
 //! - [`token`]: registry tokens (ES256 JWTs) and the shared signing keys.
 //! - [`manage`]: adding and removing users, namespaces, members, robots, tokens, keys; shared
 //!   by the command line and the management API.
+//! - [`policy`]: who may do which of those through the management API.
 //!
 //! Checking a credential is expensive (argon2 costs ~20 ms and 19 MiB by design; a signature
 //! check ~50 us), so a verified one is cached: a bearer token until it expires, a basic-auth
@@ -18,6 +19,7 @@
 
 pub mod limits;
 pub mod manage;
+pub mod policy;
 pub mod rights;
 pub mod scope;
 pub mod secrets;
@@ -460,6 +462,32 @@ impl Auth {
             self.upgrade_hash(&account.name, password).await;
         }
         self.principal_of(&account, Method::Password).await
+    }
+
+    /// Whether `password` is the user's password: a generated secret never passes, so a
+    /// personal access token cannot stand in for the password it would replace. A wrong one
+    /// counts as a failed login, so guesses are throttled as at the door.
+    pub async fn is_password_of(
+        &self,
+        user: &str,
+        password: &str,
+        client: Option<IpAddr>,
+    ) -> Result<bool, AuthError> {
+        if let Some(wait) = self.throttle.wait(user, client) {
+            return Err(AuthError::Throttled(wait));
+        }
+        let account = self.account(user).await?;
+        let right = match account
+            .filter(|a| a.kind == "user")
+            .and_then(|a| a.password_hash)
+        {
+            Some(stored) => self.verify_hash(password, &stored).await?,
+            None => false,
+        };
+        if !right {
+            self.throttle.failed(user, client);
+        }
+        Ok(right)
     }
 
     async fn verify_hash(&self, password: &str, stored: &str) -> Result<bool, AuthError> {
