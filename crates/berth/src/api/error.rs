@@ -5,9 +5,11 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::auth::manage::ManageError;
 use crate::service::ServiceError;
 
-/// Error codes of the distribution spec, plus the two Berth needs for its own failures.
+/// Error codes of the distribution spec, plus Berth's own: two for its failures, three for
+/// the management API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     BlobUnknown,
@@ -26,6 +28,12 @@ pub enum ErrorCode {
     Denied,
     Unsupported,
     TooManyRequests,
+    /// Management API (`/api/v1`): no such account, namespace, member, robot or token.
+    NotFound,
+    /// Management API: it exists already, or conflicts with what is there.
+    Conflict,
+    /// Management API: a body or parameter that is not valid.
+    Invalid,
     /// A backend (storage, metadata) failed or is unreachable; the client may retry.
     Unavailable,
     /// A bug: logged, and answered with an opaque message.
@@ -112,6 +120,13 @@ impl ErrorCode {
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many requests",
             ),
+            NotFound => ("NOT_FOUND", StatusCode::NOT_FOUND, "no such resource"),
+            Conflict => (
+                "CONFLICT",
+                StatusCode::CONFLICT,
+                "the resource exists or conflicts with the current state",
+            ),
+            Invalid => ("INVALID", StatusCode::BAD_REQUEST, "the request is invalid"),
             Unavailable => (
                 "UNAVAILABLE",
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -230,6 +245,17 @@ impl From<ServiceError> for ApiError {
             ServiceError::Internal(_) => Internal,
         };
         ApiError::new(code).detail(detail)
+    }
+}
+
+impl From<ManageError> for ApiError {
+    fn from(e: ManageError) -> Self {
+        match e {
+            ManageError::NotFound(why) => ApiError::new(ErrorCode::NotFound).detail(why),
+            ManageError::Conflict(why) => ApiError::new(ErrorCode::Conflict).detail(why),
+            ManageError::Invalid(why) => ApiError::new(ErrorCode::Invalid).detail(why),
+            ManageError::Metadata(e) => ServiceError::from(e).into(),
+        }
     }
 }
 

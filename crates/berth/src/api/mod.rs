@@ -2,12 +2,14 @@
 //! per endpoint family, and turns every failure into the spec's error body (see [`error`]).
 //!
 //! Repository names may contain any number of `/`, so routes are parsed from the end of the
-//! path rather than matched by a router's patterns.
+//! path rather than matched by a router's patterns. `/auth/token` goes to [`token`] and
+//! `/api/v1/` to [`manage`], the management API, whose routes are a table.
 
 pub mod access;
 mod blobs;
 pub mod error;
 mod listings;
+pub mod manage;
 mod manifests;
 pub mod token;
 mod uploads;
@@ -141,8 +143,12 @@ impl Peer {
 
 /// The single entry point: route, dispatch, and stamp the API version header.
 pub async fn handle(registry: &Registry, peer: &Peer, request: Request) -> Response {
-    if request.uri().path() == "/auth/token" {
+    let path = request.uri().path();
+    if path == "/auth/token" {
         return token::handle(registry, peer, request).await;
+    }
+    if path.starts_with("/api/v1/") {
+        return manage::handle(registry, peer, request).await;
     }
     let (method, uri) = (request.method().clone(), request.uri().clone());
     let mut response = match dispatch(registry, peer, request).await {

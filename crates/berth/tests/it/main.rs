@@ -19,6 +19,7 @@ mod copy;
 mod crash;
 mod integrity;
 mod lifecycle;
+mod manage_api;
 mod multinode;
 mod oras;
 mod postgres;
