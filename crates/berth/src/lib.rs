@@ -8,7 +8,7 @@
 //! - [`server`]: serves the API on an already-bound listener; limits; graceful shutdown.
 //! - [`tls`]: the certificate (reloaded when its files change) and client-certificate check.
 //! - [`api`]: route parsing into a typed enum, one handler module per endpoint family, and the
-//!   one table of spec error codes.
+//!   one table of spec error codes; the management API (`/api/v1`) with its route table.
 //! - [`auth`]: accounts, credentials, registry tokens and rights (who may do what).
 //! - [`service`]: pushes, pulls, deletes, uploads, referrers; background upload expiry.
 //! - [`storage`]: the [`storage::BlobStore`] trait and its filesystem implementation.
