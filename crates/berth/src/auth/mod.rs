@@ -16,6 +16,7 @@
 //! it every [`GENERATION_POLL`] and drops its caches when it moves, which is how a robot
 //! revoked on one node is refused by every node within a second.
 
+pub mod conditions;
 pub mod limits;
 pub mod manage;
 pub mod rights;
