@@ -339,18 +339,15 @@ impl JwksCache {
                     .is_none_or(|t| t.elapsed() >= REFRESH_AFTER);
                 if stale && !state.refreshing && may_fetch(&state) {
                     state.refreshing = true;
-                    let seen = state.attempted_at;
-                    let (this, entry, source) = (self.clone(), entry.clone(), source.clone());
-                    tokio::spawn(async move {
-                        this.refresh(&entry, &source, seen).await;
-                        lock(&entry.state).refreshing = false;
-                    });
+                    // Not awaited: the copy held serves this request.
+                    drop(self.refresh(&entry, source, state.attempted_at));
                 }
                 return Ok(key);
             }
             state.attempted_at
         };
-        self.refresh(&entry, source, seen).await;
+        // A failed join (a panic in the fetch) leaves the state as it was: answered below.
+        let _ = self.refresh(&entry, source, seen).await;
         let state = lock(&entry.state);
         match (&state.keys, &state.last_error) {
             (Some(keys), _) => keys.get(kid).ok_or(JwtError::UnknownKey),
@@ -360,30 +357,42 @@ impl JwksCache {
     }
 
     /// Fetches `source` unless the rate limit forbids it or someone else fetched since
-    /// `seen` (the attempt the caller last saw).
-    async fn refresh(&self, entry: &Entry, source: &KeySource, seen: Option<Instant>) {
-        let _one = entry.fetching.lock().await;
-        {
-            let state = lock(&entry.state);
-            if state.attempted_at != seen || !may_fetch(&state) {
-                return;
+    /// `seen` (the attempt the caller last saw). The fetch runs as a task of its own: a
+    /// request that is dropped while waiting (its client hung up) neither cancels it nor gets
+    /// it retried, so every fetch started counts against the rate limit.
+    fn refresh(
+        self: &Arc<Self>,
+        entry: &Arc<Entry>,
+        source: &KeySource,
+        seen: Option<Instant>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (this, entry, source) = (self.clone(), entry.clone(), source.clone());
+        tokio::spawn(async move {
+            let _one = entry.fetching.lock().await;
+            {
+                let mut state = lock(&entry.state);
+                if state.attempted_at != seen || !may_fetch(&state) {
+                    state.refreshing = false;
+                    return;
+                }
             }
-        }
-        let fetched = self.fetch(source).await;
-        let mut state = lock(&entry.state);
-        state.attempted_at = Some(Instant::now());
-        match fetched {
-            Ok(jwks) => {
-                tracing::debug!(jwks = %describe(source), keys = jwks.len(), "fetched a JWKS");
-                state.keys = Some(Arc::new(jwks));
-                state.fetched_at = Some(Instant::now());
-                state.last_error = None;
+            let fetched = this.fetch(&source).await;
+            let mut state = lock(&entry.state);
+            state.attempted_at = Some(Instant::now());
+            state.refreshing = false;
+            match fetched {
+                Ok(jwks) => {
+                    tracing::debug!(jwks = %describe(&source), keys = jwks.len(), "fetched a JWKS");
+                    state.keys = Some(Arc::new(jwks));
+                    state.fetched_at = Some(Instant::now());
+                    state.last_error = None;
+                }
+                Err(e) => {
+                    tracing::warn!(jwks = %describe(&source), error = %e, "cannot fetch a JWKS; keeping the last copy, if any");
+                    state.last_error = Some(e);
+                }
             }
-            Err(e) => {
-                tracing::warn!(jwks = %describe(source), error = %e, "cannot fetch a JWKS; keeping the last copy, if any");
-                state.last_error = Some(e);
-            }
-        }
+        })
     }
 
     async fn fetch(&self, source: &KeySource) -> Result<Jwks, String> {
@@ -704,6 +713,56 @@ pub(crate) mod tests {
         ] {
             assert!(KeySource::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Serves `body` on 127.0.0.1 after `delay`, counting requests.
+    async fn slow_server(
+        body: String,
+        delay: Duration,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf).await;
+                    tokio::time::sleep(delay).await;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let _ = stream.write_all(body.as_bytes()).await;
+                });
+            }
+        });
+        (url, hits)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_request_dropped_during_a_fetch_neither_cancels_nor_repeats_it() {
+        let a = TestIssuer::new("a");
+        let (url, hits) = slow_server(
+            json!({"keys": [a.jwk()]}).to_string(),
+            Duration::from_millis(300),
+        )
+        .await;
+        let cache = JwksCache::new();
+        let source = KeySource::Url(url);
+        // The client hangs up while the fetch is in flight.
+        let dropped =
+            tokio::time::timeout(Duration::from_millis(50), cache.key(&source, Some("a")));
+        assert!(dropped.await.is_err());
+        // The next request waits for that fetch instead of starting another, and it landed.
+        assert!(cache.key(&source, Some("a")).await.is_ok());
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
