@@ -361,6 +361,16 @@ fn form(app: &TestApp, pairs: &[(&str, &str)]) -> Reply {
     )
 }
 
+/// A builder whose failed-login throttle stays out of the way: these tests fail logins on
+/// purpose, many times a minute.
+fn unthrottled() -> TestAppBuilder {
+    TestApp::builder()
+        .arg("--max-failed-logins-per-minute")
+        .arg("1000")
+        .arg("--max-failed-logins-per-minute-per-address")
+        .arg("1000")
+}
+
 /// The cast of `auth.rs` (robot `team+ci` may pull and push `team/*`), logging at info.
 fn logged_cast(log: &Path) -> Cast {
     cast_with(
@@ -499,11 +509,29 @@ fn a_ci_job_whose_claims_match_gets_a_token_and_pushes_as_the_robot() {
         .collect();
     assert_eq!(pushes.len(), 3, "{text}");
     assert!(pushes.iter().all(|l| l.contains(&actor)), "{text}");
+    // And so is the event log: the login, the tokens issued, the pushes.
+    let actor = format!("robot:team+ci({GITHUB}#repo:org/app:ref:refs/heads/main)");
+    let events: Vec<Value> = admin(
+        app.data_dir(),
+        &["audit", "export", "--since", "2000-01-01"],
+        "",
+    )
+    .lines()
+    .map(|l| serde_json::from_str(l).expect("a JSON line"))
+    .collect();
+    for kind in ["login.succeeded", "token.issued", "manifest.pushed"] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["kind"] == kind && e["actor"] == actor.as_str()),
+            "no {kind} event by {actor}: {events:#?}"
+        );
+    }
 }
 
 #[test]
 fn tokens_the_rules_do_not_match_or_that_fail_verification_are_refused() {
-    let c = cast_with(TestApp::builder());
+    let c = cast_with(unthrottled());
     let app = &c.app;
     let data = app.data_dir();
     let key = Key::ec("k1");
@@ -656,7 +684,7 @@ impl Pipe for Value {}
 
 #[test]
 fn key_rotation_at_the_issuer_is_picked_up_and_unknown_keys_cannot_make_berth_hammer_it() {
-    let c = cast_with(TestApp::builder());
+    let c = cast_with(unthrottled());
     let app = &c.app;
     let (old, new) = (Key::ec("2024"), Key::ec("2025"));
     let issuer = JwksServer::start(&[&old]);
@@ -704,7 +732,7 @@ fn key_rotation_at_the_issuer_is_picked_up_and_unknown_keys_cannot_make_berth_ha
 
 #[test]
 fn removing_a_trust_rule_ends_the_tokens_obtained_through_it() {
-    let c = cast_with(TestApp::builder());
+    let c = cast_with(unthrottled());
     let app = &c.app;
     let data = app.data_dir();
     let key = Key::ec("k1");
