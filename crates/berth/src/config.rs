@@ -133,6 +133,10 @@ pub struct RawConfig {
         value_name = "N"
     )]
     pub max_concurrent_uploads_per_client: Option<u32>,
+    /// TOML file listing other token servers whose bearer tokens are accepted ([[issuer]] with
+    /// issuer, audience, and jwks or public_key_file) [default: none]
+    #[arg(long, env = "BERTH_TRUSTED_ISSUERS_FILE", value_name = "FILE")]
+    pub trusted_issuers_file: Option<PathBuf>,
     /// S3 API URL, e.g. http://127.0.0.1:3900 [default: AWS_ENDPOINT_URL, else AWS]
     #[arg(long, env = "BERTH_S3_ENDPOINT", value_name = "URL")]
     pub s3_endpoint: Option<String>,
@@ -384,9 +388,20 @@ impl RawConfig {
                 100_000,
             )?,
         };
+        let external_issuers = match &self.trusted_issuers_file {
+            Some(path) => crate::auth::external::load(path).map_err(anyhow::Error::msg)?,
+            None => Vec::new(),
+        };
+        if let Some(i) = external_issuers.iter().find(|i| i.issuer == service) {
+            anyhow::bail!(
+                "trusted_issuers_file: issuer {:?} is this registry's own (auth_service)",
+                i.issuer
+            );
+        }
         let auth = crate::auth::AuthOptions {
             enabled: auth_enabled,
             limits,
+            external_issuers,
             public_url,
             issuer: service.clone(),
             service,

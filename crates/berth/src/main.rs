@@ -52,6 +52,49 @@ enum Command {
     /// The event log: who pushed, deleted, logged in, changed rights.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Trust rules: CI jobs (GitHub Actions, GitLab CI, Kubernetes service accounts) log in
+    /// with their own OIDC identity token and act as a robot, with no stored secret.
+    #[command(subcommand)]
+    Trust(TrustCommand),
+}
+
+#[derive(Subcommand)]
+enum TrustCommand {
+    /// Let tokens of ISSUER minted for AUDIENCE whose claims satisfy CONDITIONS act as ROBOT.
+    /// The job sends its token as the password (user name: the robot's) or by OAuth2 token
+    /// exchange.
+    Add {
+        name: String,
+        /// The tokens' `iss`, exactly, e.g. https://token.actions.githubusercontent.com
+        #[arg(long)]
+        issuer: String,
+        /// The `aud` the job asks its token for, e.g. the registry's URL.
+        #[arg(long)]
+        audience: String,
+        /// The issuer's keys: a JWKS URL (https://.../.well-known/jwks) or file.
+        #[arg(long)]
+        jwks: String,
+        /// Claims the token must carry, e.g.
+        /// 'repository == "org/app" && ref == "refs/heads/main"' (also !=, =~ "glob*", ||, ( )).
+        #[arg(long)]
+        conditions: String,
+        /// The robot whose rights the job gets, NAMESPACE+NAME.
+        #[arg(long)]
+        robot: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List trust rules.
+    List {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Remove a trust rule, at once on every node (tokens obtained through it stop working).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -682,6 +725,59 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[allow(clippy::print_stdout)]
+async fn trust(command: TrustCommand) -> anyhow::Result<()> {
+    match command {
+        TrustCommand::Add {
+            name,
+            issuer,
+            audience,
+            jwks,
+            conditions,
+            robot,
+            config,
+        } => {
+            // A file is stored as an absolute path: the server's working directory may differ.
+            let jwks = if jwks.starts_with("http://") || jwks.starts_with("https://") {
+                jwks
+            } else {
+                std::path::absolute(&jwks)
+                    .with_context(|| format!("JWKS file {jwks:?}"))?
+                    .display()
+                    .to_string()
+            };
+            let md = admin_metadata(config).await?;
+            let row = manage::add_trust_rule(
+                &md,
+                &manage::NewTrustRule {
+                    name: &name,
+                    issuer: &issuer,
+                    audience: &audience,
+                    jwks: &jwks,
+                    conditions: &conditions,
+                    robot: &robot,
+                },
+            )
+            .await?;
+            println!("trust rule {name}: tokens of {issuer} for {audience} act as {robot}");
+            println!("when {}", row.conditions);
+        }
+        TrustCommand::List { config } => {
+            for (rule, robot) in manage::list_trust_rules(&admin_metadata(config).await?).await? {
+                println!(
+                    "{}\t{robot}\t{}\t{}\t{}\t{}",
+                    rule.name, rule.issuer, rule.audience, rule.jwks, rule.conditions
+                );
+            }
+        }
+        TrustCommand::Rm { name, config } => {
+            manage::remove_trust_rule(&admin_metadata(config).await?, &name).await?;
+            println!("removed trust rule {name}");
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -697,5 +793,6 @@ fn main() -> anyhow::Result<()> {
         Command::Token(c) => runtime.block_on(token(c)),
         Command::Key(c) => runtime.block_on(key(c)),
         Command::Audit(c) => runtime.block_on(audit(c)),
+        Command::Trust(c) => runtime.block_on(trust(c)),
     }
 }

@@ -175,6 +175,10 @@ pub fn refused(
             )
             .detail("too many failed logins"),
         AuthError::Invalid(why) => challenge(options, peer, parts, need, Some(why)),
+        AuthError::Unavailable(why) => {
+            tracing::warn!(error = %why, "cannot check credentials");
+            ApiError::new(ErrorCode::Unavailable)
+        }
         AuthError::Metadata(e) => crate::service::ServiceError::from(e).into(),
         AuthError::Internal(e) => ApiError::new(ErrorCode::Internal).detail(e),
     }

@@ -4,7 +4,11 @@
 //!   (repeatable, each space-separated), `offline_token`, `client_id` (`token.md`);
 //! - `POST` with a form: `grant_type=password` (`username`, `password`) or
 //!   `grant_type=refresh_token` (`refresh_token`), `service`, `client_id`, `scope`,
-//!   `access_type=offline` for a refresh token (`oauth.md`).
+//!   `access_type=offline` for a refresh token (`oauth.md`);
+//! - `POST` with an OAuth2 token exchange (RFC 8693): a CI job's OIDC token as
+//!   `subject_token` (`subject_token_type` `...:token-type:jwt` or `...:id_token`), optionally
+//!   `username` naming the robot, `service`, `client_id`, `scope`. The same token also works as
+//!   the password of the other two ways (see `auth::federation`).
 //!
 //! The token grants what the caller may do of what it asked for, possibly nothing; the
 //! registry then answers 401/403 on what it lacks. Errors carry both the OAuth2 fields
@@ -18,6 +22,7 @@ use serde_json::json;
 
 use super::Peer;
 use super::access::credentials;
+use crate::auth::federation;
 use crate::auth::scope::{self, ResourceScope};
 use crate::auth::{AuthError, Credentials, Principal};
 use crate::metadata::events::NewEvent;
@@ -62,6 +67,14 @@ impl TokenError {
                     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
                 ),
             },
+            AuthError::Unavailable(e) => {
+                tracing::warn!(error = %e, "token endpoint: cannot check credentials");
+                TokenError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "temporarily_unavailable",
+                    e,
+                )
+            }
             AuthError::Metadata(e) => {
                 tracing::warn!(error = %e, "token endpoint: metadata unavailable");
                 TokenError::new(
@@ -197,7 +210,7 @@ async fn get(registry: &Registry, peer: &Peer, request: Request) -> Result<Respo
     } else {
         Refresh::No
     };
-    respond(registry, peer, &principal, &scopes, refresh, false).await
+    respond(registry, peer, &principal, &scopes, refresh, Answer::Docker).await
 }
 
 async fn post(registry: &Registry, peer: &Peer, request: Request) -> Result<Response, TokenError> {
@@ -247,7 +260,7 @@ async fn post(registry: &Registry, peer: &Peer, request: Request) -> Result<Resp
             } else {
                 Refresh::No
             };
-            respond(registry, peer, &principal, &scopes, refresh, true).await
+            respond(registry, peer, &principal, &scopes, refresh, Answer::OAuth2).await
         }
         Some("refresh_token") => {
             let refresh = field("refresh_token").ok_or_else(|| missing("refresh_token"))?;
@@ -262,7 +275,38 @@ async fn post(registry: &Registry, peer: &Peer, request: Request) -> Result<Resp
                 &principal,
                 &scopes,
                 Refresh::Reuse(refresh),
-                true,
+                Answer::OAuth2,
+            )
+            .await
+        }
+        Some(federation::TOKEN_EXCHANGE_GRANT) => {
+            let token = field("subject_token").ok_or_else(|| missing("subject_token"))?;
+            let kind = field("subject_token_type").ok_or_else(|| missing("subject_token_type"))?;
+            if !federation::SUBJECT_TOKEN_TYPES.contains(&kind) {
+                return Err(TokenError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!(
+                        "subject_token_type must be one of {}",
+                        federation::SUBJECT_TOKEN_TYPES.join(", ")
+                    ),
+                ));
+            }
+            let principal = auth
+                .federate(
+                    field("username").unwrap_or_default(),
+                    token,
+                    Some(peer.addr.ip()),
+                )
+                .await
+                .map_err(TokenError::from_auth)?;
+            respond(
+                registry,
+                peer,
+                &principal,
+                &scopes,
+                Refresh::No,
+                Answer::TokenExchange,
             )
             .await
         }
@@ -284,13 +328,24 @@ enum Refresh<'a> {
     Reuse(&'a str),
 }
 
+/// The shape of a successful answer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// `token` and `access_token` (`token.md`).
+    Docker,
+    /// `access_token`, `token_type`, `scope` (`oauth.md`).
+    OAuth2,
+    /// OAuth2, plus RFC 8693's `issued_token_type`.
+    TokenExchange,
+}
+
 async fn respond(
     registry: &Registry,
     peer: &Peer,
     principal: &Principal,
     scopes: &[ResourceScope],
     refresh: Refresh<'_>,
-    oauth: bool,
+    answer: Answer,
 ) -> Result<Response, TokenError> {
     let auth = registry.auth();
     let issued = auth
@@ -314,15 +369,20 @@ async fn respond(
     }
     let refresh = match refresh {
         Refresh::Reuse(r) => Some(r.to_string()),
-        Refresh::Issue(client_id) if !principal.is_anonymous() => Some(
-            auth.issue_refresh_token(principal, client_id)
-                .await
-                .map_err(TokenError::from_auth)?,
-        ),
+        // Not for a CI job's identity: a refresh token would outlive it.
+        Refresh::Issue(client_id)
+            if !principal.is_anonymous() && principal.method.gets_refresh_tokens() =>
+        {
+            Some(
+                auth.issue_refresh_token(principal, client_id)
+                    .await
+                    .map_err(TokenError::from_auth)?,
+            )
+        }
         Refresh::Issue(_) | Refresh::No => None,
     };
     let issued_at = crate::time::rfc3339(issued.issued_at);
-    let mut body = if oauth {
+    let mut body = if answer != Answer::Docker {
         let granted: Vec<String> = issued
             .access
             .iter()
@@ -345,6 +405,9 @@ async fn respond(
     };
     if let Some(r) = refresh {
         body["refresh_token"] = json!(r);
+    }
+    if answer == Answer::TokenExchange {
+        body["issued_token_type"] = json!(federation::ISSUED_TOKEN_TYPE);
     }
     Ok((
         StatusCode::OK,

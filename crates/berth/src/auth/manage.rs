@@ -1,8 +1,8 @@
-//! Changing who may do what: the operations behind `berth user|namespace|robot|token|key` and
-//! the management API, written once. Each is one metadata transaction that also bumps the
+//! Changing who may do what: the operations behind `berth user|namespace|robot|token|key|trust`
+//! and the management API, written once. Each is one metadata transaction that also bumps the
 //! access generation, so every node's caches follow within a second.
 
-use crate::metadata::access::{self as q, AccountRow, CredentialRow, NamespaceRow};
+use crate::metadata::access::{self as q, AccountRow, CredentialRow, NamespaceRow, TrustRuleRow};
 use crate::metadata::queries::now_secs;
 use crate::metadata::{Metadata, MetadataError};
 
@@ -484,10 +484,204 @@ pub async fn rotate_key(md: &Metadata) -> Result<String> {
     Ok(kid)
 }
 
+/// What `berth trust add` (or the management API) asks for.
+#[derive(Debug, Clone)]
+pub struct NewTrustRule<'a> {
+    pub name: &'a str,
+    /// The tokens' `iss`, exactly.
+    pub issuer: &'a str,
+    /// The `aud` the CI job asks its token for.
+    pub audience: &'a str,
+    /// An `http(s)://` URL or an absolute file path.
+    pub jwks: &'a str,
+    /// See `auth::conditions`.
+    pub conditions: &'a str,
+    /// The robot's full name, `NAMESPACE+NAME`.
+    pub robot: &'a str,
+}
+
+/// Adds a trust rule: CI identities of `issuer` whose claims satisfy `conditions` act as
+/// `robot`. The conditions are parsed now (refused with where they are wrong) and stored in
+/// their canonical form. Returns the stored row.
+pub async fn add_trust_rule(md: &Metadata, rule: &NewTrustRule<'_>) -> Result<TrustRuleRow> {
+    let (_, conditions) = super::federation::check_fields(
+        rule.name,
+        rule.issuer,
+        rule.audience,
+        rule.jwks,
+        rule.conditions,
+    )
+    .map_err(invalid)?;
+    let mut row = TrustRuleRow {
+        id: 0,
+        name: rule.name.to_string(),
+        issuer: rule.issuer.to_string(),
+        audience: rule.audience.to_string(),
+        jwks: rule.jwks.to_string(),
+        conditions: conditions.to_string(),
+        robot_id: 0,
+        created_at: now_secs(),
+    };
+    let robot = rule.robot;
+    let row_ref = &row;
+    let (id, robot_id) = md
+        .write(|tx| {
+            Box::pin(async move {
+                let robot_id = match q::account_by_name(tx, robot).await? {
+                    Some(a) if a.kind == "robot" => a.id,
+                    Some(_) => {
+                        return Ok(Err(invalid(format!(
+                            "{robot} is a user; a trust rule acts as a robot (NAMESPACE+NAME)"
+                        ))));
+                    }
+                    None => return Ok(Err(ManageError::NotFound(format!("no robot {robot}")))),
+                };
+                let with_robot = TrustRuleRow {
+                    robot_id,
+                    ..row_ref.clone()
+                };
+                match q::insert_trust_rule(tx, &with_robot).await? {
+                    Some(id) => Ok(Ok((id, robot_id))),
+                    None => Ok(Err(ManageError::Conflict(format!(
+                        "trust rule {} exists",
+                        row_ref.name
+                    )))),
+                }
+            })
+        })
+        .await??;
+    row.id = id;
+    row.robot_id = robot_id;
+    Ok(row)
+}
+
+/// Every trust rule, by name, with its robot's name.
+pub async fn list_trust_rules(md: &Metadata) -> Result<Vec<(TrustRuleRow, String)>> {
+    Ok(md
+        .read(|tx| {
+            Box::pin(async move {
+                let mut out = Vec::new();
+                for row in q::trust_rules(tx).await? {
+                    let robot = q::account_by_id(tx, row.robot_id)
+                        .await?
+                        .map(|a| a.name)
+                        .unwrap_or_default();
+                    out.push((row, robot));
+                }
+                Ok(out)
+            })
+        })
+        .await?)
+}
+
+/// Removes a trust rule at once on every node; registry tokens obtained through it stop
+/// working too.
+pub async fn remove_trust_rule(md: &Metadata, name: &str) -> Result<()> {
+    if md
+        .write(|tx| Box::pin(q::delete_trust_rule(tx, name)))
+        .await?
+    {
+        Ok(())
+    } else {
+        Err(ManageError::NotFound(format!("no trust rule {name}")))
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a failed unwrap in a test is the failure
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn trust_rules_are_checked_stored_listed_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = Metadata::open_sqlite(&dir.path().join("m.db"))
+            .await
+            .unwrap();
+        add_namespace(&md, "team", false, None).await.unwrap();
+        let grants = [Grant::parse("team/*:pull,push").unwrap()];
+        let (robot, _) = add_robot(&md, "team", "ci", &grants, None).await.unwrap();
+        add_user(&md, "alice", "pw", false).await.unwrap();
+        let generation = || md.read(|tx| Box::pin(q::generation(tx)));
+        let before = generation().await.unwrap();
+        let rule = NewTrustRule {
+            name: "github-main",
+            issuer: "https://token.actions.githubusercontent.com",
+            audience: "berth",
+            jwks: "https://token.actions.githubusercontent.com/.well-known/jwks",
+            conditions: r#"repository=="org/app"&&(ref=="refs/heads/main")"#,
+            robot: &robot,
+        };
+        let row = add_trust_rule(&md, &rule).await.unwrap();
+        assert_eq!(
+            row.conditions,
+            r#"repository == "org/app" && ref == "refs/heads/main""#
+        );
+        assert!(
+            generation().await.unwrap() > before,
+            "adding bumps the generation"
+        );
+        let listed = list_trust_rules(&md).await.unwrap();
+        assert_eq!(listed, vec![(row.clone(), robot.clone())]);
+
+        let refused = [
+            (
+                NewTrustRule {
+                    name: "github-main",
+                    ..rule.clone()
+                },
+                "exists",
+            ),
+            (
+                NewTrustRule {
+                    name: "x",
+                    robot: "team+nobody",
+                    ..rule.clone()
+                },
+                "no robot",
+            ),
+            (
+                NewTrustRule {
+                    name: "x",
+                    robot: "alice",
+                    ..rule.clone()
+                },
+                "is a user",
+            ),
+            (
+                NewTrustRule {
+                    name: "x",
+                    conditions: "repository == app",
+                    ..rule.clone()
+                },
+                "expected a quoted string",
+            ),
+            (
+                NewTrustRule {
+                    name: "x",
+                    jwks: "jwks.json",
+                    ..rule.clone()
+                },
+                "absolute",
+            ),
+        ];
+        for (r, message) in refused {
+            let e = add_trust_rule(&md, &r).await.unwrap_err().to_string();
+            assert!(e.contains(message), "{e}");
+        }
+        assert_eq!(list_trust_rules(&md).await.unwrap().len(), 1);
+
+        remove_trust_rule(&md, "github-main").await.unwrap();
+        assert!(matches!(
+            remove_trust_rule(&md, "github-main").await,
+            Err(ManageError::NotFound(_))
+        ));
+        assert!(list_trust_rules(&md).await.unwrap().is_empty());
+        // Removing the robot removes its rules.
+        add_trust_rule(&md, &rule).await.unwrap();
+        remove_account(&md, &robot).await.unwrap();
+        assert!(list_trust_rules(&md).await.unwrap().is_empty());
+    }
 
     #[test]
     fn names() {

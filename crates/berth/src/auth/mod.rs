@@ -6,8 +6,12 @@
 //! - [`rights`]: roles, grants, and the [`rights::Rights`] a request carries.
 //! - [`secrets`]: password hashing (argon2id, bcrypt imports) and generated secrets.
 //! - [`token`]: registry tokens (ES256 JWTs) and the shared signing keys.
-//! - [`manage`]: adding and removing users, namespaces, members, robots, tokens, keys; shared
-//!   by the command line and the management API.
+//! - [`manage`]: adding and removing users, namespaces, members, robots, tokens, keys and trust
+//!   rules; shared by the command line and the management API.
+//! - [`federation`]: CI identity federation: a CI job's own OIDC token, matched by a trust rule
+//!   ([`conditions`] on its claims), acts with a robot's rights.
+//! - [`external`]: bearer tokens of other token servers (`trusted_issuers_file`).
+//! - [`jwks`]: verifying tokens signed by others, and their keys fetched and cached.
 //! - [`policy`]: who may do which of those through the management API.
 //!
 //! Checking a credential is expensive (argon2 costs ~20 ms and 19 MiB by design; a signature
@@ -17,6 +21,10 @@
 //! it every [`GENERATION_POLL`] and drops its caches when it moves, which is how a robot
 //! revoked on one node is refused by every node within a second.
 
+pub mod conditions;
+pub mod external;
+pub mod federation;
+pub mod jwks;
 pub mod limits;
 pub mod manage;
 pub mod policy;
@@ -37,6 +45,9 @@ use crate::metadata::events::{self, NewEvent};
 use crate::metadata::queries::now_secs;
 use crate::metadata::{Metadata, MetadataError};
 use crate::service::Actor;
+use external::ExternalIssuer;
+use federation::{FederationError, TrustRule};
+use jwks::{JwksCache, JwtError};
 use rights::{Action, Basis, Grant, Rights, Role};
 use secrets::ApiSecret;
 use token::{AccessClaim, Claims, KeySet, TokenError};
@@ -70,6 +81,8 @@ pub struct AuthOptions {
     /// scheme and `Host`.
     pub public_url: Option<String>,
     pub limits: limits::LimitOptions,
+    /// Other token servers whose bearer tokens are accepted (`trusted_issuers_file`).
+    pub external_issuers: Vec<ExternalIssuer>,
 }
 
 impl AuthOptions {
@@ -82,6 +95,7 @@ impl AuthOptions {
             refresh_token_ttl: Duration::from_secs(30 * 86400),
             public_url: None,
             limits: limits::LimitOptions::default(),
+            external_issuers: Vec::new(),
         }
     }
 }
@@ -115,7 +129,21 @@ pub enum Method {
     Secret,
     Token,
     ClientCertificate,
+    /// A CI identity's OIDC token, through a trust rule.
     Federation,
+    /// A bearer token of an external token server.
+    External,
+}
+
+impl Method {
+    /// A refresh token outlives what it was obtained with, so only a credential that is itself
+    /// long-lived may be traded for one (not a CI job's short-lived identity, not a token).
+    pub fn gets_refresh_tokens(self) -> bool {
+        matches!(
+            self,
+            Method::Password | Method::Secret | Method::ClientCertificate
+        )
+    }
 }
 
 impl Principal {
@@ -168,6 +196,9 @@ pub enum AuthError {
     Throttled(Duration),
     #[error("{0}")]
     Invalid(String),
+    /// Something needed to check the credentials is unreachable (an issuer's keys): 503.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Metadata(#[from] MetadataError),
     #[error("internal error: {0}")]
@@ -188,6 +219,7 @@ struct Loaded {
     generation: i64,
     keys: KeySet,
     public: Arc<HashSet<String>>,
+    trust: Arc<Vec<TrustRule>>,
 }
 
 /// A verification result and when it stops being trusted (seconds since the epoch).
@@ -206,6 +238,8 @@ pub struct Auth {
     reloading: tokio::sync::Mutex<()>,
     throttle: limits::LoginThrottle,
     requests: limits::RequestLimits,
+    /// The keys of CI issuers and external token servers.
+    jwks: Arc<JwksCache>,
 }
 
 impl Auth {
@@ -228,6 +262,7 @@ impl Auth {
                 generation: -1,
                 keys: KeySet::empty(),
                 public: Arc::default(),
+                trust: Arc::default(),
             })),
             bearer_cache: Mutex::default(),
             basic_cache: Mutex::default(),
@@ -235,6 +270,7 @@ impl Auth {
             reloading: tokio::sync::Mutex::new(()),
             throttle,
             requests,
+            jwks: JwksCache::new(),
         });
         if auth.options.enabled {
             auth.reload(true).await?;
@@ -287,17 +323,29 @@ impl Auth {
                     }
                     let keys = q::signing_keys(tx, retired_since).await?;
                     let public = q::public_namespaces(tx).await?;
-                    Ok(Some((generation, keys, public)))
+                    let trust = q::trust_rules(tx).await?;
+                    Ok(Some((generation, keys, public, trust)))
                 })
             })
             .await?;
-        let Some((generation, keys, public)) = fresh else {
+        let Some((generation, keys, public, trust)) = fresh else {
             return Ok(());
         };
+        let trust = trust
+            .iter()
+            .filter_map(|row| match TrustRule::from_row(row) {
+                Ok(rule) => Some(rule),
+                Err(e) => {
+                    tracing::warn!(rule = %row.name, error = %e, "skipping an invalid trust rule");
+                    None
+                }
+            })
+            .collect();
         let loaded = Arc::new(Loaded {
             generation,
             keys: KeySet::from_rows(&keys),
             public: Arc::new(public.into_iter().collect()),
+            trust: Arc::new(trust),
         });
         *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = loaded;
         lock(&self.bearer_cache).clear();
@@ -395,8 +443,17 @@ impl Auth {
         if let Some(wait) = self.throttle.wait(user, client) {
             return Err(AuthError::Throttled(wait));
         }
-        let principal = match self.check_password(user, password).await {
-            Ok(p) => Arc::new(p),
+        // A CI job's OIDC token as the password: no user types a JWT as a password.
+        let checked = if jwks::unverified_issuer(password).is_some() {
+            self.check_federated(user, password).await
+        } else {
+            let until = now_secs() + BASIC_CACHE.as_secs() as i64;
+            self.check_password(user, password)
+                .await
+                .map(|p| (p, until))
+        };
+        let (principal, until) = match checked {
+            Ok((p, until)) => (Arc::new(p), until),
             Err(e @ AuthError::Unauthorized(_)) => {
                 self.throttle.failed(user, client);
                 self.record(login_event(user, client, "denied")).await;
@@ -407,12 +464,7 @@ impl Auth {
         // Logged once per verification, not per request: a cached login is the same login.
         self.record(login_event(&principal.actor.to_string(), client, "ok"))
             .await;
-        remember(
-            &self.basic_cache,
-            key,
-            &principal,
-            now_secs() + BASIC_CACHE.as_secs() as i64,
-        );
+        remember(&self.basic_cache, key, &principal, until);
         Ok(principal)
     }
 
@@ -524,6 +576,16 @@ impl Auth {
         if let Some(p) = cached(&self.bearer_cache, token) {
             return Ok(p);
         }
+        if !self.options.external_issuers.is_empty()
+            && let Some(iss) = jwks::unverified_issuer(token)
+            && let Some(issuer) = self
+                .options
+                .external_issuers
+                .iter()
+                .find(|i| i.issuer == iss)
+        {
+            return self.by_external(issuer, token).await;
+        }
         let now = now_secs();
         let mut loaded = self.loaded();
         if let Some(kid) = KeySet::kid_of(token)
@@ -554,6 +616,149 @@ impl Auth {
         Ok(principal)
     }
 
+    /// A bearer token of an external token server: its `access` claim is what it may do, its
+    /// `sub` who acts.
+    async fn by_external(
+        &self,
+        issuer: &ExternalIssuer,
+        token: &str,
+    ) -> Result<Arc<Principal>, AuthError> {
+        let verified = match issuer.verify(&self.jwks, token, now_secs()).await {
+            Ok(v) => v,
+            Err(JwtError::KeysUnavailable(e)) => {
+                return Err(AuthError::Unavailable(format!(
+                    "the keys of issuer {} are unavailable: {e}",
+                    issuer.issuer
+                )));
+            }
+            Err(e) => return Err(AuthError::Unauthorized(e.to_string())),
+        };
+        let access = external::access(&verified.claims)
+            .map_err(|e| AuthError::Unauthorized(e.to_string()))?;
+        let (grants, catalog) = grants_of(&access);
+        let subject = verified.claims["sub"].as_str().unwrap_or_default();
+        let actor = if subject.is_empty() {
+            Actor::Anonymous
+        } else {
+            Actor::External {
+                issuer: issuer.issuer.clone(),
+                subject: subject.to_string(),
+            }
+        };
+        let principal = Arc::new(Principal {
+            catalog: catalog && !matches!(actor, Actor::Anonymous),
+            actor,
+            rights: Rights {
+                basis: Basis::Grants(grants),
+                restrict: None,
+                public: self.loaded().public.clone(),
+            },
+            credential: None,
+            method: Method::External,
+        });
+        if verified.expired {
+            return Err(AuthError::Expired(Box::new((*principal).clone())));
+        }
+        remember(
+            &self.bearer_cache,
+            token.to_string(),
+            &principal,
+            verified.exp,
+        );
+        Ok(principal)
+    }
+
+    /// A CI job's OIDC token traded for its robot (the OAuth2 token exchange): checked, cached,
+    /// throttled and recorded exactly like the token given as a basic-auth password.
+    pub async fn federate(
+        &self,
+        user: &str,
+        token: &str,
+        client: Option<IpAddr>,
+    ) -> Result<Arc<Principal>, AuthError> {
+        if jwks::unverified_issuer(token).is_none() {
+            return Err(AuthError::Unauthorized(
+                "the subject token is not a JWT with an issuer".into(),
+            ));
+        }
+        self.by_password(user, token, client).await
+    }
+
+    /// The robot a CI job's OIDC token acts as, through the trust rules its claims satisfy, and
+    /// until when that may be cached (never past the token's expiry). `user` names the robot
+    /// (only its rules are considered); any other name is ignored.
+    async fn check_federated(
+        &self,
+        user: &str,
+        token: &str,
+    ) -> Result<(Principal, i64), AuthError> {
+        let now = now_secs();
+        let loaded = self.loaded();
+        let robot = match self.account(user).await? {
+            Some(a) if a.kind == "robot" => Some(a),
+            _ => None,
+        };
+        let rules = loaded
+            .trust
+            .iter()
+            .filter(|r| robot.as_ref().is_none_or(|a| a.id == r.robot_id));
+        let matched = match federation::matching(&self.jwks, rules, token, now).await {
+            Ok(m) => m,
+            Err(FederationError::Refused {
+                issuer,
+                error: JwtError::KeysUnavailable(e),
+            }) => {
+                return Err(AuthError::Unavailable(format!(
+                    "the keys of issuer {issuer} are unavailable: {e}"
+                )));
+            }
+            Err(FederationError::UnknownIssuer(issuer)) if robot.is_some() => {
+                return Err(AuthError::Unauthorized(format!(
+                    "no trust rule of robot {user} trusts tokens of issuer {issuer}"
+                )));
+            }
+            Err(e) => return Err(AuthError::Unauthorized(e.to_string())),
+        };
+        let subject = matched.subject();
+        let mut robots: Vec<i64> = matched.rules.iter().map(|r| r.robot_id).collect();
+        robots.sort_unstable();
+        robots.dedup();
+        let rule = match (matched.rules.first(), robots.len()) {
+            (Some(rule), 1) => *rule,
+            (None, _) => {
+                tracing::info!(subject = %subject, "a CI identity token matches no trust rule");
+                return Err(AuthError::Unauthorized(format!(
+                    "the claims of {subject} match no trust rule"
+                )));
+            }
+            (Some(_), _) => {
+                let names: Vec<&str> = matched.rules.iter().map(|r| r.name.as_str()).collect();
+                return Err(AuthError::Unauthorized(format!(
+                    "{subject} matches trust rules of several robots ({}); give the robot's \
+                     name as the user name",
+                    names.join(", ")
+                )));
+            }
+        };
+        let gone =
+            || AuthError::Unauthorized(format!("the robot of trust rule {} is gone", rule.name));
+        let id = rule.robot_id;
+        let account = self
+            .metadata
+            .read(|tx| Box::pin(q::account_by_id(tx, id)))
+            .await?
+            .filter(|a| a.kind == "robot" && !account_expired(a))
+            .ok_or_else(gone)?;
+        let mut principal = self.principal_of(&account, Method::Federation).await?;
+        principal.actor = Actor::Federated {
+            robot: account.name.clone(),
+            subject,
+        };
+        principal.credential = Some(trust_credential(&rule.name));
+        let until = matched.verified.exp.min(now + BASIC_CACHE.as_secs() as i64);
+        Ok((principal, until))
+    }
+
     /// The principal a verified token stands for, after checking that its account (and the
     /// credential it came from) still exist.
     async fn principal_of_claims(&self, claims: &Claims) -> Result<Principal, AuthError> {
@@ -569,7 +774,22 @@ impl Auth {
             }
             Some(account)
         };
-        if let Some(cid) = &claims.cid {
+        if let Some(rule) = claims
+            .cid
+            .as_deref()
+            .and_then(|c| c.strip_prefix(TRUST_CREDENTIAL))
+        {
+            // Obtained through a trust rule: ends when the rule is removed.
+            let owner = account.as_ref().map(|a| a.id);
+            let live = self
+                .loaded()
+                .trust
+                .iter()
+                .any(|r| r.name == rule && Some(r.robot_id) == owner);
+            if !live {
+                return Err(gone());
+            }
+        } else if let Some(cid) = &claims.cid {
             let credential = self
                 .metadata
                 .read(|tx| Box::pin(q::credential_by_id(tx, cid)))
@@ -580,20 +800,7 @@ impl Auth {
                 return Err(gone());
             }
         }
-        let mut grants = Vec::new();
-        let mut catalog = false;
-        for entry in &claims.access {
-            match entry.resource_type.as_str() {
-                "repository" => grants.push(Grant {
-                    repositories: entry.name.clone(),
-                    actions: Action::from_scope(&entry.actions),
-                }),
-                "registry" if entry.name == "catalog" => {
-                    catalog = entry.actions.iter().any(|a| a == "*");
-                }
-                _ => {}
-            }
-        }
+        let (grants, catalog) = grants_of(&claims.access);
         Ok(Principal {
             actor: account
                 .as_ref()
@@ -699,6 +906,8 @@ impl Auth {
             return Ok(None);
         }
         if principal.method != Method::Token {
+            // A password, secret, certificate or federated identity carries its account's own
+            // rights; an external token carries no account, only its grants.
             return Ok(Some(principal.rights.clone()));
         }
         let Some(name) = principal.account() else {
@@ -805,6 +1014,11 @@ impl Auth {
         principal: &Principal,
         client_id: &str,
     ) -> Result<String, AuthError> {
+        if !principal.method.gets_refresh_tokens() {
+            return Err(AuthError::Invalid(
+                "refresh tokens are issued for passwords and generated secrets only".into(),
+            ));
+        }
         let name = principal
             .account()
             .ok_or_else(|| AuthError::Invalid("anonymous callers get no refresh token".into()))?;
@@ -893,6 +1107,32 @@ fn login_event(who: &str, client: Option<IpAddr>, result: &str) -> NewEvent {
         result: result.to_string(),
         ..NewEvent::default()
     }
+}
+
+/// The `cid` of tokens obtained through trust rule `NAME`: `trust:NAME`.
+const TRUST_CREDENTIAL: &str = "trust:";
+
+fn trust_credential(rule: &str) -> String {
+    format!("{TRUST_CREDENTIAL}{rule}")
+}
+
+/// A token's `access` claim as grants, and whether it may list the catalog.
+fn grants_of(access: &[AccessClaim]) -> (Vec<Grant>, bool) {
+    let mut grants = Vec::new();
+    let mut catalog = false;
+    for entry in access {
+        match entry.resource_type.as_str() {
+            "repository" => grants.push(Grant {
+                repositories: entry.name.clone(),
+                actions: Action::from_scope(&entry.actions),
+            }),
+            "registry" if entry.name == "catalog" => {
+                catalog = entry.actions.iter().any(|a| a == "*");
+            }
+            _ => {}
+        }
+    }
+    (grants, catalog)
 }
 
 fn parse_grants(json: &str) -> Result<Vec<Grant>, AuthError> {

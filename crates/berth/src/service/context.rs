@@ -28,6 +28,12 @@ pub enum Actor {
         robot: String,
         subject: String,
     },
+    /// The subject of an external token server's token (`trusted_issuers_file`): no account
+    /// here, only the grants its token carries.
+    External {
+        issuer: String,
+        subject: String,
+    },
 }
 
 impl Actor {
@@ -37,7 +43,16 @@ impl Actor {
             Actor::User(name) | Actor::Robot(name) | Actor::Federated { robot: name, .. } => {
                 Some(name)
             }
-            Actor::Anonymous | Actor::System(_) => None,
+            Actor::Anonymous | Actor::System(_) | Actor::External { .. } => None,
+        }
+    }
+
+    /// Who owns what this actor starts (an upload): its account, or an external identity
+    /// (`issuer#subject`; account names never contain `#`).
+    pub fn owner(&self) -> Option<String> {
+        match self {
+            Actor::External { issuer, subject } => Some(format!("{issuer}#{subject}")),
+            other => other.account().map(str::to_owned),
         }
     }
 }
@@ -50,6 +65,7 @@ impl fmt::Display for Actor {
             Actor::User(name) => write!(f, "user:{name}"),
             Actor::Robot(name) => write!(f, "robot:{name}"),
             Actor::Federated { robot, subject } => write!(f, "robot:{robot}({subject})"),
+            Actor::External { issuer, subject } => write!(f, "external:{issuer}#{subject}"),
         }
     }
 }

@@ -229,7 +229,8 @@ fn append_error(e: StorageError, offset: u64) -> ServiceError {
 impl Registry {
     /// The session, if it exists and belongs to `repo`.
     /// The upload, if it is in `repo` and the caller may continue it: only the account that
-    /// opened an upload may, so its id alone is no capability for anyone else.
+    /// opened an upload (or the external identity) may, so its id alone is no capability for
+    /// anyone else.
     async fn session(
         &self,
         ctx: &RequestContext,
@@ -239,7 +240,7 @@ impl Registry {
         match self.metadata.get_upload(id).await? {
             Some(s)
                 if &s.repository == repo
-                    && (s.owner.is_none() || s.owner.as_deref() == ctx.actor().account()) =>
+                    && (s.owner.is_none() || s.owner == ctx.actor().owner()) =>
             {
                 Ok(s)
             }
@@ -279,7 +280,7 @@ impl Registry {
                 id: id.clone(),
                 repository: repo.clone(),
                 updated_at: now_secs(),
-                owner: ctx.actor().account().map(str::to_owned),
+                owner: ctx.actor().owner(),
             })
             .await?;
         Ok(UploadState { id, size: 0 })

@@ -17,6 +17,7 @@ mod config;
 mod containerd;
 mod copy;
 mod crash;
+mod federation;
 mod integrity;
 mod lifecycle;
 mod manage_api;

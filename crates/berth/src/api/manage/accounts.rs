@@ -106,6 +106,7 @@ pub(super) async fn me(ctx: &Ctx<'_>) -> ApiResult {
             Method::Token => "token",
             Method::ClientCertificate => "client_certificate",
             Method::Federation => "federation",
+            Method::External => "external_token",
         },
         credential: principal.credential.clone(),
         restricted_to: principal.rights.restrict.as_deref().map(grant_strings),
