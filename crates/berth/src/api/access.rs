@@ -65,20 +65,20 @@ pub fn parse_authorization(value: &str) -> Result<Credentials, String> {
 
 /// What a route needs of the caller.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Need {
+pub enum Need<'a> {
     /// `/v2/`: any authenticated caller (it is how clients discover the challenge).
     Login,
     /// `/v2/_catalog`: checked by the handler, which lists only what the caller may see.
     Catalog,
-    Repository(String, Action),
+    Repository(&'a oci::RepositoryName, Action),
     /// An endpoint/method that does not exist: answered as such, whoever asks.
     Nothing,
 }
 
-impl Need {
-    pub fn of(route: &Route, method: &axum::http::Method) -> Need {
+impl<'a> Need<'a> {
+    pub fn of(route: &'a Route, method: &axum::http::Method) -> Need<'a> {
         use axum::http::Method;
-        let repo = |r: &oci::RepositoryName, a| Need::Repository(r.to_string(), a);
+        let repo = |r: &'a oci::RepositoryName, a| Need::Repository(r, a);
         match (route, method) {
             (Route::Base, &Method::GET | &Method::HEAD) => Need::Login,
             (Route::Catalog, &Method::GET) => Need::Catalog,
@@ -126,7 +126,7 @@ pub fn check(
     let allowed = match need {
         Need::Nothing => true,
         Need::Login | Need::Catalog => !principal.is_anonymous(),
-        Need::Repository(repo, action) => principal.may(repo, *action),
+        Need::Repository(repo, action) => principal.may(repo.as_str(), *action),
     };
     if allowed {
         Ok(())

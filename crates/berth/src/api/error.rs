@@ -317,3 +317,12 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult = Result<Response, ApiError>;
+
+/// The response for a handler's result: a failure is logged once (see [`ApiError::log`]) and
+/// turned into the spec's error body.
+pub fn respond(result: ApiResult, method: &axum::http::Method, uri: &axum::http::Uri) -> Response {
+    result.unwrap_or_else(|e| {
+        e.log(method, uri);
+        e.into_response()
+    })
+}

@@ -151,13 +151,7 @@ pub async fn handle(registry: &Registry, peer: &Peer, request: Request) -> Respo
         return manage::handle(registry, peer, request).await;
     }
     let (method, uri) = (request.method().clone(), request.uri().clone());
-    let mut response = match dispatch(registry, peer, request).await {
-        Ok(r) => r,
-        Err(e) => {
-            e.log(&method, &uri);
-            e.into_response()
-        }
-    };
+    let mut response = error::respond(dispatch(registry, peer, request).await, &method, &uri);
     response
         .headers_mut()
         .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
@@ -167,11 +161,11 @@ pub async fn handle(registry: &Registry, peer: &Peer, request: Request) -> Respo
 async fn dispatch(registry: &Registry, peer: &Peer, request: Request) -> ApiResult {
     let route = parse_route(request.uri().path())?;
     let (parts, body) = request.into_parts();
-    let need = access::Need::of(&route, &parts.method);
     let limits = registry.auth().request_limits();
     if !limits.is_off() {
         limits.check_address(peer.addr.ip()).map_err(too_many)?;
     }
+    let need = access::Need::of(&route, &parts.method);
     let principal = authenticate(registry, peer, &parts, &route, &need).await?;
     // Held until the handler returns, which is when an upload's body has been read.
     let _upload_slot = if limits.is_off() {
@@ -206,7 +200,10 @@ async fn dispatch(registry: &Registry, peer: &Peer, request: Request) -> ApiResu
                 .auth()
                 .catalog_rights(&ctx.principal)
                 .await
-                .map_err(|e| access::refused(registry.auth().options(), peer, request, &need, e))?
+                .map_err(|e| {
+                    let need = access::Need::Catalog;
+                    access::refused(registry.auth().options(), peer, request, &need, e)
+                })?
             else {
                 return Err(ApiError::new(ErrorCode::Denied));
             };
@@ -269,7 +266,7 @@ async fn authenticate(
     peer: &Peer,
     parts: &Parts,
     route: &Route,
-    need: &access::Need,
+    need: &access::Need<'_>,
 ) -> Result<Arc<Principal>, ApiError> {
     let auth = registry.auth();
     let options = auth.options();

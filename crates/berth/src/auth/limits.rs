@@ -207,9 +207,6 @@ impl RequestLimits {
     pub fn prune(&self) {
         if let Some(l) = &self.per_address {
             l.retain_recent();
-            if l.len() > MAX_KEYS {
-                l.retain_recent();
-            }
         }
         if let Some(l) = &self.per_account {
             l.retain_recent();

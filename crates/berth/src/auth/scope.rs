@@ -66,33 +66,6 @@ fn type_value_ok(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
-/// One path component of the reference grammar: `[a-z0-9]+ (separator [a-z0-9]+)*`, where a
-/// separator is `.`, one or two `_`, or any number of `-`.
-fn component_ok(c: &str) -> bool {
-    let b = c.as_bytes();
-    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
-    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
-        return false;
-    }
-    let mut i = 0;
-    while i < b.len() {
-        if alnum(b[i]) {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < b.len() && !alnum(b[i]) {
-            i += 1;
-        }
-        let sep = &c[start..i];
-        let valid = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-');
-        if !valid {
-            return false;
-        }
-    }
-    true
-}
-
 /// A registry host: DNS labels separated by `.`, an optional `:port`. Upper case is allowed in
 /// host names by the reference grammar.
 fn host_ok(h: &str) -> bool {
@@ -129,9 +102,9 @@ fn name_ok(name: &str) -> bool {
     let first_ok = if first_is_host {
         host_ok(first)
     } else {
-        component_ok(first)
+        oci::name::is_path_component(first)
     };
-    first_ok && parts.all(component_ok)
+    first_ok && parts.all(oci::name::is_path_component)
 }
 
 fn action_ok(a: &str) -> bool {

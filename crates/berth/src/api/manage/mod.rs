@@ -232,13 +232,8 @@ fn find(method: &Method, path: &str) -> Found {
 /// Answers a request under `/api/v1`.
 pub async fn handle(registry: &Registry, peer: &Peer, request: Request) -> Response {
     let (method, uri) = (request.method().clone(), request.uri().clone());
-    let mut response = match dispatch(registry, peer, request).await {
-        Ok(r) => r,
-        Err(e) => {
-            e.log(&method, &uri);
-            e.into_response()
-        }
-    };
+    let mut response =
+        super::error::respond(dispatch(registry, peer, request).await, &method, &uri);
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
