@@ -134,6 +134,31 @@ if (( TLS )); then
   TLS_PULL=$(pull_mibs "https://$ADDR_tls/v2/bench/app/blobs/$BIG" --cacert "$W/cert.pem")
 fi
 
+# The limit: nginx (OpenSSL, sendfile) serving the same file over plain HTTP and over TLS.
+# On loopback the client decrypts on the same cores the server encrypts on, so TLS costs
+# throughput even in nginx; its ratio is what the machine allows.
+NGINX_PLAIN=-; NGINX_TLS=-
+if (( TLS )) && command -v nginx >/dev/null; then
+  mkdir -p "$W/nginx/www" && chmod 755 "$W" "$W/nginx" "$W/nginx/www"
+  cp "$W/big" "$W/nginx/www/big" && chmod 644 "$W/nginx/www/big"
+  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+  NP=$(free_port); NS=$(free_port)
+  cat > "$W/nginx/nginx.conf" <<EOF
+worker_processes 1; daemon off; pid $W/nginx/nginx.pid; error_log $W/nginx/error.log warn;
+events {}
+http { access_log off; sendfile on;
+  server { listen 127.0.0.1:$NP; root $W/nginx/www; }
+  server { listen 127.0.0.1:$NS ssl; ssl_certificate $W/cert.pem; ssl_certificate_key $W/key.pem;
+           root $W/nginx/www; }
+}
+EOF
+  nginx -c "$W/nginx/nginx.conf" -e "$W/nginx/error.log" > /dev/null 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 50); do curl -sf -o /dev/null -r 0-0 "http://127.0.0.1:$NP/big" && break; sleep 0.1; done
+  NGINX_PLAIN=$(pull_mibs "http://127.0.0.1:$NP/big")
+  NGINX_TLS=$(pull_mibs "https://127.0.0.1:$NS/big" --cacert "$W/cert.pem")
+fi
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b>0) printf "%.2fx", a/b; else print "-" }'; }
 echo
 echo "| measurement | value | ratio | target |"
@@ -145,4 +170,6 @@ echo "| token issuance (cached credentials) | p50 $P50, p99 $P99, $ISSUE_RATE re
 echo "| single-stream pull, plain HTTP | $PLAIN_PULL MiB/s | 1.00x | |"
 if (( TLS )); then
   echo "| single-stream pull, TLS | $TLS_PULL MiB/s | $(ratio "$TLS_PULL" "$PLAIN_PULL") | >= 0.8x |"
+  echo "| nginx pull, plain HTTP (the limit) | $NGINX_PLAIN MiB/s | 1.00x | |"
+  echo "| nginx pull, TLS (the limit) | $NGINX_TLS MiB/s | $(ratio "$NGINX_TLS" "$NGINX_PLAIN") | |"
 fi

@@ -65,6 +65,9 @@ pub struct RawConfig {
     /// Most manifest bytes held in memory at once, across all requests [default: 67108864]
     #[arg(long, env = "BERTH_MAX_BUFFERED_MANIFEST_BYTES", value_name = "BYTES")]
     pub max_buffered_manifest_bytes: Option<usize>,
+    /// Record one manifest GET (a pull) in this many as an event; 0: none, 1: all [default: 0]
+    #[arg(long, env = "BERTH_PULL_EVENTS_EVERY", value_name = "N")]
+    pub pull_events_every: Option<u64>,
     /// Largest blob accepted, in bytes [default: 68719476736]
     #[arg(long, env = "BERTH_MAX_BLOB_BYTES", value_name = "BYTES")]
     pub max_blob_bytes: Option<u64>,
@@ -447,6 +450,13 @@ impl RawConfig {
             )?,
             max_manifest_bytes,
             max_buffered_manifest_bytes,
+            pull_events_every: within(
+                "pull_events_every",
+                self.pull_events_every,
+                0,
+                0,
+                1_000_000,
+            )?,
             max_blob_bytes,
             max_connections,
             reserved_fds,
@@ -606,6 +616,7 @@ pub struct Config {
     pub max_manifest_bytes: usize,
     /// Most manifest bytes buffered in memory at once, across all requests.
     pub max_buffered_manifest_bytes: usize,
+    pub pull_events_every: u64,
     /// Largest blob an upload may grow to.
     pub max_blob_bytes: u64,
     /// Connections served at once; the accept loop stops accepting at this many.

@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
-use berth::auth::manage;
+use berth::auth::manage::{self, By};
 use berth::auth::rights::{Grant, Role};
 use berth::config::{Config, LogFormat, RawConfig};
 use berth::server::{self, ServeOptions};
@@ -474,7 +474,14 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
             ..
         } => {
             let password = read_password()?;
-            manage::add_user(&admin_metadata(config).await?, &name, &password, admin).await?;
+            manage::add_user(
+                &admin_metadata(config).await?,
+                &By::cli(),
+                &name,
+                &password,
+                admin,
+            )
+            .await?;
             println!(
                 "added user {name}{}",
                 if admin { " (administrator)" } else { "" }
@@ -482,11 +489,12 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
         }
         UserCommand::Passwd { name, config, .. } => {
             let password = read_password()?;
-            manage::set_password(&admin_metadata(config).await?, &name, &password).await?;
+            manage::set_password(&admin_metadata(config).await?, &By::cli(), &name, &password)
+                .await?;
             println!("password of {name} changed");
         }
         UserCommand::Rm { name, config } => {
-            manage::remove_account(&admin_metadata(config).await?, &name).await?;
+            manage::remove_account(&admin_metadata(config).await?, &By::cli(), &name).await?;
             println!("removed {name}");
         }
         UserCommand::List { config } => {
@@ -504,7 +512,7 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let (added, skipped) =
-                manage::import_htpasswd(&admin_metadata(config).await?, &text).await?;
+                manage::import_htpasswd(&admin_metadata(config).await?, &By::cli(), &text).await?;
             println!(
                 "added {} users, skipped {} that exist",
                 added.len(),
@@ -528,11 +536,11 @@ async fn namespace(command: NamespaceCommand) -> anyhow::Result<()> {
             config,
         } => {
             let md = admin_metadata(config).await?;
-            manage::add_namespace(&md, &name, public, owner.as_deref()).await?;
+            manage::add_namespace(&md, &By::cli(), &name, public, owner.as_deref()).await?;
             println!("added namespace {name}");
         }
         NamespaceCommand::Rm { name, config } => {
-            manage::remove_namespace(&admin_metadata(config).await?, &name).await?;
+            manage::remove_namespace(&admin_metadata(config).await?, &By::cli(), &name).await?;
             println!("removed namespace {name}");
         }
         NamespaceCommand::List { config } => {
@@ -546,7 +554,7 @@ async fn namespace(command: NamespaceCommand) -> anyhow::Result<()> {
             public,
             config,
         } => {
-            manage::set_public(&admin_metadata(config).await?, &name, public).await?;
+            manage::set_public(&admin_metadata(config).await?, &By::cli(), &name, public).await?;
             println!("{name} is {}", if public { "public" } else { "private" });
         }
         NamespaceCommand::Grant {
@@ -556,7 +564,14 @@ async fn namespace(command: NamespaceCommand) -> anyhow::Result<()> {
             config,
         } => {
             let role: Role = role.parse().map_err(anyhow::Error::msg)?;
-            manage::set_member(&admin_metadata(config).await?, &namespace, &account, role).await?;
+            manage::set_member(
+                &admin_metadata(config).await?,
+                &By::cli(),
+                &namespace,
+                &account,
+                role,
+            )
+            .await?;
             println!("{account} is {role} of {namespace}");
         }
         NamespaceCommand::Revoke {
@@ -564,7 +579,13 @@ async fn namespace(command: NamespaceCommand) -> anyhow::Result<()> {
             account,
             config,
         } => {
-            manage::remove_member(&admin_metadata(config).await?, &namespace, &account).await?;
+            manage::remove_member(
+                &admin_metadata(config).await?,
+                &By::cli(),
+                &namespace,
+                &account,
+            )
+            .await?;
             println!("{account} has no role in {namespace}");
         }
         NamespaceCommand::Members { namespace, config } => {
@@ -589,6 +610,7 @@ async fn robot(command: RobotCommand) -> anyhow::Result<()> {
             let md = admin_metadata(config).await?;
             let (full, secret) = manage::add_robot(
                 &md,
+                &By::cli(),
                 &namespace,
                 &name,
                 &grants(&texts)?,
@@ -629,6 +651,7 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
             let limit = grants(&texts)?;
             let secret = manage::add_token(
                 &md,
+                &By::cli(),
                 &account,
                 &description,
                 (!limit.is_empty()).then_some(limit.as_slice()),
@@ -656,7 +679,7 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
             }
         }
         TokenCommand::Revoke { id, config } => {
-            manage::revoke_token(&admin_metadata(config).await?, &id).await?;
+            manage::revoke_token(&admin_metadata(config).await?, &By::cli(), &id).await?;
             println!("revoked {id}");
         }
     }
@@ -667,7 +690,7 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
 async fn key(command: KeyCommand) -> anyhow::Result<()> {
     match command {
         KeyCommand::Rotate { config } => {
-            let kid = manage::rotate_key(&admin_metadata(config).await?).await?;
+            let kid = manage::rotate_key(&admin_metadata(config).await?, &By::cli()).await?;
             println!("new signing key {kid}; the previous one verifies until its tokens expire");
         }
     }
@@ -749,6 +772,7 @@ async fn trust(command: TrustCommand) -> anyhow::Result<()> {
             let md = admin_metadata(config).await?;
             let row = manage::add_trust_rule(
                 &md,
+                &By::cli(),
                 &manage::NewTrustRule {
                     name: &name,
                     issuer: &issuer,
@@ -771,7 +795,7 @@ async fn trust(command: TrustCommand) -> anyhow::Result<()> {
             }
         }
         TrustCommand::Rm { name, config } => {
-            manage::remove_trust_rule(&admin_metadata(config).await?, &name).await?;
+            manage::remove_trust_rule(&admin_metadata(config).await?, &By::cli(), &name).await?;
             println!("removed trust rule {name}");
         }
     }

@@ -60,6 +60,7 @@ pub async fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
             upload_idle_timeout: config.upload_idle_timeout,
             max_blob_bytes: config.max_blob_bytes,
             max_buffered_manifest_bytes: config.max_buffered_manifest_bytes,
+            pull_events_every: config.pull_events_every,
         },
     ));
     Ok(registry)

@@ -50,6 +50,9 @@ pub async fn get(
     with_body: bool,
 ) -> ApiResult {
     let m = registry.get_manifest(ctx, repo, reference).await?;
+    if with_body {
+        registry.record_pull(ctx, repo, reference, &m);
+    }
     let digest = m.digest.to_string();
     let headers = [
         (header::CONTENT_TYPE, m.media_type),

@@ -1,8 +1,11 @@
 //! Changing who may do what: the operations behind `berth user|namespace|robot|token|key|trust`
 //! and the management API, written once. Each is one metadata transaction that also bumps the
-//! access generation, so every node's caches follow within a second.
+//! access generation, so every node's caches follow within a second, and appends an event
+//! naming who made the change ([`By`]) to the event log, in the same transaction.
 
 use crate::metadata::access::{self as q, AccountRow, CredentialRow, NamespaceRow, TrustRuleRow};
+use crate::metadata::db::Tx;
+use crate::metadata::events::{self, NewEvent};
 use crate::metadata::queries::now_secs;
 use crate::metadata::{Metadata, MetadataError};
 
@@ -23,6 +26,67 @@ pub enum ManageError {
 }
 
 type Result<T> = std::result::Result<T, ManageError>;
+
+/// Who makes a change, as its event in the log names them.
+#[derive(Debug, Clone, Default)]
+pub struct By {
+    pub actor: String,
+    pub client_addr: Option<String>,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+}
+
+impl By {
+    /// The command line, run by the operating-system user `$USER` on the server's data.
+    pub fn cli() -> By {
+        let user = std::env::var("USER").unwrap_or_else(|_| "unknown".to_string());
+        By {
+            actor: format!("cli:{user}"),
+            ..By::default()
+        }
+    }
+
+    /// Berth itself, for `what` reason.
+    pub fn system(what: &str) -> By {
+        By {
+            actor: format!("system:{what}"),
+            ..By::default()
+        }
+    }
+
+    /// The event of a change: its kind, the namespace it concerns if any (stored as the
+    /// event's repository, so a namespace's owners find it), and what it changed.
+    fn event(&self, kind: &str, namespace: Option<&str>, detail: serde_json::Value) -> NewEvent {
+        NewEvent {
+            kind: kind.to_string(),
+            actor: self.actor.clone(),
+            client_addr: self.client_addr.clone(),
+            user_agent: self.user_agent.clone(),
+            request_id: self.request_id.clone(),
+            repository: namespace.map(str::to_string),
+            result: "ok".to_string(),
+            detail: Some(detail.to_string()),
+            ..NewEvent::default()
+        }
+    }
+}
+
+/// Appends `event` when the change happened.
+async fn record(
+    tx: &mut Tx<'_>,
+    happened: bool,
+    event: &NewEvent,
+) -> std::result::Result<bool, MetadataError> {
+    if happened {
+        events::append(tx, event).await?;
+    }
+    Ok(happened)
+}
+
+/// The namespace a robot (`NAMESPACE+NAME`) belongs to.
+fn robot_namespace(account: &str) -> Option<&str> {
+    account.split_once('+').map(|(ns, _)| ns)
+}
 
 /// Account names: lower case letters, digits and `._-`, starting with a letter or digit, at
 /// most 64 characters (they appear in tokens, logs and basic-auth user names).
@@ -67,7 +131,13 @@ async fn hash(password: String) -> Result<String> {
         .map_err(invalid)
 }
 
-pub async fn add_user(md: &Metadata, name: &str, password: &str, admin: bool) -> Result<()> {
+pub async fn add_user(
+    md: &Metadata,
+    by: &By,
+    name: &str,
+    password: &str,
+    admin: bool,
+) -> Result<()> {
     if !valid_account_name(name) {
         return Err(invalid(format!(
             "invalid user name {name:?}: lower case letters, digits and ._- (at most 64)"
@@ -84,16 +154,42 @@ pub async fn add_user(md: &Metadata, name: &str, password: &str, admin: bool) ->
         expires_at: None,
         created_at: now_secs(),
     };
-    match md.write(|tx| Box::pin(q::insert_account(tx, &row))).await? {
-        Some(_) => Ok(()),
-        None => Err(ManageError::Conflict(format!("account {name} exists"))),
+    let event = by.event(
+        "account.created",
+        None,
+        serde_json::json!({ "account": name, "admin": admin }),
+    );
+    let (row, event) = (&row, &event);
+    let created = md
+        .write(|tx| {
+            Box::pin(async move {
+                let id = q::insert_account(tx, row).await?;
+                record(tx, id.is_some(), event).await
+            })
+        })
+        .await?;
+    if created {
+        Ok(())
+    } else {
+        Err(ManageError::Conflict(format!("account {name} exists")))
     }
 }
 
-pub async fn set_password(md: &Metadata, name: &str, password: &str) -> Result<()> {
+pub async fn set_password(md: &Metadata, by: &By, name: &str, password: &str) -> Result<()> {
     let hash = hash(password.to_string()).await?;
+    let event = by.event(
+        "account.password_changed",
+        None,
+        serde_json::json!({ "account": name }),
+    );
+    let (hash, event) = (&hash, &event);
     if md
-        .write(|tx| Box::pin(q::set_password_hash(tx, name, &hash)))
+        .write(|tx| {
+            Box::pin(async move {
+                let changed = q::set_password_hash(tx, name, hash).await?;
+                record(tx, changed, event).await
+            })
+        })
         .await?
     {
         Ok(())
@@ -102,9 +198,20 @@ pub async fn set_password(md: &Metadata, name: &str, password: &str) -> Result<(
     }
 }
 
-pub async fn set_admin(md: &Metadata, name: &str, admin: bool) -> Result<()> {
+pub async fn set_admin(md: &Metadata, by: &By, name: &str, admin: bool) -> Result<()> {
+    let event = by.event(
+        "account.admin_changed",
+        None,
+        serde_json::json!({ "account": name, "admin": admin }),
+    );
+    let event = &event;
     if md
-        .write(|tx| Box::pin(q::set_admin(tx, name, admin)))
+        .write(|tx| {
+            Box::pin(async move {
+                let changed = q::set_admin(tx, name, admin).await?;
+                record(tx, changed, event).await
+            })
+        })
         .await?
     {
         Ok(())
@@ -114,8 +221,22 @@ pub async fn set_admin(md: &Metadata, name: &str, admin: bool) -> Result<()> {
 }
 
 /// Removes a user or robot with its memberships and credentials, at once on every node.
-pub async fn remove_account(md: &Metadata, name: &str) -> Result<()> {
-    if md.write(|tx| Box::pin(q::delete_account(tx, name))).await? {
+pub async fn remove_account(md: &Metadata, by: &By, name: &str) -> Result<()> {
+    let event = by.event(
+        "account.deleted",
+        robot_namespace(name),
+        serde_json::json!({ "account": name }),
+    );
+    let event = &event;
+    if md
+        .write(|tx| {
+            Box::pin(async move {
+                let deleted = q::delete_account(tx, name).await?;
+                record(tx, deleted, event).await
+            })
+        })
+        .await?
+    {
         Ok(())
     } else {
         Err(ManageError::NotFound(format!("no account {name}")))
@@ -136,7 +257,11 @@ pub async fn list_accounts(md: &Metadata, namespace: Option<&str>) -> Result<Vec
 
 /// Adds the bcrypt entries of an htpasswd file as users; existing names are skipped. Returns
 /// (added, skipped) names.
-pub async fn import_htpasswd(md: &Metadata, text: &str) -> Result<(Vec<String>, Vec<String>)> {
+pub async fn import_htpasswd(
+    md: &Metadata,
+    by: &By,
+    text: &str,
+) -> Result<(Vec<String>, Vec<String>)> {
     let entries = secrets::parse_htpasswd(text).map_err(invalid)?;
     for (name, _) in &entries {
         if !valid_account_name(name) {
@@ -166,6 +291,12 @@ pub async fn import_htpasswd(md: &Metadata, text: &str) -> Result<(Vec<String>, 
                         None => skipped.push(name.clone()),
                     }
                 }
+                let event = by.event(
+                    "accounts.imported",
+                    None,
+                    serde_json::json!({ "added": added, "skipped": skipped }),
+                );
+                record(tx, !added.is_empty(), &event).await?;
                 Ok((added, skipped))
             })
         })
@@ -175,6 +306,7 @@ pub async fn import_htpasswd(md: &Metadata, text: &str) -> Result<(Vec<String>, 
 /// Creates a namespace, optionally public, optionally with an owner.
 pub async fn add_namespace(
     md: &Metadata,
+    by: &By,
     name: &str,
     public: bool,
     owner: Option<&str>,
@@ -200,15 +332,32 @@ pub async fn add_namespace(
             if let Some(id) = owner_id {
                 q::set_member(tx, name, id, Role::Owner.as_str()).await?;
             }
+            let event = by.event(
+                "namespace.created",
+                Some(name),
+                serde_json::json!({ "namespace": name, "public": public, "owner": owner }),
+            );
+            events::append(tx, &event).await?;
             Ok(Ok(()))
         })
     })
     .await?
 }
 
-pub async fn remove_namespace(md: &Metadata, name: &str) -> Result<()> {
+pub async fn remove_namespace(md: &Metadata, by: &By, name: &str) -> Result<()> {
+    let event = by.event(
+        "namespace.deleted",
+        Some(name),
+        serde_json::json!({ "namespace": name }),
+    );
+    let event = &event;
     if md
-        .write(|tx| Box::pin(q::delete_namespace(tx, name)))
+        .write(|tx| {
+            Box::pin(async move {
+                let deleted = q::delete_namespace(tx, name).await?;
+                record(tx, deleted, event).await
+            })
+        })
         .await?
     {
         Ok(())
@@ -217,9 +366,20 @@ pub async fn remove_namespace(md: &Metadata, name: &str) -> Result<()> {
     }
 }
 
-pub async fn set_public(md: &Metadata, name: &str, public: bool) -> Result<()> {
+pub async fn set_public(md: &Metadata, by: &By, name: &str, public: bool) -> Result<()> {
+    let event = by.event(
+        "namespace.visibility_changed",
+        Some(name),
+        serde_json::json!({ "namespace": name, "public": public }),
+    );
+    let event = &event;
     if md
-        .write(|tx| Box::pin(q::set_namespace_public(tx, name, public)))
+        .write(|tx| {
+            Box::pin(async move {
+                let changed = q::set_namespace_public(tx, name, public).await?;
+                record(tx, changed, event).await
+            })
+        })
         .await?
     {
         Ok(())
@@ -239,7 +399,13 @@ pub async fn list_namespaces(md: &Metadata) -> Result<Vec<NamespaceRow>> {
 }
 
 /// Gives an account a role in a namespace (replacing its previous role there).
-pub async fn set_member(md: &Metadata, namespace: &str, name: &str, role: Role) -> Result<()> {
+pub async fn set_member(
+    md: &Metadata,
+    by: &By,
+    namespace: &str,
+    name: &str,
+    role: Role,
+) -> Result<()> {
     md.write(|tx| {
         Box::pin(async move {
             if q::namespace(tx, namespace).await?.is_none() {
@@ -251,20 +417,32 @@ pub async fn set_member(md: &Metadata, namespace: &str, name: &str, role: Role) 
                 return Ok(Err(ManageError::NotFound(format!("no account {name}"))));
             };
             q::set_member(tx, namespace, account.id, role.as_str()).await?;
+            let event = by.event(
+                "member.set",
+                Some(namespace),
+                serde_json::json!({ "namespace": namespace, "account": name, "role": role.as_str() }),
+            );
+            events::append(tx, &event).await?;
             Ok(Ok(()))
         })
     })
     .await?
 }
 
-pub async fn remove_member(md: &Metadata, namespace: &str, name: &str) -> Result<()> {
+pub async fn remove_member(md: &Metadata, by: &By, namespace: &str, name: &str) -> Result<()> {
     let removed = md
         .write(|tx| {
             Box::pin(async move {
                 let Some(account) = q::account_by_name(tx, name).await? else {
                     return Ok(false);
                 };
-                q::remove_member(tx, namespace, account.id).await
+                let removed = q::remove_member(tx, namespace, account.id).await?;
+                let event = by.event(
+                    "member.removed",
+                    Some(namespace),
+                    serde_json::json!({ "namespace": namespace, "account": name }),
+                );
+                record(tx, removed, &event).await
             })
         })
         .await?;
@@ -313,6 +491,7 @@ pub fn robot_name(namespace: &str, name: &str) -> String {
 /// secret. Returns the robot's full name and the secret, shown once.
 pub async fn add_robot(
     md: &Metadata,
+    by: &By,
     namespace: &str,
     name: &str,
     grants: &[Grant],
@@ -364,6 +543,17 @@ pub async fn add_robot(
                 &credential_row(secret_ref, id, "robot", "", None, now, expires_at),
             )
             .await?;
+            let event = by.event(
+                "robot.created",
+                Some(namespace),
+                serde_json::json!({
+                    "account": row.name,
+                    "grants": row.grants,
+                    "secret": secret_ref.id,
+                    "expires_at": expires_at,
+                }),
+            );
+            events::append(tx, &event).await?;
             Ok(Ok(()))
         })
     })
@@ -399,6 +589,7 @@ fn credential_row(
 /// given), another secret for a robot. Returns the secret, shown once.
 pub async fn add_token(
     md: &Metadata,
+    by: &By,
     account: &str,
     description: &str,
     grants: Option<&[Grant]>,
@@ -429,8 +620,25 @@ pub async fn add_token(
         now_secs(),
         expires_at,
     );
-    md.write(|tx| Box::pin(q::insert_credential(tx, &c)))
-        .await?;
+    let event = by.event(
+        "secret.created",
+        robot_namespace(account),
+        serde_json::json!({
+            "account": account,
+            "secret": c.id,
+            "kind": kind,
+            "grants": c.grants,
+            "expires_at": expires_at,
+        }),
+    );
+    let (c, event) = (&c, &event);
+    md.write(|tx| {
+        Box::pin(async move {
+            q::insert_credential(tx, c).await?;
+            events::append(tx, event).await
+        })
+    })
+    .await?;
     Ok(secret.to_string())
 }
 
@@ -462,10 +670,24 @@ pub async fn token_holder(md: &Metadata, id: &str) -> Result<(CredentialRow, Acc
 }
 
 /// Revokes a secret at once on every node (tokens obtained with it stop working too).
-pub async fn revoke_token(md: &Metadata, id: &str) -> Result<()> {
+pub async fn revoke_token(md: &Metadata, by: &By, id: &str) -> Result<()> {
     let now = now_secs();
     if md
-        .write(|tx| Box::pin(q::revoke_credential(tx, id, now)))
+        .write(|tx| {
+            Box::pin(async move {
+                let holder = match q::credential_by_id(tx, id).await? {
+                    Some(c) => q::account_by_id(tx, c.account_id).await?.map(|a| a.name),
+                    None => None,
+                };
+                let revoked = q::revoke_credential(tx, id, now).await?;
+                let event = by.event(
+                    "secret.revoked",
+                    holder.as_deref().and_then(robot_namespace),
+                    serde_json::json!({ "secret": id, "account": holder }),
+                );
+                record(tx, revoked, &event).await
+            })
+        })
         .await?
     {
         Ok(())
@@ -476,11 +698,18 @@ pub async fn revoke_token(md: &Metadata, id: &str) -> Result<()> {
 
 /// Starts a new signing key; the previous one keeps verifying until its tokens expire.
 /// Returns the new key's id.
-pub async fn rotate_key(md: &Metadata) -> Result<String> {
+pub async fn rotate_key(md: &Metadata, by: &By) -> Result<String> {
     let key = token::generate_key(now_secs()).map_err(invalid)?;
     let kid = key.kid.clone();
-    md.write(|tx| Box::pin(q::rotate_signing_key(tx, &key)))
-        .await?;
+    let event = by.event("key.rotated", None, serde_json::json!({ "kid": kid }));
+    let (key, event) = (&key, &event);
+    md.write(|tx| {
+        Box::pin(async move {
+            q::rotate_signing_key(tx, key).await?;
+            events::append(tx, event).await
+        })
+    })
+    .await?;
     Ok(kid)
 }
 
@@ -503,7 +732,11 @@ pub struct NewTrustRule<'a> {
 /// Adds a trust rule: CI identities of `issuer` whose claims satisfy `conditions` act as
 /// `robot`. The conditions are parsed now (refused with where they are wrong) and stored in
 /// their canonical form. Returns the stored row.
-pub async fn add_trust_rule(md: &Metadata, rule: &NewTrustRule<'_>) -> Result<TrustRuleRow> {
+pub async fn add_trust_rule(
+    md: &Metadata,
+    by: &By,
+    rule: &NewTrustRule<'_>,
+) -> Result<TrustRuleRow> {
     let (_, conditions) = super::federation::check_fields(
         rule.name,
         rule.issuer,
@@ -541,7 +774,21 @@ pub async fn add_trust_rule(md: &Metadata, rule: &NewTrustRule<'_>) -> Result<Tr
                     ..row_ref.clone()
                 };
                 match q::insert_trust_rule(tx, &with_robot).await? {
-                    Some(id) => Ok(Ok((id, robot_id))),
+                    Some(id) => {
+                        let event = by.event(
+                            "trust_rule.added",
+                            robot_namespace(robot),
+                            serde_json::json!({
+                                "rule": with_robot.name,
+                                "issuer": with_robot.issuer,
+                                "audience": with_robot.audience,
+                                "conditions": with_robot.conditions,
+                                "robot": robot,
+                            }),
+                        );
+                        events::append(tx, &event).await?;
+                        Ok(Ok((id, robot_id)))
+                    }
                     None => Ok(Err(ManageError::Conflict(format!(
                         "trust rule {} exists",
                         row_ref.name
@@ -576,9 +823,20 @@ pub async fn list_trust_rules(md: &Metadata) -> Result<Vec<(TrustRuleRow, String
 
 /// Removes a trust rule at once on every node; registry tokens obtained through it stop
 /// working too.
-pub async fn remove_trust_rule(md: &Metadata, name: &str) -> Result<()> {
+pub async fn remove_trust_rule(md: &Metadata, by: &By, name: &str) -> Result<()> {
+    let event = by.event(
+        "trust_rule.removed",
+        None,
+        serde_json::json!({ "rule": name }),
+    );
+    let event = &event;
     if md
-        .write(|tx| Box::pin(q::delete_trust_rule(tx, name)))
+        .write(|tx| {
+            Box::pin(async move {
+                let deleted = q::delete_trust_rule(tx, name).await?;
+                record(tx, deleted, event).await
+            })
+        })
         .await?
     {
         Ok(())
@@ -598,10 +856,16 @@ mod tests {
         let md = Metadata::open_sqlite(&dir.path().join("m.db"))
             .await
             .unwrap();
-        add_namespace(&md, "team", false, None).await.unwrap();
+        add_namespace(&md, &By::cli(), "team", false, None)
+            .await
+            .unwrap();
         let grants = [Grant::parse("team/*:pull,push").unwrap()];
-        let (robot, _) = add_robot(&md, "team", "ci", &grants, None).await.unwrap();
-        add_user(&md, "alice", "pw", false).await.unwrap();
+        let (robot, _) = add_robot(&md, &By::cli(), "team", "ci", &grants, None)
+            .await
+            .unwrap();
+        add_user(&md, &By::cli(), "alice", "pw", false)
+            .await
+            .unwrap();
         let generation = || md.read(|tx| Box::pin(q::generation(tx)));
         let before = generation().await.unwrap();
         let rule = NewTrustRule {
@@ -612,7 +876,7 @@ mod tests {
             conditions: r#"repository=="org/app"&&(ref=="refs/heads/main")"#,
             robot: &robot,
         };
-        let row = add_trust_rule(&md, &rule).await.unwrap();
+        let row = add_trust_rule(&md, &By::cli(), &rule).await.unwrap();
         assert_eq!(
             row.conditions,
             r#"repository == "org/app" && ref == "refs/heads/main""#
@@ -666,20 +930,25 @@ mod tests {
             ),
         ];
         for (r, message) in refused {
-            let e = add_trust_rule(&md, &r).await.unwrap_err().to_string();
+            let e = add_trust_rule(&md, &By::cli(), &r)
+                .await
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(message), "{e}");
         }
         assert_eq!(list_trust_rules(&md).await.unwrap().len(), 1);
 
-        remove_trust_rule(&md, "github-main").await.unwrap();
+        remove_trust_rule(&md, &By::cli(), "github-main")
+            .await
+            .unwrap();
         assert!(matches!(
-            remove_trust_rule(&md, "github-main").await,
+            remove_trust_rule(&md, &By::cli(), "github-main").await,
             Err(ManageError::NotFound(_))
         ));
         assert!(list_trust_rules(&md).await.unwrap().is_empty());
         // Removing the robot removes its rules.
-        add_trust_rule(&md, &rule).await.unwrap();
-        remove_account(&md, &robot).await.unwrap();
+        add_trust_rule(&md, &By::cli(), &rule).await.unwrap();
+        remove_account(&md, &By::cli(), &robot).await.unwrap();
         assert!(list_trust_rules(&md).await.unwrap().is_empty());
     }
 

@@ -227,6 +227,8 @@ type Cached = (Arc<Principal>, i64);
 
 pub struct Auth {
     metadata: Metadata,
+    /// Appends login and token events with group commit.
+    recorder: events::Recorder,
     options: AuthOptions,
     loaded: RwLock<Arc<Loaded>>,
     bearer_cache: Mutex<HashMap<String, Cached>>,
@@ -249,6 +251,7 @@ impl Auth {
         let throttle = limits::LoginThrottle::new(&options.limits);
         let requests = limits::RequestLimits::new(&options.limits);
         let auth = Arc::new(Auth {
+            recorder: events::Recorder::start(metadata.clone()),
             metadata,
             open: Arc::new(Principal {
                 actor: Actor::Anonymous,
@@ -275,7 +278,7 @@ impl Auth {
         if auth.options.enabled {
             auth.reload(true).await?;
             if !auth.loaded().keys.has_signer() {
-                manage::rotate_key(&auth.metadata).await?;
+                manage::rotate_key(&auth.metadata, &manage::By::system("first-start")).await?;
                 auth.reload(true).await?;
             }
         }
@@ -472,14 +475,21 @@ impl Auth {
     /// trail, so a failure to write it is logged loudly; the request itself goes on, since a
     /// login changes nothing that the event would have to match.
     pub async fn record(&self, event: NewEvent) {
-        let event = &event;
-        let written = self
-            .metadata
-            .write(|tx| Box::pin(async move { events::append(tx, event).await.map(|_| ()) }))
-            .await;
-        if let Err(e) = written {
-            tracing::error!(kind = %event.kind, actor = %event.actor, error = %e, "could not record an event");
+        let (kind, actor) = (event.kind.clone(), event.actor.clone());
+        if let Err(error) = self.recorder.record(event).await {
+            tracing::error!(%kind, %actor, %error, "could not record an event");
         }
+    }
+
+    /// Appends an event without waiting for it: for the bulk (pulls), where a pull must not
+    /// wait on a commit. A crash may lose the last few milliseconds of them; when the queue is
+    /// full the event is dropped and counted (see [`events::Recorder::dropped`]).
+    pub fn record_later(&self, event: NewEvent) {
+        self.recorder.record_later(event);
+    }
+
+    pub fn recorder(&self) -> &events::Recorder {
+        &self.recorder
     }
 
     /// Checks a user name and password or generated secret, uncached.

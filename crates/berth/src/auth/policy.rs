@@ -127,6 +127,8 @@ pub enum Op<'a> {
     /// Listing, creating or revoking an account's secrets; `None`: no such account or secret.
     Secrets(Option<Holder<'a>>),
     RotateKeys,
+    /// Reading the event log: of one namespace, or (`None`) all of it.
+    ReadAudit(Option<&'a str>),
 }
 
 /// The rules. See the module doc.
@@ -138,7 +140,7 @@ pub fn permits(who: &Authority, op: &Op<'_>) -> bool {
         Op::Me => true,
         Op::ListNamespaces => matches!(who, Authority::User { .. }),
         Op::ReadUser(name) | Op::SetPassword(name) => who.is_user(name),
-        Op::ReadNamespace(ns) | Op::ManageNamespace(ns) => who.owns(ns),
+        Op::ReadNamespace(ns) | Op::ManageNamespace(ns) | Op::ReadAudit(Some(ns)) => who.owns(ns),
         Op::Secrets(Some(holder)) => {
             who.is_user(holder.account) || holder.robot_of.is_some_and(|ns| who.owns(ns))
         }
@@ -148,7 +150,8 @@ pub fn permits(who: &Authority, op: &Op<'_>) -> bool {
         | Op::DeleteUser(_)
         | Op::CreateNamespace
         | Op::ChangeNamespace(_)
-        | Op::RotateKeys => false,
+        | Op::RotateKeys
+        | Op::ReadAudit(None) => false,
     }
 }
 

@@ -85,7 +85,18 @@ pub async fn append(tx: &mut Tx<'_>, event: &NewEvent) -> Result<i64, MetadataEr
         .ok_or_else(|| MetadataError::internal("event_chain has no head row"))?;
     let (prev_seq, prev_hash) = (head.i64(0)?, head.text(1)?.to_owned());
     let seq = prev_seq + 1;
-    let at_ms = now_ms();
+    // Times never go backwards along the log, even when nodes' clocks differ, so a time range
+    // is a range of sequence numbers and [`query`] can bound it by index.
+    let prev_at_ms = tx
+        .query_opt(
+            "SELECT at_ms FROM events WHERE seq = ?1",
+            &[prev_seq.into()],
+        )
+        .await?
+        .map(|row| row.i64(0))
+        .transpose()?
+        .unwrap_or(0);
+    let at_ms = now_ms().max(prev_at_ms);
     let hash = chain_hash(&prev_hash, seq, at_ms, event);
     let tags = serde_json::to_string(&event.tags).map_err(MetadataError::internal)?;
     let size = event
@@ -150,11 +161,11 @@ fn event(row: &Row) -> Result<Event, MetadataError> {
 }
 
 macro_rules! select_events {
-    ($rest:literal) => {
+    ($($rest:literal),+) => {
         concat!(
             "SELECT seq, at_ms, kind, actor, client_addr, user_agent, request_id, repository, \
              digest, tags, size, result, detail, prev_hash, hash FROM events ",
-            $rest
+            $($rest),+
         )
     };
 }
@@ -194,8 +205,9 @@ pub async fn between(
 pub struct EventFilter {
     pub actor: Option<String>,
     pub repository: Option<String>,
-    /// A repository name prefix: `ns/` for one namespace.
-    pub repository_prefix: Option<String>,
+    /// One namespace: its repositories' events and its own (members, robots), whose
+    /// `repository` is the namespace's name.
+    pub namespace: Option<String>,
     pub kind: Option<String>,
     pub since_ms: Option<i64>,
     pub until_ms: Option<i64>,
@@ -203,44 +215,88 @@ pub struct EventFilter {
     pub before_seq: Option<i64>,
 }
 
-/// Newest first, by keyset: each page names the `seq` to continue below. Every condition is
-/// a bound parameter (NULL meaning "any"), so the statement is one prepared plan.
+/// Newest first, by keyset: each page names the `seq` to continue below. Every condition is a
+/// bound parameter (NULL meaning "any"). The statement is chosen by the most selective filter
+/// given, so that an index on `(that column, seq)` drives it and a page at tens of millions of
+/// rows reads about a page of index entries; the other filters are checked on those rows.
 pub async fn query(
     tx: &mut Tx<'_>,
     f: &EventFilter,
     limit: i64,
 ) -> Result<Vec<Event>, MetadataError> {
-    let prefix_end = f
-        .repository_prefix
-        .as_ref()
-        .map(|p| format!("{p}\u{10FFFF}"));
+    // The residual conditions, the same in every shape; ?1..?9 mean the same everywhere.
+    macro_rules! shape {
+        ($driver:literal) => {
+            select_events!(
+                "WHERE ",
+                $driver,
+                " AND (CAST(?1 AS TEXT) IS NULL OR actor = ?1)
+                  AND (CAST(?2 AS TEXT) IS NULL OR repository = ?2)
+                  AND (CAST(?3 AS TEXT) IS NULL
+                       OR repository = ?11 OR (repository >= ?3 AND repository < ?4))
+                  AND (CAST(?5 AS TEXT) IS NULL OR kind = ?5)
+                  AND (CAST(?6 AS BIGINT) IS NULL OR at_ms >= ?6)
+                  AND (CAST(?7 AS BIGINT) IS NULL OR at_ms < ?7)
+                ORDER BY seq DESC LIMIT ?9"
+            )
+        };
+    }
+    let sql = if f.repository.is_some() {
+        shape!("repository = ?2 AND seq >= ?10 AND seq < ?8")
+    } else if f.actor.is_some() {
+        shape!("actor = ?1 AND seq >= ?10 AND seq < ?8")
+    } else if f.kind.is_some() {
+        shape!("kind = ?5 AND seq >= ?10 AND seq < ?8")
+    } else {
+        // A namespace prefix or nothing: walk the log backwards from the page's start.
+        shape!("seq >= ?10 AND seq < ?8")
+    };
+    // The time range as a range of sequence numbers (times are monotonic along the log).
+    let lowest = match f.since_ms {
+        Some(t) => first_seq_at_or_after(tx, t).await?,
+        None => 0,
+    };
+    let mut below = f.before_seq.unwrap_or(i64::MAX);
+    if let Some(t) = f.until_ms {
+        below = below.min(first_seq_at_or_after(tx, t).await?);
+    }
+    // A namespace's repositories are the names in ["ns/", "ns/\u{10FFFF}").
+    let prefix = f.namespace.as_ref().map(|ns| format!("{ns}/"));
+    let prefix_end = f.namespace.as_ref().map(|ns| format!("{ns}/\u{10FFFF}"));
     tx.query(
-        select_events!(
-            "WHERE (CAST(?1 AS TEXT) IS NULL OR actor = ?1)
-               AND (CAST(?2 AS TEXT) IS NULL OR repository = ?2)
-               AND (CAST(?3 AS TEXT) IS NULL OR (repository >= ?3 AND repository < ?4))
-               AND (CAST(?5 AS TEXT) IS NULL OR kind = ?5)
-               AND (CAST(?6 AS BIGINT) IS NULL OR at_ms >= ?6)
-               AND (CAST(?7 AS BIGINT) IS NULL OR at_ms < ?7)
-               AND (CAST(?8 AS BIGINT) IS NULL OR seq < ?8)
-             ORDER BY seq DESC LIMIT ?9"
-        ),
+        sql,
         &[
             f.actor.as_deref().into(),
             f.repository.as_deref().into(),
-            f.repository_prefix.as_deref().into(),
+            prefix.as_deref().into(),
             prefix_end.as_deref().into(),
             f.kind.as_deref().into(),
             f.since_ms.into(),
             f.until_ms.into(),
-            f.before_seq.into(),
+            below.into(),
             limit.into(),
+            lowest.into(),
+            f.namespace.as_deref().into(),
         ],
     )
     .await?
     .iter()
     .map(event)
     .collect()
+}
+
+/// The first sequence number whose time is at or after `at_ms` (one past the last if none).
+async fn first_seq_at_or_after(tx: &mut Tx<'_>, at_ms: i64) -> Result<i64, MetadataError> {
+    let first = tx
+        .query_opt(
+            "SELECT seq FROM events WHERE at_ms >= ?1 ORDER BY at_ms, seq LIMIT 1",
+            &[at_ms.into()],
+        )
+        .await?;
+    match first {
+        Some(row) => row.i64(0),
+        None => Ok(head(tx).await?.0 + 1),
+    }
 }
 
 /// The head of the chain: last sequence number and hash.
@@ -299,11 +355,99 @@ pub async fn verify(
     let (head_seq, head_hash) = metadata.read(|tx| Box::pin(head(tx))).await?;
     if (head_seq, head_hash.as_str()) != (prev_seq, prev_hash.as_str()) {
         return Ok(Err(ChainBreak {
-            seq: prev_seq + 1,
-            reason: format!(
-                "the log ends at {prev_seq} but its head names entry {head_seq}: entries were removed from the end"
-            ),
+            seq: prev_seq.min(head_seq) + 1,
+            reason: if head_seq > prev_seq {
+                format!(
+                    "the log ends at {prev_seq} but its head names entry {head_seq}: entries were removed from the end"
+                )
+            } else {
+                format!(
+                    "the log runs to {prev_seq} past its head, entry {head_seq}: entries were added or changed at the end"
+                )
+            },
         }));
     }
     Ok(Ok(checked))
+}
+
+/// Events recorded on their own, not as part of a change (logins, tokens issued), appended
+/// with group commit: a background task takes every event waiting, appends them in one
+/// transaction and then answers each caller. Under concurrent logins one fsync serves many,
+/// so issuing a token costs a share of a commit instead of a commit of its own, and each
+/// caller still returns only once its event is durable.
+#[derive(Clone)]
+pub struct Recorder {
+    queue: tokio::sync::mpsc::Sender<Pending>,
+    /// Events given to [`Recorder::record_later`] and dropped because the queue was full.
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+struct Pending {
+    event: NewEvent,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// Events waiting beyond this make callers wait for room, so a flood of logins is paced by
+/// the database instead of growing memory.
+const RECORDER_QUEUE: usize = 1024;
+/// At most this many events per transaction, so one commit stays short.
+const RECORDER_BATCH: usize = 256;
+
+impl Recorder {
+    /// Starts the appending task on the current runtime; it ends when the last clone drops.
+    pub fn start(metadata: super::Metadata) -> Recorder {
+        let (queue, mut waiting) = tokio::sync::mpsc::channel::<Pending>(RECORDER_QUEUE);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(RECORDER_BATCH);
+            while waiting.recv_many(&mut batch, RECORDER_BATCH).await > 0 {
+                let events: Vec<&NewEvent> = batch.iter().map(|p| &p.event).collect();
+                let events = &events;
+                let written = metadata
+                    .write(|tx| {
+                        Box::pin(async move {
+                            for event in events {
+                                append(tx, event).await?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .await
+                    .map_err(|e| e.to_string());
+                for pending in batch.drain(..) {
+                    // The caller may have gone (its request was dropped); the event stays.
+                    let _ = pending.done.send(written.clone());
+                }
+            }
+        });
+        Recorder {
+            queue,
+            dropped: std::sync::Arc::default(),
+        }
+    }
+
+    /// Appends `event` without waiting; if the queue is full, drops it and counts it.
+    pub fn record_later(&self, event: NewEvent) {
+        let (done, _) = tokio::sync::oneshot::channel();
+        if self.queue.try_send(Pending { event, done }).is_err() {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// How many events [`Recorder::record_later`] has dropped since the start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Appends `event` and returns once it is committed.
+    pub async fn record(&self, event: NewEvent) -> Result<(), String> {
+        let (done, committed) = tokio::sync::oneshot::channel();
+        self.queue
+            .send(Pending { event, done })
+            .await
+            .map_err(|_| "the event recorder has stopped".to_string())?;
+        committed
+            .await
+            .map_err(|_| "the event recorder has stopped".to_string())?
+    }
 }

@@ -79,7 +79,7 @@ pub(crate) async fn events_suite(store: &Metadata) {
     assert_eq!(found.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 1]);
     assert_eq!(found[1].event, all[0]);
     let team = EventFilter {
-        repository_prefix: Some("team/".into()),
+        namespace: Some("team".into()),
         before_seq: Some(4),
         ..EventFilter::default()
     };

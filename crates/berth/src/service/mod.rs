@@ -111,6 +111,8 @@ pub struct RegistryOptions {
     pub max_blob_bytes: u64,
     /// Most manifest bytes held in memory at once across all pushes in flight.
     pub max_buffered_manifest_bytes: usize,
+    /// Record one manifest GET in this many as a `manifest.pulled` event; 0: none.
+    pub pull_events_every: u64,
 }
 
 /// How long a manifest push waits for room in the manifest buffer before it is told to come
@@ -134,6 +136,8 @@ pub struct Registry {
     upload_locks: Arc<UploadLocks>,
     /// One permit per byte of manifest body that may be buffered at once.
     manifest_buffer: Arc<tokio::sync::Semaphore>,
+    /// Manifest GETs so far, for sampling pull events.
+    pulls: std::sync::atomic::AtomicU64,
 }
 
 /// A blob ready to stream: its total size, the part being sent, and the bytes.
@@ -232,6 +236,7 @@ impl Registry {
             options,
             hash_states: Mutex::new(HashMap::new()),
             upload_locks: Arc::new(UploadLocks::default()),
+            pulls: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -527,6 +532,32 @@ impl Registry {
             Reference::Digest(digest) => self.metadata.manifest_by_digest(repo, digest).await?,
         };
         found.ok_or(ServiceError::ManifestUnknown)
+    }
+
+    /// A pull, counted at its manifest GET: recorded as a `manifest.pulled` event when
+    /// `pull_events_every` says so. Pulls are the bulk of the traffic, so the event is queued
+    /// and the pull does not wait for it to be written (see `Auth::record_later`).
+    pub fn record_pull(
+        &self,
+        ctx: &RequestContext,
+        repo: &RepositoryName,
+        reference: &Reference,
+        manifest: &StoredManifest,
+    ) {
+        let every = self.options.pull_events_every;
+        let n = self
+            .pulls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if every == 0 || !n.is_multiple_of(every) {
+            return;
+        }
+        let tags = match reference {
+            Reference::Tag(tag) => vec![tag.as_str().to_string()],
+            Reference::Digest(_) => Vec::new(),
+        };
+        let size = Some(manifest.bytes.len() as u64);
+        let event = ctx.event("manifest.pulled", repo, Some(&manifest.digest), &tags, size);
+        self.auth.record_later(event);
     }
 
     /// By digest: the manifest and all its tags. By tag: only the tag.

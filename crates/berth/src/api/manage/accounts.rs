@@ -163,7 +163,7 @@ struct NewUser {
 pub(super) async fn create_user(ctx: &Ctx<'_>, body: Body) -> ApiResult {
     ctx.require(Op::CreateUser)?;
     let new: NewUser = read_json(body).await?;
-    manage::add_user(ctx.md(), &new.name, &new.password, new.admin).await?;
+    manage::add_user(ctx.md(), &ctx.by(), &new.name, &new.password, new.admin).await?;
     ctx.changed(
         if new.admin {
             "administrator added"
@@ -186,7 +186,7 @@ pub(super) async fn delete_user(ctx: &Ctx<'_>) -> ApiResult {
     let name = ctx.param("name");
     ctx.require(Op::DeleteUser(name))?;
     user_row(ctx, name).await?;
-    manage::remove_account(ctx.md(), name).await?;
+    manage::remove_account(ctx.md(), &ctx.by(), name).await?;
     ctx.changed("user removed", name);
     no_content()
 }
@@ -218,7 +218,7 @@ pub(super) async fn set_password(ctx: &Ctx<'_>, body: Body) -> ApiResult {
             return Err(ApiError::new(ErrorCode::Denied).detail("old_password is wrong"));
         }
     }
-    manage::set_password(ctx.md(), name, &new.password).await?;
+    manage::set_password(ctx.md(), &ctx.by(), name, &new.password).await?;
     ctx.changed("password changed", name);
     no_content()
 }
@@ -332,6 +332,7 @@ pub(super) async fn create_token(ctx: &Ctx<'_>, body: Body) -> ApiResult {
     }
     let secret = manage::add_token(
         ctx.md(),
+        &ctx.by(),
         &account.name,
         &new.description,
         grants.as_deref(),
@@ -363,7 +364,7 @@ pub(super) async fn revoke_token(ctx: &Ctx<'_>) -> ApiResult {
     let Some(account) = account else {
         return Err(ManageError::NotFound(format!("no token {id}")).into());
     };
-    manage::revoke_token(ctx.md(), id).await?;
+    manage::revoke_token(ctx.md(), &ctx.by(), id).await?;
     ctx.changed("token revoked", &format!("{} {id}", account.name));
     no_content()
 }
@@ -375,7 +376,7 @@ struct Key {
 
 pub(super) async fn rotate_keys(ctx: &Ctx<'_>) -> ApiResult {
     ctx.require(Op::RotateKeys)?;
-    let kid = manage::rotate_key(ctx.md()).await?;
+    let kid = manage::rotate_key(ctx.md(), &ctx.by()).await?;
     ctx.changed("signing key rotated", &kid);
     json(StatusCode::OK, &Key { kid })
 }

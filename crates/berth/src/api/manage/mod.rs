@@ -15,6 +15,7 @@
 //! access log never holds one.
 
 mod accounts;
+mod audit;
 mod namespaces;
 
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use serde::de::DeserializeOwned;
 use super::access::{self, Need};
 use super::error::{ApiError, ApiResult, ErrorCode};
 use super::{Peer, request_context, too_many};
+use crate::auth::manage;
 use crate::auth::policy::{self, Authority, Op};
 use crate::auth::{AuthError, Credentials, Principal};
 use crate::metadata::Metadata;
@@ -70,6 +72,7 @@ pub enum Endpoint {
     CreateToken,
     RevokeToken,
     RotateKeys,
+    Audit,
 }
 
 /// One route: a method and a path template whose `{name}` segments are parameters.
@@ -164,6 +167,7 @@ pub static ROUTES: &[RouteSpec] = &[
     ),
     route(Method::DELETE, "/api/v1/tokens/{id}", Endpoint::RevokeToken),
     route(Method::POST, "/api/v1/keys/rotate", Endpoint::RotateKeys),
+    route(Method::GET, "/api/v1/audit", Endpoint::Audit),
 ];
 
 /// A route's path parameters by name, percent-decoded.
@@ -276,6 +280,7 @@ async fn dispatch(registry: &Registry, peer: &Peer, request: Request) -> ApiResu
         who: Authority::of(&principal, registry.auth().enabled()),
         request: request_context(&parts, peer, principal),
         params,
+        query: parts.uri.query().unwrap_or("").to_string(),
     };
     use Endpoint::*;
     match spec.endpoint {
@@ -301,6 +306,7 @@ async fn dispatch(registry: &Registry, peer: &Peer, request: Request) -> ApiResu
         CreateToken => accounts::create_token(&ctx, body).await,
         RevokeToken => accounts::revoke_token(&ctx).await,
         RotateKeys => accounts::rotate_keys(&ctx).await,
+        Audit => audit::list(&ctx).await,
     }
 }
 
@@ -346,6 +352,8 @@ struct Ctx<'a> {
     who: Authority,
     request: RequestContext,
     params: Params,
+    /// The raw query string, for the routes that take parameters there.
+    query: String,
 }
 
 impl Ctx<'_> {
@@ -355,6 +363,17 @@ impl Ctx<'_> {
 
     fn param(&self, name: &str) -> &str {
         self.params.get(name)
+    }
+
+    /// The caller, as the event of a change names them.
+    fn by(&self) -> manage::By {
+        let r = &self.request;
+        manage::By {
+            actor: r.principal.actor.to_string(),
+            client_addr: r.client_addr.map(|a| a.to_string()),
+            user_agent: r.user_agent.clone(),
+            request_id: Some(r.request_id.to_string()),
+        }
     }
 
     /// Ok if the caller may do `op`; else 403, whether or not the target exists.

@@ -53,7 +53,14 @@ struct NewNamespace {
 pub(super) async fn create(ctx: &Ctx<'_>, body: Body) -> ApiResult {
     ctx.require(Op::CreateNamespace)?;
     let new: NewNamespace = read_json(body).await?;
-    manage::add_namespace(ctx.md(), &new.name, new.public, new.owner.as_deref()).await?;
+    manage::add_namespace(
+        ctx.md(),
+        &ctx.by(),
+        &new.name,
+        new.public,
+        new.owner.as_deref(),
+    )
+    .await?;
     ctx.changed("namespace added", &new.name);
     let row = manage::namespace(ctx.md(), &new.name).await?;
     created(
@@ -81,7 +88,7 @@ pub(super) async fn update(ctx: &Ctx<'_>, body: Body) -> ApiResult {
     let ns = ctx.param("namespace");
     ctx.require(Op::ChangeNamespace(ns))?;
     let change: NamespaceChange = read_json(body).await?;
-    manage::set_public(ctx.md(), ns, change.public).await?;
+    manage::set_public(ctx.md(), &ctx.by(), ns, change.public).await?;
     ctx.changed(
         if change.public {
             "namespace made public"
@@ -99,7 +106,7 @@ pub(super) async fn update(ctx: &Ctx<'_>, body: Body) -> ApiResult {
 pub(super) async fn delete(ctx: &Ctx<'_>) -> ApiResult {
     let ns = ctx.param("namespace");
     ctx.require(Op::ChangeNamespace(ns))?;
-    manage::remove_namespace(ctx.md(), ns).await?;
+    manage::remove_namespace(ctx.md(), &ctx.by(), ns).await?;
     ctx.changed("namespace removed", ns);
     no_content()
 }
@@ -133,7 +140,7 @@ pub(super) async fn set_member(ctx: &Ctx<'_>, body: Body) -> ApiResult {
     let (ns, account) = (ctx.param("namespace"), ctx.param("account"));
     ctx.require(Op::ManageNamespace(ns))?;
     let MemberRole { role } = read_json(body).await?;
-    manage::set_member(ctx.md(), ns, account, role).await?;
+    manage::set_member(ctx.md(), &ctx.by(), ns, account, role).await?;
     ctx.changed("member set", &format!("{ns} {account} {role}"));
     json(
         StatusCode::OK,
@@ -147,7 +154,7 @@ pub(super) async fn set_member(ctx: &Ctx<'_>, body: Body) -> ApiResult {
 pub(super) async fn remove_member(ctx: &Ctx<'_>) -> ApiResult {
     let (ns, account) = (ctx.param("namespace"), ctx.param("account"));
     ctx.require(Op::ManageNamespace(ns))?;
-    manage::remove_member(ctx.md(), ns, account).await?;
+    manage::remove_member(ctx.md(), &ctx.by(), ns, account).await?;
     ctx.changed("member removed", &format!("{ns} {account}"));
     no_content()
 }
@@ -212,6 +219,7 @@ pub(super) async fn create_robot(ctx: &Ctx<'_>, body: Body) -> ApiResult {
     let grants = parse_grants(&new.grants)?;
     let (full, secret) = manage::add_robot(
         ctx.md(),
+        &ctx.by(),
         ns,
         &new.name,
         &grants,
@@ -241,7 +249,7 @@ pub(super) async fn delete_robot(ctx: &Ctx<'_>) -> ApiResult {
         Ok(_) | Err(ManageError::NotFound(_)) => return Err(gone().into()),
         Err(e) => return Err(e.into()),
     }
-    manage::remove_account(ctx.md(), &full).await?;
+    manage::remove_account(ctx.md(), &ctx.by(), &full).await?;
     ctx.changed("robot removed", &full);
     no_content()
 }
