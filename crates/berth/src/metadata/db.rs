@@ -76,6 +76,13 @@ pub const TOKENS: &[(&str, &str, &str)] = &[
         "unixepoch()",
         "CAST(extract(epoch FROM now()) AS BIGINT)",
     ),
+    // The database's clock in milliseconds, at the statement (not the transaction's start):
+    // leases that several nodes compare must not depend on each node's clock.
+    (
+        "NOW_MS",
+        "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+        "CAST(extract(epoch FROM clock_timestamp()) * 1000 AS BIGINT)",
+    ),
 ];
 
 /// A bound parameter.

@@ -15,6 +15,7 @@ pub mod db;
 pub mod events;
 pub mod queries;
 pub mod schema;
+pub mod webhooks;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -1,5 +1,5 @@
-//! The management API under `/api/v1`: users, namespaces, members, robots, secrets and signing
-//! keys as JSON resources, doing over HTTP what `berth user|namespace|robot|token|key` does on
+//! The management API under `/api/v1`: users, namespaces, members, robots, secrets, signing
+//! keys and webhooks as JSON resources, doing over HTTP what `berth user|namespace|robot|token|key` does on
 //! the command line. HTTP only: each handler asks [`policy`] whether the caller may, then calls
 //! the same [`crate::auth::manage`] function the command line calls.
 //!
@@ -16,6 +16,7 @@
 
 mod accounts;
 mod namespaces;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -70,6 +71,12 @@ pub enum Endpoint {
     CreateToken,
     RevokeToken,
     RotateKeys,
+    ListWebhooks,
+    CreateWebhook,
+    GetWebhook,
+    DeleteWebhook,
+    ListParked,
+    ReplayParked,
 }
 
 /// One route: a method and a path template whose `{name}` segments are parameters.
@@ -164,6 +171,24 @@ pub static ROUTES: &[RouteSpec] = &[
     ),
     route(Method::DELETE, "/api/v1/tokens/{id}", Endpoint::RevokeToken),
     route(Method::POST, "/api/v1/keys/rotate", Endpoint::RotateKeys),
+    route(Method::GET, "/api/v1/webhooks", Endpoint::ListWebhooks),
+    route(Method::POST, "/api/v1/webhooks", Endpoint::CreateWebhook),
+    route(Method::GET, "/api/v1/webhooks/{id}", Endpoint::GetWebhook),
+    route(
+        Method::DELETE,
+        "/api/v1/webhooks/{id}",
+        Endpoint::DeleteWebhook,
+    ),
+    route(
+        Method::GET,
+        "/api/v1/webhooks/{id}/parked",
+        Endpoint::ListParked,
+    ),
+    route(
+        Method::POST,
+        "/api/v1/webhooks/{id}/replay",
+        Endpoint::ReplayParked,
+    ),
 ];
 
 /// A route's path parameters by name, percent-decoded.
@@ -276,6 +301,7 @@ async fn dispatch(registry: &Registry, peer: &Peer, request: Request) -> ApiResu
         who: Authority::of(&principal, registry.auth().enabled()),
         request: request_context(&parts, peer, principal),
         params,
+        query: parts.uri.query().unwrap_or("").to_string(),
     };
     use Endpoint::*;
     match spec.endpoint {
@@ -301,6 +327,12 @@ async fn dispatch(registry: &Registry, peer: &Peer, request: Request) -> ApiResu
         CreateToken => accounts::create_token(&ctx, body).await,
         RevokeToken => accounts::revoke_token(&ctx).await,
         RotateKeys => accounts::rotate_keys(&ctx).await,
+        ListWebhooks => webhooks::list(&ctx).await,
+        CreateWebhook => webhooks::create(&ctx, body).await,
+        GetWebhook => webhooks::get(&ctx).await,
+        DeleteWebhook => webhooks::delete(&ctx).await,
+        ListParked => webhooks::parked(&ctx).await,
+        ReplayParked => webhooks::replay(&ctx).await,
     }
 }
 
@@ -346,6 +378,8 @@ struct Ctx<'a> {
     who: Authority,
     request: RequestContext,
     params: Params,
+    /// The request's query string, undecoded.
+    query: String,
 }
 
 impl Ctx<'_> {
