@@ -658,7 +658,8 @@ fn assert_in_order(delivered: &[Got]) {
 
 #[test]
 fn kill9_during_a_burst_with_the_receiver_down_loses_no_event() {
-    let receiver = Receiver::start(500);
+    // Up at first, so that the cursor has moved when berth is killed; then down.
+    let receiver = Receiver::start(204);
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = config_file(tmp.path(), &receiver, &[("burst", "/burst")]);
     let mut app = quick(TestApp::builder())
@@ -678,15 +679,20 @@ fn kill9_during_a_burst_with_the_receiver_down_loses_no_event() {
             }
         })
     };
+    receiver.wait_for("the first deliveries", Duration::from_secs(30), |g| {
+        g.len() >= 3
+    });
+    receiver.answer(500);
+    let delivered_while_up = receiver.delivered("/burst").len();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while acknowledged.lock().expect("lock").len() < 15 {
-        assert!(Instant::now() < deadline, "the burst did not get going");
+    while acknowledged.lock().expect("lock").len() < delivered_while_up + 15 {
+        assert!(Instant::now() < deadline, "the burst did not go on");
         std::thread::sleep(Duration::from_millis(5));
     }
     app.kill9();
     pusher.join().expect("the pusher");
     let acknowledged = acknowledged.lock().expect("lock").clone();
-    let failed_attempts = receiver.got().len();
+    let failed_attempts = receiver.got().iter().filter(|g| !g.ok()).count();
     assert!(
         failed_attempts > 0,
         "the receiver was never tried while down"
@@ -723,8 +729,9 @@ fn kill9_during_a_burst_with_the_receiver_down_loses_no_event() {
         "a gap in the events"
     );
     eprintln!(
-        "{} pushes acknowledged before kill -9, {} events committed; {} failed attempts while \
-         down; after recovery all delivered in {:?}, {} duplicates",
+        "{} pushes acknowledged before kill -9 ({delivered_while_up} delivered while the \
+         receiver was up), {} events committed; {} failed attempts while down; after recovery \
+         all delivered in {:?}, {} duplicates",
         acknowledged.len(),
         highest,
         failed_attempts,
@@ -806,4 +813,22 @@ fn two_nodes_on_postgres_deliver_each_event_once() {
     assert_eq!(ids.len(), pushes);
     assert_in_order(&got);
     assert!(got.iter().all(|g| signed_by(g, SECRET)));
+
+    // A node dies (perhaps the lease holder): the other goes on, within the lease.
+    let mut a = a;
+    a.kill9();
+    let killed = Instant::now();
+    for i in pushes..pushes + 5 {
+        push_image(&b, "two/n1", &format!("t{i}"), &format!("s{i}"));
+    }
+    receiver.wait_for("the pushes after the kill", Duration::from_secs(30), |g| {
+        g.iter().filter(|g| g.ok()).count() >= pushes + 5
+    });
+    eprintln!(
+        "after kill -9 of a node, delivery resumed within {:?}",
+        killed.elapsed()
+    );
+    let got: Vec<Got> = receiver.got().into_iter().filter(Got::ok).collect();
+    assert_in_order(&got);
+    assert_eq!(got.iter().map(Got::seq).max(), Some((pushes + 5) as i64));
 }
