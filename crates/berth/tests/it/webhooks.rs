@@ -166,6 +166,7 @@ fn serve(stream: TcpStream, status: &AtomicU16, got: &Mutex<Vec<Got>>) {
         return;
     }
     let answer = status.load(Ordering::SeqCst);
+    let silent = answer == 0;
     got.lock().expect("lock").push(Got {
         path,
         content_type: header("content-type"),
@@ -176,6 +177,10 @@ fn serve(stream: TcpStream, status: &AtomicU16, got: &Mutex<Vec<Got>>) {
         status: answer,
         at: Instant::now(),
     });
+    if silent {
+        std::thread::sleep(Duration::from_secs(120));
+        return;
+    }
     let _ = (&stream).write_all(
         format!("HTTP/1.1 {answer} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes(),
     );
@@ -831,4 +836,29 @@ fn two_nodes_on_postgres_deliver_each_event_once() {
     let got: Vec<Got> = receiver.got().into_iter().filter(Got::ok).collect();
     assert_in_order(&got);
     assert_eq!(got.iter().map(Got::seq).max(), Some((pushes + 5) as i64));
+}
+
+#[test]
+fn shutdown_does_not_wait_for_a_receiver_that_never_answers() {
+    // 0: the receiver reads the request and then says nothing.
+    let receiver = Receiver::start(0);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = config_file(tmp.path(), &receiver, &[("silent", "/silent")]);
+    let mut app = TestApp::builder()
+        .arg("--config")
+        .arg(&config)
+        .arg("--webhook-timeout-secs")
+        .arg("60")
+        .arg("--webhook-poll-interval-ms")
+        .arg("50")
+        .start();
+    push_image(&app, "quiet/app", "1", "q");
+    receiver.wait_for("the attempt", Duration::from_secs(10), |g| g.len() == 1);
+    let asked = Instant::now();
+    app.send_sigterm();
+    let status = app
+        .wait_exit(Duration::from_secs(10))
+        .expect("berth exits while a delivery waits for its answer");
+    assert!(status.success(), "{status:?}");
+    eprintln!("stopped {:?} after SIGTERM", asked.elapsed());
 }
