@@ -277,7 +277,7 @@ fn pushes_and_deletes_arrive_as_signed_cloudevents() {
     let receiver = Receiver::start(204);
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = config_file(tmp.path(), &receiver, &[("all", "/all")]);
-    let app = quick(TestApp::builder())
+    let mut app = quick(TestApp::builder())
         .arg("--config")
         .arg(&config)
         .start();
@@ -336,6 +336,27 @@ fn pushes_and_deletes_arrive_as_signed_cloudevents() {
         state["last_latency_ms"]
     );
     api(&app, "DELETE", "/api/v1/webhooks/config-all", None).assert_status(409);
+
+    // The config file changes: at the next start its webhooks are what the file says, and a
+    // new one starts at the log's head (nothing old is sent to it).
+    config_file(tmp.path(), &receiver, &[("renamed", "/renamed")]);
+    app.restart();
+    let list = api(&app, "GET", "/api/v1/webhooks", None);
+    list.assert_status(200);
+    let ids: Vec<String> = list
+        .json()
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|w| w["id"].as_str().expect("an id").to_string())
+        .collect();
+    assert_eq!(ids, ["config-renamed"]);
+    let state = delivery_state(&app, "config-renamed");
+    assert_eq!(state["cursor"], 2, "{state}");
+    push_image(&app, "team/app", "v2", "two");
+    receiver.wait_for("the push after the restart", Duration::from_secs(10), |g| {
+        g.len() == 3 && g[2].path == "/renamed"
+    });
 }
 
 #[test]
