@@ -173,6 +173,12 @@ impl Metadata {
         self.db.dialect()
     }
 
+    /// Returns once a transaction of this process that appended an event has committed (see
+    /// [`db::Db::event_committed`]); the webhook worker waits on it besides polling.
+    pub async fn event_committed(&self) {
+        self.db.event_committed().await
+    }
+
     /// Runs [`queries`] in one transaction, committed if `f` returns `Ok`, rolled back if it
     /// returns `Err`. On PostgreSQL `f` may run again if the transaction lost a deadlock, so it
     /// is `FnMut`: borrow what it needs rather than moving it in.

@@ -2,7 +2,8 @@
 //! after its subscription's cursor, in order, one at a time.
 //!
 //! - *Waking*: a supervisor reads the log's head and the subscription ids every
-//!   `poll_interval` (one primary-key read and one small listing), starts a task for each new
+//!   `poll_interval` (one primary-key read and one small listing), and at once when this
+//!   process commits an event (`Metadata::event_committed`); it starts a task for each new
 //!   subscription and tells the tasks when the head moved; a task with nothing to do sleeps
 //!   until then.
 //! - *Order*: a task always delivers the lowest parked delivery queued by a replay, else the
@@ -165,6 +166,8 @@ impl Worker {
             }
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
+                // Events committed by this process are noticed at once, other nodes' by polling.
+                _ = self.metadata.event_committed() => {}
                 _ = tokio::time::sleep(self.options.poll_interval) => {}
             }
         }
