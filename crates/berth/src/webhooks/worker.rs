@@ -190,6 +190,8 @@ impl Worker {
         mut head: watch::Receiver<i64>,
         mut stop: watch::Receiver<bool>,
     ) {
+        // One warning per outage, not one per retry.
+        let mut failing = false;
         loop {
             let known_head = *head.borrow_and_update();
             let next = tokio::select! {
@@ -197,13 +199,20 @@ impl Worker {
                 _ = stop.wait_for(|s| *s) => break,
                 next = self.step(&id, known_head) => next,
             };
+            if next.is_ok() && failing {
+                tracing::info!(webhook.id = %id, "webhook delivery resumed");
+                failing = false;
+            }
             let until = match next {
                 Ok(Next::Gone) => return,
                 Ok(Next::Again) => continue,
                 Ok(Next::Idle) => None,
                 Ok(Next::Until(at)) => Some(at),
                 Err(e) => {
-                    tracing::warn!(webhook.id = %id, error = %e, "webhook delivery step failed");
+                    if !failing {
+                        tracing::warn!(webhook.id = %id, error = %e, "webhook delivery paused: the metadata store failed; retrying");
+                    }
+                    failing = true;
                     Some(Instant::now() + self.options.poll_interval * 4)
                 }
             };
