@@ -176,6 +176,23 @@ pub struct RawConfig {
     #[arg(long, env = "BERTH_S3_REDIRECT_BLOB_GETS", value_name = "BOOL",
           value_parser = BoolishValueParser::new())]
     pub s3_redirect_blob_gets: Option<bool>,
+    /// Failed attempts after which a webhook delivery is parked [default: 12]
+    #[arg(long, env = "BERTH_WEBHOOK_MAX_ATTEMPTS", value_name = "N")]
+    pub webhook_max_attempts: Option<u32>,
+    /// Bound on one webhook delivery attempt (connect, send, answer) [default: 10]
+    #[arg(long, env = "BERTH_WEBHOOK_TIMEOUT_SECS", value_name = "SECS")]
+    pub webhook_timeout_secs: Option<u64>,
+    /// Longest wait between two attempts of a webhook delivery [default: 300]
+    #[arg(long, env = "BERTH_WEBHOOK_BACKOFF_MAX_SECS", value_name = "SECS")]
+    pub webhook_backoff_max_secs: Option<u64>,
+    /// How often the event log is looked at for new events to deliver [default: 200]
+    #[arg(long, env = "BERTH_WEBHOOK_POLL_INTERVAL_MS", value_name = "MS")]
+    pub webhook_poll_interval_ms: Option<u64>,
+    /// Webhook subscriptions: `[[webhooks]]` tables in the config file only (a table array
+    /// has no environment or flag form); see README.md
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<Vec<crate::webhooks::WebhookSpec>>,
 }
 
 const KIB: u64 = 1024;
@@ -200,7 +217,8 @@ impl RawConfig {
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("parsing config {}: {e}", path.display()))
     }
 
-    /// Every key, as the config file spells it.
+    /// Every key with a value (not a table), as the config file spells it: each is also an
+    /// environment variable and a flag.
     pub fn keys() -> Vec<String> {
         match serde_json::to_value(RawConfig::default()) {
             Ok(serde_json::Value::Object(map)) => map.into_iter().map(|(k, _)| k).collect(),
@@ -418,7 +436,41 @@ impl RawConfig {
             )?,
         };
 
+        let webhooks = WebhookOptions {
+            max_attempts: within(
+                "webhook_max_attempts",
+                self.webhook_max_attempts,
+                12,
+                1,
+                1000,
+            )?,
+            timeout: secs(
+                "webhook_timeout_secs",
+                self.webhook_timeout_secs,
+                10,
+                1,
+                300,
+            )?,
+            backoff_max: secs(
+                "webhook_backoff_max_secs",
+                self.webhook_backoff_max_secs,
+                300,
+                1,
+                DAY_SECS,
+            )?,
+            poll_interval: Duration::from_millis(within(
+                "webhook_poll_interval_ms",
+                self.webhook_poll_interval_ms,
+                200,
+                10,
+                60_000,
+            )?),
+            subscriptions: crate::webhooks::from_config(self.webhooks.unwrap_or_default())
+                .map_err(anyhow::Error::msg)?,
+        };
+
         Ok(Config {
+            webhooks,
             auth,
             allow_anonymous,
             listen,
@@ -597,9 +649,20 @@ pub struct TlsConfig {
     pub client_ca: Option<PathBuf>,
 }
 
+/// How webhooks are delivered, and the subscriptions of the config file.
+#[derive(Debug, Clone)]
+pub struct WebhookOptions {
+    pub max_attempts: u32,
+    pub timeout: Duration,
+    pub backoff_max: Duration,
+    pub poll_interval: Duration,
+    pub subscriptions: Vec<crate::metadata::webhooks::NewWebhook>,
+}
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub webhooks: WebhookOptions,
     pub auth: crate::auth::AuthOptions,
     /// Serving without access control on a non-loopback address was asked for.
     pub allow_anonymous: bool,

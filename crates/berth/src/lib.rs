@@ -13,6 +13,8 @@
 //! - [`service`]: pushes, pulls, deletes, uploads, referrers; background upload expiry.
 //! - [`storage`]: the [`storage::BlobStore`] trait and its filesystem implementation.
 //! - [`metadata`]: [`metadata::Metadata`], one SQL layer over SQLite and PostgreSQL.
+//! - [`webhooks`]: subscriptions to the event log, delivered as signed CloudEvents by a
+//!   background worker.
 
 pub mod api;
 pub mod auth;
@@ -23,3 +25,4 @@ pub mod service;
 pub mod storage;
 pub mod time;
 pub mod tls;
+pub mod webhooks;

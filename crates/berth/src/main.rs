@@ -403,6 +403,9 @@ async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
     };
 
     let registry = server::open_registry(&config).await?;
+    berth::webhooks::sync_config(registry.auth().metadata(), &config.webhooks.subscriptions)
+        .await
+        .context("storing the config file's webhooks")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

@@ -3,7 +3,8 @@
 //! where a client's hold on the server is bounded: connections at once, time to send headers
 //! (which also reaps idle keep-alive connections), and silence inside a request body. With TLS
 //! configured, each connection's handshake runs on its own task, bounded like the headers, and
-//! ALPN picks HTTP/2 or HTTP/1.1 for it (see [`TlsServer`]).
+//! ALPN picks HTTP/2 or HTTP/1.1 for it (see [`TlsServer`]). Beside it run the background
+//! workers: upload expiry, the access-generation watch, and webhook delivery.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,6 +34,7 @@ use crate::metadata::{Metadata, PoolOptions};
 use crate::service::{Registry, RegistryOptions};
 use crate::storage::{BlobStore, FsBlobStore, S3BlobStore};
 use crate::tls::{self, Tls, TlsError};
+use crate::webhooks::worker::{Worker, WorkerOptions};
 
 /// Opens the configured blob and metadata stores and builds the registry over them.
 pub async fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
@@ -106,6 +108,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// HTTPS with this certificate; plain HTTP when `None`.
     pub tls: Option<Tls>,
+    /// How the webhook worker delivers.
+    pub webhooks: WorkerOptions,
 }
 
 impl ServeOptions {
@@ -118,6 +122,17 @@ impl ServeOptions {
             body_idle_timeout: config.body_idle_timeout,
             max_connections: config.max_connections,
             tls: config.tls.as_ref().map(Tls::load).transpose()?,
+            webhooks: WorkerOptions {
+                max_attempts: config.webhooks.max_attempts,
+                timeout: config.webhooks.timeout,
+                backoff_max: config.webhooks.backoff_max,
+                poll_interval: config.webhooks.poll_interval,
+                source: config
+                    .auth
+                    .public_url
+                    .clone()
+                    .unwrap_or_else(|| format!("urn:berth:{}", config.auth.service)),
+            },
         })
     }
 }
@@ -191,6 +206,9 @@ pub async fn run(
     if let Some(tls) = &options.tls {
         tokio::spawn(tls.clone().reload_until(stop_rx.clone()));
     }
+    let webhooks = Worker::new(registry.auth().metadata().clone(), options.webhooks.clone())
+        .map_err(std::io::Error::other)?;
+    let webhooks = tokio::spawn(Arc::new(webhooks).run(stop_rx.clone()));
 
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -287,6 +305,8 @@ pub async fn run(
     }
     janitor.abort();
     access_watch.abort();
+    // It stops on the signal by itself, within one delivery timeout.
+    let _ = webhooks.await;
     Ok(())
 }
 

@@ -3,8 +3,8 @@
 //! to do, with the facts a rule needs already looked up). No IO.
 //!
 //! - Administrators may do everything; so may everyone when access control is off.
-//! - A namespace's owners may see it, manage its members and robots, and list, create and
-//!   revoke the secrets of its robots.
+//! - A namespace's owners may see it, manage its members, robots and webhooks, and list,
+//!   create and revoke the secrets of its robots. Global webhooks are for administrators.
 //! - A user may see its own account, change its own password (giving the old one: see
 //!   [`needs_old_password`]) and list, create and revoke its own personal access tokens.
 //! - Everything else is refused. Robots, federated CI identities, personal access tokens
@@ -84,7 +84,7 @@ impl Authority {
         permits(self, &Op::ReadNamespace(namespace))
     }
 
-    fn owns(&self, namespace: &str) -> bool {
+    pub fn owns(&self, namespace: &str) -> bool {
         match self {
             Authority::Admin { .. } => true,
             Authority::User { owns, .. } => owns.contains(namespace),
@@ -129,6 +129,11 @@ pub enum Op<'a> {
     RotateKeys,
     /// Reading the event log: of one namespace, or (`None`) all of it.
     ReadAudit(Option<&'a str>),
+    /// Listing webhooks: each caller sees those of the namespaces it owns (all for admins).
+    ListWebhooks,
+    /// Creating, reading, deleting or replaying a webhook of a namespace, or (`None`) a global
+    /// one or one that does not exist.
+    Webhooks(Option<&'a str>),
 }
 
 /// The rules. See the module doc.
@@ -138,7 +143,8 @@ pub fn permits(who: &Authority, op: &Op<'_>) -> bool {
     }
     match *op {
         Op::Me => true,
-        Op::ListNamespaces => matches!(who, Authority::User { .. }),
+        Op::ListNamespaces | Op::ListWebhooks => matches!(who, Authority::User { .. }),
+        Op::Webhooks(Some(ns)) => who.owns(ns),
         Op::ReadUser(name) | Op::SetPassword(name) => who.is_user(name),
         Op::ReadNamespace(ns) | Op::ManageNamespace(ns) | Op::ReadAudit(Some(ns)) => who.owns(ns),
         Op::Secrets(Some(holder)) => {
@@ -150,6 +156,7 @@ pub fn permits(who: &Authority, op: &Op<'_>) -> bool {
         | Op::DeleteUser(_)
         | Op::CreateNamespace
         | Op::ChangeNamespace(_)
+        | Op::Webhooks(None)
         | Op::RotateKeys
         | Op::ReadAudit(None) => false,
     }
@@ -329,6 +336,10 @@ mod tests {
             (Op::Secrets(Some(other_robot)), [true, false, false, false]),
             (Op::Secrets(None), [true, false, false, false]),
             (Op::RotateKeys, [true, false, false, false]),
+            (Op::ListWebhooks, [true, true, true, false]),
+            (Op::Webhooks(Some("team")), [true, true, false, false]),
+            (Op::Webhooks(Some("lib")), [true, false, false, false]),
+            (Op::Webhooks(None), [true, false, false, false]),
         ];
         for (op, expected) in table {
             for (who, want) in [&admin, &alice, &bob, &robot].iter().zip(expected) {

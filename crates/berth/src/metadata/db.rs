@@ -76,6 +76,13 @@ pub const TOKENS: &[(&str, &str, &str)] = &[
         "unixepoch()",
         "CAST(extract(epoch FROM now()) AS BIGINT)",
     ),
+    // The database's clock in milliseconds, at the statement (not the transaction's start):
+    // leases that several nodes compare must not depend on each node's clock.
+    (
+        "NOW_MS",
+        "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+        "CAST(extract(epoch FROM clock_timestamp()) * 1000 AS BIGINT)",
+    ),
 ];
 
 /// A bound parameter.
@@ -234,6 +241,9 @@ struct Inner {
     /// PostgreSQL rewrites by the static statement's address; leaked, so bounded by the
     /// number of statements in the source.
     rewrites: RwLock<HashMap<(usize, usize), &'static str>>,
+    /// Told when a transaction that appended an event has committed (see
+    /// [`Db::event_committed`]).
+    committed_events: tokio::sync::Notify,
 }
 
 enum Driver {
@@ -380,6 +390,7 @@ impl Db {
             inner: Arc::new(Inner {
                 driver,
                 rewrites: RwLock::new(HashMap::new()),
+                committed_events: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -418,6 +429,7 @@ impl Db {
         let mut tx = Tx {
             db: self.inner.clone(),
             conn,
+            appended: false,
             _env: PhantomData,
         };
         f(&mut tx).await
@@ -465,10 +477,12 @@ impl Db {
         let mut tx = Tx {
             db: self.inner.clone(),
             conn: Conn::Sqlite(Some(guard)),
+            appended: false,
             _env: PhantomData,
         };
         // An error here drops `tx`, which rolls back.
         let value = f(&mut tx).await?;
+        let appended = tx.appended;
         let Conn::Sqlite(slot) = &mut tx.conn else {
             return Err(MetadataError::internal(
                 "a SQLite transaction on another driver",
@@ -481,6 +495,7 @@ impl Db {
             // No row changed, nothing to fsync: commit inline. (Row changes only: a DDL-only
             // transaction, which only migrations at startup run, also commits inline.)
             commit_sqlite(&guard)?;
+            self.committed(appended);
             return Ok(value);
         }
         // The guard moves into the blocking task: were this future dropped while waiting, the
@@ -488,7 +503,22 @@ impl Db {
         tokio::task::spawn_blocking(move || commit_sqlite(&guard))
             .await
             .map_err(MetadataError::internal)??;
+        self.committed(appended);
         Ok(value)
+    }
+
+    fn committed(&self, appended: bool) {
+        if appended {
+            // One stored permit at most: a waiter that was busy still wakes once.
+            self.inner.committed_events.notify_one();
+        }
+    }
+
+    /// Returns once a transaction of this process that appended an event has committed since
+    /// the last call (or at once if one did meanwhile). Other processes' events are not seen:
+    /// whoever waits here polls as well.
+    pub async fn event_committed(&self) {
+        self.inner.committed_events.notified().await;
     }
 
     async fn write_postgres<'env, T, F>(
@@ -506,6 +536,7 @@ impl Db {
                 client: Some(Box::new(client)),
                 in_tx: true,
             },
+            appended: false,
             _env: PhantomData,
         };
         let result = f(&mut tx).await;
@@ -521,6 +552,10 @@ impl Db {
         // If this fails, `in_tx` stays set and dropping `tx` closes the connection.
         c.batch_execute(end).await?;
         *in_tx = false;
+        let appended = tx.appended;
+        if result.is_ok() {
+            self.committed(appended);
+        }
         result
     }
 
@@ -574,6 +609,8 @@ enum Conn {
 pub struct Tx<'env> {
     db: Arc<Inner>,
     conn: Conn,
+    /// An event was appended: its commit wakes [`Db::event_committed`].
+    appended: bool,
     _env: PhantomData<&'env ()>,
 }
 
@@ -600,6 +637,11 @@ impl Drop for Tx<'_> {
 }
 
 impl Tx<'_> {
+    /// Marks the transaction as one that appended an event (see [`Db::event_committed`]).
+    pub(crate) fn note_event(&mut self) {
+        self.appended = true;
+    }
+
     pub fn dialect(&self) -> Dialect {
         match self.conn {
             Conn::Sqlite(_) => Dialect::Sqlite,

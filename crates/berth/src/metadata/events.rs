@@ -131,6 +131,7 @@ pub async fn append(tx: &mut Tx<'_>, event: &NewEvent) -> Result<i64, MetadataEr
         &[seq.into(), hash.as_str().into()],
     )
     .await?;
+    tx.note_event();
     Ok(seq)
 }
 

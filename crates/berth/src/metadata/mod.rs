@@ -15,6 +15,7 @@ pub mod db;
 pub mod events;
 pub mod queries;
 pub mod schema;
+pub mod webhooks;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -170,6 +171,12 @@ impl Metadata {
 
     pub fn dialect(&self) -> Dialect {
         self.db.dialect()
+    }
+
+    /// Returns once a transaction of this process that appended an event has committed (see
+    /// [`db::Db::event_committed`]); the webhook worker waits on it besides polling.
+    pub async fn event_committed(&self) {
+        self.db.event_committed().await
     }
 
     /// Runs [`queries`] in one transaction, committed if `f` returns `Ok`, rolled back if it

@@ -26,6 +26,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration::Shared(V2),
     Migration::Shared(V3),
     Migration::Shared(V4),
+    Migration::Shared(V5),
 ];
 
 /// Key of the transaction-scoped advisory lock that serializes migrations across nodes.
@@ -329,4 +330,45 @@ CREATE TABLE event_chain (
     hash TEXT NOT NULL
 );
 INSERT INTO event_chain (id, seq, hash) VALUES (1, 0, '');
+"#;
+
+/// Version 5, both dialects: webhook subscriptions and their delivery state (see "Webhooks" in
+/// ARCHITECTURE.md). Each row is a subscription, its cursor in the event log (`cursor_seq`:
+/// every event up to it was delivered, parked or filtered out), the failures of the event being
+/// tried (`attempt_seq`), statistics, and the lease (`lease_owner` until `lease_until_ms`, by
+/// the database's clock) that lets one node at a time deliver for it. `webhook_parked` holds the
+/// deliveries that failed `webhook_max_attempts` times; `replay` = 1 queues one again.
+const V5: &str = r#"
+CREATE TABLE webhooks (
+    id              {NAME} PRIMARY KEY,
+    namespace       {NAME},
+    url             TEXT NOT NULL,
+    secret          TEXT NOT NULL,
+    events          TEXT NOT NULL,
+    repositories    TEXT NOT NULL,
+    origin          TEXT NOT NULL CHECK (origin IN ('api', 'config')),
+    created_at      {INT} NOT NULL,
+    cursor_seq      {INT} NOT NULL,
+    attempt_seq     {INT} NOT NULL DEFAULT 0,
+    failures        {INT} NOT NULL DEFAULT 0,
+    next_attempt_ms {INT} NOT NULL DEFAULT 0,
+    last_success_ms {INT},
+    last_failure_ms {INT},
+    last_error      TEXT,
+    last_latency_ms {INT},
+    delivered       {INT} NOT NULL DEFAULT 0,
+    failed_attempts {INT} NOT NULL DEFAULT 0,
+    lease_owner     TEXT,
+    lease_until_ms  {INT} NOT NULL DEFAULT 0
+) {WITHOUT_ROWID};
+CREATE INDEX webhooks_namespace ON webhooks(namespace);
+CREATE TABLE webhook_parked (
+    webhook_id   {NAME} NOT NULL REFERENCES webhooks(id) ON DELETE CASCADE,
+    seq          {INT} NOT NULL,
+    attempts     {INT} NOT NULL,
+    error        TEXT NOT NULL,
+    parked_at_ms {INT} NOT NULL,
+    replay       {INT} NOT NULL DEFAULT 0,
+    PRIMARY KEY (webhook_id, seq)
+) {WITHOUT_ROWID};
 "#;

@@ -297,6 +297,246 @@ pub(crate) async fn access_suite(store: &Metadata) {
     );
 }
 
+/// Webhook subscriptions: one lease holder at a time, every state change fenced by the
+/// lease, cursors that only move forward, parking and replay.
+pub(crate) async fn webhooks_suite(store: &Metadata) {
+    use super::events::{self, NewEvent};
+    use super::webhooks::{self as hooks, Attempt, NewWebhook, Outcome};
+    let append = |n: usize| async move {
+        for _ in 0..n {
+            let e = NewEvent {
+                kind: "manifest.pushed".into(),
+                actor: "test".into(),
+                result: "ok".into(),
+                ..NewEvent::default()
+            };
+            let e = &e;
+            must(
+                store
+                    .write(|tx| Box::pin(async move { events::append(tx, e).await }))
+                    .await,
+            );
+        }
+    };
+    append(2).await;
+    let new = NewWebhook {
+        id: "wh_1".into(),
+        namespace: Some("team".into()),
+        url: "http://127.0.0.1:9/".into(),
+        secret: "whsec_x".into(),
+        events: vec!["io.berth.push".into()],
+        repositories: vec!["team/*".into()],
+        origin: "api",
+    };
+    let n = &new;
+    assert!(must(
+        store.write(|tx| Box::pin(hooks::insert(tx, n, 100))).await
+    ));
+    assert!(!must(
+        store.write(|tx| Box::pin(hooks::insert(tx, n, 100))).await
+    ));
+    let get = || async {
+        must(store.read(|tx| Box::pin(hooks::get(tx, "wh_1"))).await)
+            .unwrap_or_else(|| panic!("gone"))
+    };
+    let row = get().await;
+    assert_eq!(
+        row.state.cursor_seq, 2,
+        "a new subscription starts at the head"
+    );
+    assert_eq!(
+        (row.events.clone(), row.namespace.clone()),
+        (new.events.clone(), new.namespace.clone())
+    );
+    append(3).await;
+
+    let lease = |owner: &'static str, ttl: i64| async move {
+        must(
+            store
+                .write(|tx| Box::pin(hooks::take_lease(tx, "wh_1", owner, ttl)))
+                .await,
+        )
+    };
+    assert!(lease("a", 60_000).await);
+    assert!(lease("a", 60_000).await, "the holder renews");
+    assert!(!lease("b", 60_000).await, "another node waits");
+    let record = |owner: &'static str, attempt: Attempt, outcome: Outcome<'static>| async move {
+        must(
+            store
+                .write(|tx| Box::pin(hooks::record(tx, "wh_1", owner, attempt, outcome, 5)))
+                .await,
+        )
+    };
+    let first = Attempt {
+        seq: 3,
+        replay: false,
+        failures: 0,
+    };
+    assert!(
+        !record("b", first, Outcome::Delivered { latency_ms: 1 }).await,
+        "fenced"
+    );
+    assert_eq!(get().await.state.cursor_seq, 2);
+    let failed = Outcome::Failed {
+        error: "HTTP 500",
+        next_attempt_ms: 99,
+    };
+    assert!(
+        record(
+            "a",
+            Attempt {
+                failures: 1,
+                ..first
+            },
+            failed
+        )
+        .await
+    );
+    let s = get().await.state;
+    assert_eq!(
+        (s.cursor_seq, s.attempt_seq, s.failures, s.next_attempt_ms),
+        (2, 3, 1, 99)
+    );
+    assert_eq!(s.last_error.as_deref(), Some("HTTP 500"));
+    assert!(
+        record(
+            "a",
+            Attempt {
+                failures: 2,
+                ..first
+            },
+            Outcome::Parked { error: "HTTP 500" }
+        )
+        .await
+    );
+    let s = get().await.state;
+    assert_eq!(
+        (s.cursor_seq, s.failures, s.failed_attempts),
+        (3, 0, 2),
+        "parked: the cursor moves on"
+    );
+    assert!(
+        record(
+            "a",
+            Attempt {
+                seq: 4,
+                replay: false,
+                failures: 0
+            },
+            Outcome::Delivered { latency_ms: 7 }
+        )
+        .await
+    );
+    let s = get().await.state;
+    assert_eq!(
+        (s.cursor_seq, s.delivered, s.last_latency_ms),
+        (4, 1, Some(7))
+    );
+    assert!(
+        !must(
+            store
+                .write(|tx| Box::pin(hooks::skip_to(tx, "wh_1", "a", 3)))
+                .await
+        ),
+        "never back"
+    );
+    assert!(must(
+        store
+            .write(|tx| Box::pin(hooks::skip_to(tx, "wh_1", "a", 5)))
+            .await
+    ));
+
+    // Parked, replayed, delivered: gone from the parked list; the cursor stays.
+    let parked = must(
+        store
+            .read(|tx| Box::pin(hooks::parked(tx, "wh_1", 0, 10)))
+            .await,
+    );
+    assert_eq!(parked.len(), 1);
+    assert_eq!(
+        (parked[0].seq, parked[0].attempts, parked[0].replay),
+        (3, 2, false)
+    );
+    assert_eq!(
+        must(
+            store
+                .read(|tx| Box::pin(hooks::next_replay(tx, "wh_1")))
+                .await
+        ),
+        None
+    );
+    assert_eq!(
+        must(
+            store
+                .write(|tx| Box::pin(hooks::replay_all(tx, "wh_1")))
+                .await
+        ),
+        1
+    );
+    assert_eq!(
+        must(
+            store
+                .read(|tx| Box::pin(hooks::parked_counts(tx, "wh_1")))
+                .await
+        ),
+        (1, 1)
+    );
+    assert_eq!(
+        must(
+            store
+                .read(|tx| Box::pin(hooks::next_replay(tx, "wh_1")))
+                .await
+        ),
+        Some(3)
+    );
+    let replay = Attempt {
+        seq: 3,
+        replay: true,
+        failures: 0,
+    };
+    assert!(record("a", replay, Outcome::Delivered { latency_ms: 1 }).await);
+    assert_eq!(
+        must(
+            store
+                .read(|tx| Box::pin(hooks::parked_counts(tx, "wh_1")))
+                .await
+        ),
+        (0, 0)
+    );
+    assert_eq!(get().await.state.cursor_seq, 5);
+
+    // A released lease, or an expired one, is free for another node.
+    must(
+        store
+            .write(|tx| Box::pin(hooks::release_lease(tx, "wh_1", "a")))
+            .await,
+    );
+    assert!(lease("b", 1).await);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert!(lease("a", 60_000).await, "an expired lease is taken over");
+    assert!(
+        !record(
+            "b",
+            Attempt {
+                seq: 6,
+                replay: false,
+                failures: 0
+            },
+            Outcome::Delivered { latency_ms: 1 }
+        )
+        .await
+    );
+
+    assert_eq!(
+        must(store.read(|tx| Box::pin(hooks::ids(tx))).await),
+        ["wh_1"]
+    );
+    assert!(must(
+        store.write(|tx| Box::pin(hooks::delete(tx, "wh_1"))).await
+    ));
+    assert!(must(store.read(|tx| Box::pin(hooks::list(tx))).await).is_empty());
+}
+
 pub(crate) async fn metadata_suite(store: &Metadata) {
     let (a, b) = (name("team/a"), name("team/b"));
     let blob = Digest::sha256_of(b"layer");
@@ -551,6 +791,12 @@ mod sqlite {
         events_suite(&open(&dir.path().join("m.db")).await).await;
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_webhooks_suite() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        webhooks_suite(&open(&dir.path().join("m.db")).await).await;
+    }
+
     #[tokio::test]
     async fn migrations_are_idempotent() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -754,6 +1000,13 @@ mod postgres {
     async fn passes_the_events_suite() {
         let db = TestDb::create().await;
         events_suite(&db.store().await).await;
+        db.drop_database().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_webhooks_suite() {
+        let db = TestDb::create().await;
+        webhooks_suite(&db.store().await).await;
         db.drop_database().await;
     }
 

@@ -27,3 +27,4 @@ mod postgres;
 mod resources;
 mod s3;
 mod tls;
+mod webhooks;

@@ -191,7 +191,18 @@ fn every_endpoint_answers_every_kind_of_caller_as_the_rules_say() {
 
     // Per caller, targets of its own, so that one caller's success changes nothing another
     // caller's case depends on: a user `u-KEY`, a namespace `gone-KEY`, a secret of the
-    // caller's account (`{tok}`) and one of the robot (`{rtok}`).
+    // caller's account (`{tok}`) and one of the robot (`{rtok}`), a webhook of `team` (`{wh}`);
+    // and one global webhook (`{gwh}`).
+    let hook = |ns: Option<&str>| {
+        let mut body = json!({"url": "http://127.0.0.1:9/"});
+        if let Some(ns) = ns {
+            body["namespace"] = ns.into();
+        }
+        let reply = call(app, &admin, "POST", "/api/v1/webhooks", Some(&body));
+        expect(&reply, 201, None);
+        reply.json()["id"].as_str().expect("an id").to_string()
+    };
+    let global_hook = hook(None);
     let mut subst: Vec<HashMap<&str, String>> = Vec::new();
     for caller in &callers {
         let k = caller.key;
@@ -224,6 +235,8 @@ fn every_endpoint_answers_every_kind_of_caller_as_the_rules_say() {
             ("{me}", caller.me.to_string()),
             ("{tok}", tok),
             ("{rtok}", rtok),
+            ("{wh}", hook(Some("team"))),
+            ("{gwh}", global_hook.clone()),
         ]));
     }
     // The revoked secret is refused by now, and the early token has expired.
@@ -353,6 +366,31 @@ fn every_endpoint_answers_every_kind_of_caller_as_the_rules_say() {
             None,
             owners(200),
         ),
+        ("GET", "/api/v1/webhooks", None, users(200)),
+        (
+            "POST",
+            "/api/v1/webhooks",
+            Some(json!({"url": "http://127.0.0.1:9/", "namespace": "team"})),
+            owners(201),
+        ),
+        (
+            "POST",
+            "/api/v1/webhooks",
+            Some(json!({"url": "http://127.0.0.1:9/"})),
+            admins(201),
+        ),
+        ("GET", "/api/v1/webhooks/{wh}", None, owners(200)),
+        ("GET", "/api/v1/webhooks/{gwh}", None, admins(200)),
+        ("GET", "/api/v1/webhooks/wh_nosuch", None, admins(404)),
+        ("GET", "/api/v1/webhooks/{wh}/parked", None, owners(200)),
+        ("POST", "/api/v1/webhooks/{wh}/replay", None, owners(202)),
+        (
+            "POST",
+            "/api/v1/webhooks/wh_nosuch/replay",
+            None,
+            admins(404),
+        ),
+        ("DELETE", "/api/v1/webhooks/{wh}", None, owners(204)),
         ("DELETE", "/api/v1/users/u-{k}", None, admins(204)),
     ];
     let fill = |s: &str, vars: &HashMap<&str, String>| {

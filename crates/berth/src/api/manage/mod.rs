@@ -1,5 +1,5 @@
-//! The management API under `/api/v1`: users, namespaces, members, robots, secrets and signing
-//! keys as JSON resources, doing over HTTP what `berth user|namespace|robot|token|key` does on
+//! The management API under `/api/v1`: users, namespaces, members, robots, secrets, signing
+//! keys and webhooks as JSON resources, doing over HTTP what `berth user|namespace|robot|token|key` does on
 //! the command line. HTTP only: each handler asks [`policy`] whether the caller may, then calls
 //! the same [`crate::auth::manage`] function the command line calls.
 //!
@@ -17,6 +17,7 @@
 mod accounts;
 mod audit;
 mod namespaces;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -73,6 +74,12 @@ pub enum Endpoint {
     RevokeToken,
     RotateKeys,
     Audit,
+    ListWebhooks,
+    CreateWebhook,
+    GetWebhook,
+    DeleteWebhook,
+    ListParked,
+    ReplayParked,
 }
 
 /// One route: a method and a path template whose `{name}` segments are parameters.
@@ -168,6 +175,24 @@ pub static ROUTES: &[RouteSpec] = &[
     route(Method::DELETE, "/api/v1/tokens/{id}", Endpoint::RevokeToken),
     route(Method::POST, "/api/v1/keys/rotate", Endpoint::RotateKeys),
     route(Method::GET, "/api/v1/audit", Endpoint::Audit),
+    route(Method::GET, "/api/v1/webhooks", Endpoint::ListWebhooks),
+    route(Method::POST, "/api/v1/webhooks", Endpoint::CreateWebhook),
+    route(Method::GET, "/api/v1/webhooks/{id}", Endpoint::GetWebhook),
+    route(
+        Method::DELETE,
+        "/api/v1/webhooks/{id}",
+        Endpoint::DeleteWebhook,
+    ),
+    route(
+        Method::GET,
+        "/api/v1/webhooks/{id}/parked",
+        Endpoint::ListParked,
+    ),
+    route(
+        Method::POST,
+        "/api/v1/webhooks/{id}/replay",
+        Endpoint::ReplayParked,
+    ),
 ];
 
 /// A route's path parameters by name, percent-decoded.
@@ -307,6 +332,12 @@ async fn dispatch(registry: &Registry, peer: &Peer, request: Request) -> ApiResu
         RevokeToken => accounts::revoke_token(&ctx).await,
         RotateKeys => accounts::rotate_keys(&ctx).await,
         Audit => audit::list(&ctx).await,
+        ListWebhooks => webhooks::list(&ctx).await,
+        CreateWebhook => webhooks::create(&ctx, body).await,
+        GetWebhook => webhooks::get(&ctx).await,
+        DeleteWebhook => webhooks::delete(&ctx).await,
+        ListParked => webhooks::parked(&ctx).await,
+        ReplayParked => webhooks::replay(&ctx).await,
     }
 }
 
@@ -352,7 +383,7 @@ struct Ctx<'a> {
     who: Authority,
     request: RequestContext,
     params: Params,
-    /// The raw query string, for the routes that take parameters there.
+    /// The request's query string, undecoded.
     query: String,
 }
 
