@@ -65,6 +65,9 @@ pub struct RawConfig {
     /// Most manifest bytes held in memory at once, across all requests [default: 67108864]
     #[arg(long, env = "BERTH_MAX_BUFFERED_MANIFEST_BYTES", value_name = "BYTES")]
     pub max_buffered_manifest_bytes: Option<usize>,
+    /// Prune audit entries older than this many days, behind a signed checkpoint; 0 keeps all [default: 0]
+    #[arg(long, env = "BERTH_AUDIT_RETENTION_DAYS", value_name = "DAYS")]
+    pub audit_retention_days: Option<u64>,
     /// Record one manifest GET (a pull) in this many as an event; 0: none, 1: all [default: 0]
     #[arg(long, env = "BERTH_PULL_EVENTS_EVERY", value_name = "N")]
     pub pull_events_every: Option<u64>,
@@ -502,6 +505,13 @@ impl RawConfig {
             )?,
             max_manifest_bytes,
             max_buffered_manifest_bytes,
+            audit_retention_days: within(
+                "audit_retention_days",
+                self.audit_retention_days,
+                0,
+                0,
+                36_500,
+            )?,
             pull_events_every: within(
                 "pull_events_every",
                 self.pull_events_every,
@@ -680,6 +690,7 @@ pub struct Config {
     /// Most manifest bytes buffered in memory at once, across all requests.
     pub max_buffered_manifest_bytes: usize,
     pub pull_events_every: u64,
+    pub audit_retention_days: u64,
     /// Largest blob an upload may grow to.
     pub max_blob_bytes: u64,
     /// Connections served at once; the accept loop stops accepting at this many.

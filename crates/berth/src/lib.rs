@@ -17,6 +17,7 @@
 //!   background worker.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod metadata;

@@ -105,6 +105,15 @@ enum AuditCommand {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Remove entries older than a time, after recording a checkpoint (the last removed
+    /// entry's hash, signed) from which `verify` still checks the rest.
+    Prune {
+        /// Entries before this time go (2026-12-01, 2026-12-01T07:00:00Z, or seconds).
+        #[arg(long)]
+        before: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// Write events as JSON lines, oldest first.
     Export {
         /// From this time (2026-12-01, 2026-12-01T07:00:00Z, or seconds since the epoch).
@@ -709,8 +718,14 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
     match command {
         AuditCommand::Verify { config } => {
             let md = admin_metadata(config).await?;
-            match events::verify(&md, AUDIT_PAGE).await? {
-                Ok(n) => println!("ok: {n} entries, the chain is intact"),
+            match berth::audit::verify(&md, AUDIT_PAGE).await? {
+                Ok(v) => match v.from_checkpoint {
+                    None => println!("ok: {} entries, the chain is intact", v.entries),
+                    Some(c) => println!(
+                        "ok: {} entries after the checkpoint at entry {} (signed by key {}), the chain is intact",
+                        v.entries, c.seq, c.kid
+                    ),
+                },
                 Err(broken) => {
                     anyhow::bail!(
                         "the chain is BROKEN at entry {}: {}",
@@ -719,6 +734,12 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                     )
                 }
             }
+        }
+        AuditCommand::Prune { before, config } => {
+            let before_ms = berth::time::parse(&before).map_err(anyhow::Error::msg)? * 1000;
+            let md = admin_metadata(config).await?;
+            let n = berth::audit::prune(&md, before_ms).await?;
+            println!("pruned {n} entries");
         }
         AuditCommand::Export {
             since,

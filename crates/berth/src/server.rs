@@ -110,6 +110,9 @@ pub struct ServeOptions {
     pub tls: Option<Tls>,
     /// How the webhook worker delivers.
     pub webhooks: WorkerOptions,
+    /// Audit entries older than this many days are pruned (behind a signed checkpoint);
+    /// 0 keeps them all.
+    pub audit_retention_days: u64,
 }
 
 impl ServeOptions {
@@ -122,6 +125,7 @@ impl ServeOptions {
             body_idle_timeout: config.body_idle_timeout,
             max_connections: config.max_connections,
             tls: config.tls.as_ref().map(Tls::load).transpose()?,
+            audit_retention_days: config.audit_retention_days,
             webhooks: WorkerOptions {
                 max_attempts: config.webhooks.max_attempts,
                 timeout: config.webhooks.timeout,
@@ -209,6 +213,13 @@ pub async fn run(
     let webhooks = Worker::new(registry.auth().metadata().clone(), options.webhooks.clone())
         .map_err(std::io::Error::other)?;
     let webhooks = tokio::spawn(Arc::new(webhooks).run(stop_rx.clone()));
+    if options.audit_retention_days > 0 {
+        tokio::spawn(crate::audit::keep_days(
+            registry.auth().metadata().clone(),
+            options.audit_retention_days,
+            stop_rx.clone(),
+        ));
+    }
 
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())

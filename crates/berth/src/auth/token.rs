@@ -164,6 +164,43 @@ impl KeySet {
     }
 }
 
+/// Signs `text` with `key` (ES256, fixed-size signature): the key's id and the signature in
+/// base64. For what is not a token: the audit trail's checkpoints.
+pub fn sign_text(key: &SigningKeyRow, text: &str) -> Result<(String, String), String> {
+    use base64::Engine as _;
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &key.private_key)
+        .map_err(|e| format!("reading signing key {}: {e}", key.kid))?;
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let signature = pair
+        .sign(&rng, text.as_bytes())
+        .map_err(|e| format!("signing: {e}"))?;
+    Ok((
+        key.kid.clone(),
+        base64::engine::general_purpose::STANDARD.encode(signature.as_ref()),
+    ))
+}
+
+/// Checks a signature made by [`sign_text`] against the stored key it names.
+pub fn verify_text(
+    keys: &[SigningKeyRow],
+    kid: &str,
+    text: &str,
+    signature: &str,
+) -> Result<(), String> {
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+    use base64::Engine as _;
+    let key = keys
+        .iter()
+        .find(|k| k.kid == kid)
+        .ok_or_else(|| format!("no signing key {kid}"))?;
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(signature)
+        .map_err(|_| "the signature is not base64".to_string())?;
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &key.public_key)
+        .verify(text.as_bytes(), &signature)
+        .map_err(|_| format!("the signature does not match key {kid}"))
+}
+
 /// Tolerance for nodes whose clocks differ slightly.
 pub const CLOCK_SKEW_SECS: i64 = 5;
 

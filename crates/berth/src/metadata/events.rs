@@ -66,7 +66,7 @@ pub fn chain_hash(prev_hash: &str, seq: i64, at_ms: i64, event: &NewEvent) -> St
     out
 }
 
-fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -323,9 +323,21 @@ pub struct ChainBreak {
 pub async fn verify(
     metadata: &super::Metadata,
     page: i64,
-) -> Result<Result<i64, ChainBreak>, MetadataError> {
+    signed: impl Fn(&Checkpoint) -> Result<(), String>,
+) -> Result<Result<Verified, ChainBreak>, MetadataError> {
     let (mut prev_seq, mut prev_hash) = (0i64, String::new());
     let mut checked = 0;
+    // Pruned entries: the chain continues from the newest checkpoint, if its signature holds.
+    let checkpoint = metadata.read(|tx| Box::pin(last_checkpoint(tx))).await?;
+    if let Some(c) = &checkpoint {
+        if let Err(why) = signed(c) {
+            return Ok(Err(ChainBreak {
+                seq: c.seq,
+                reason: format!("the checkpoint at entry {} is not genuine: {why}", c.seq),
+            }));
+        }
+        (prev_seq, prev_hash) = (c.seq, c.hash.clone());
+    }
     loop {
         let batch = metadata
             .read(|tx| Box::pin(after(tx, prev_seq, page)))
@@ -368,7 +380,121 @@ pub async fn verify(
             },
         }));
     }
-    Ok(Ok(checked))
+    Ok(Ok(Verified {
+        entries: checked,
+        from_checkpoint: checkpoint,
+    }))
+}
+
+/// What [`verify`] found intact.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verified {
+    pub entries: i64,
+    /// The checkpoint the chain was verified from, when older entries were pruned.
+    pub from_checkpoint: Option<Checkpoint>,
+}
+
+/// The last entry pruned from the log: its sequence number and hash, signed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub seq: i64,
+    pub hash: String,
+    pub at_ms: i64,
+    pub kid: String,
+    pub signature: String,
+}
+
+impl Checkpoint {
+    /// The bytes a checkpoint's signature covers.
+    pub fn signed_text(seq: i64, hash: &str, at_ms: i64) -> String {
+        format!("berth audit checkpoint\n{seq}\n{hash}\n{at_ms}")
+    }
+}
+
+async fn last_checkpoint(tx: &mut Tx<'_>) -> Result<Option<Checkpoint>, MetadataError> {
+    tx.query_opt(
+        "SELECT seq, hash, at_ms, kid, signature FROM event_checkpoints ORDER BY seq DESC LIMIT 1",
+        &[],
+    )
+    .await?
+    .map(|row| {
+        Ok(Checkpoint {
+            seq: row.i64(0)?,
+            hash: row.text(1)?.to_owned(),
+            at_ms: row.i64(2)?,
+            kid: row.text(3)?.to_owned(),
+            signature: row.text(4)?.to_owned(),
+        })
+    })
+    .transpose()
+}
+
+/// Removes up to `max_rows` of the oldest entries older than `before_ms`, after recording a
+/// checkpoint for the last one removed, signed by `sign` (which returns the key id and the
+/// signature of [`Checkpoint::signed_text`]). Holds the chain head for the transaction, so it
+/// is ordered with appends. Returns how many entries went.
+pub async fn prune(
+    tx: &mut Tx<'_>,
+    before_ms: i64,
+    max_rows: i64,
+    sign: &(dyn Fn(&str) -> Result<(String, String), String> + Sync),
+) -> Result<i64, MetadataError> {
+    tx.query_opt("SELECT seq FROM event_chain WHERE id = 1 {FOR_UPDATE}", &[])
+        .await?;
+    let Some(oldest) = tx
+        .query_opt("SELECT MIN(seq) FROM events", &[])
+        .await?
+        .and_then(|row| row.i64(0).ok())
+    else {
+        return Ok(0);
+    };
+    let last = (first_seq_at_or_after(tx, before_ms).await? - 1).min(oldest + max_rows - 1);
+    if last < oldest {
+        return Ok(0);
+    }
+    // What goes must chain from the last checkpoint (or the start): pruning must never hide a
+    // break the way `verify` would have named it.
+    let (mut prev_seq, mut prev_hash) = match last_checkpoint(tx).await? {
+        Some(c) => (c.seq, c.hash),
+        None => (0, String::new()),
+    };
+    for e in after(tx, oldest - 1, last - oldest + 1).await? {
+        if e.seq != prev_seq + 1
+            || e.prev_hash != prev_hash
+            || chain_hash(&e.prev_hash, e.seq, e.at_ms, &e.event) != e.hash
+        {
+            return Err(MetadataError::internal(format!(
+                "not pruning: the chain is broken at entry {} (run `berth audit verify`)",
+                e.seq
+            )));
+        }
+        (prev_seq, prev_hash) = (e.seq, e.hash);
+    }
+    if prev_seq != last {
+        return Err(MetadataError::internal(format!(
+            "not pruning: entries {} to {last} are missing",
+            prev_seq + 1
+        )));
+    }
+    let hash = prev_hash;
+    let at_ms = now_ms();
+    let (kid, signature) =
+        sign(&Checkpoint::signed_text(last, &hash, at_ms)).map_err(MetadataError::internal)?;
+    tx.execute(
+        "INSERT INTO event_checkpoints (seq, hash, at_ms, kid, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
+        &[
+            last.into(),
+            hash.as_str().into(),
+            at_ms.into(),
+            kid.as_str().into(),
+            signature.as_str().into(),
+        ],
+    )
+    .await?;
+    let removed = tx
+        .execute("DELETE FROM events WHERE seq <= ?1", &[last.into()])
+        .await?;
+    Ok(removed as i64)
 }
 
 /// Events recorded on their own, not as part of a change (logins, tokens issued), appended

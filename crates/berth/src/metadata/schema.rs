@@ -27,6 +27,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration::Shared(V3),
     Migration::Shared(V4),
     Migration::Shared(V5),
+    Migration::Shared(V6),
 ];
 
 /// Key of the transaction-scoped advisory lock that serializes migrations across nodes.
@@ -371,4 +372,18 @@ CREATE TABLE webhook_parked (
     replay       {INT} NOT NULL DEFAULT 0,
     PRIMARY KEY (webhook_id, seq)
 ) {WITHOUT_ROWID};
+"#;
+
+/// Version 6, both dialects: checkpoints of the event log. Pruning old entries first records
+/// the last pruned entry's sequence number and hash, signed with the registry's signing key,
+/// so the chain stays verifiable from the checkpoint on (see "The event log" in
+/// ARCHITECTURE.md).
+const V6: &str = r#"
+CREATE TABLE event_checkpoints (
+    seq       {INT} PRIMARY KEY,
+    hash      TEXT NOT NULL,
+    at_ms     {INT} NOT NULL,
+    kid       TEXT NOT NULL,
+    signature TEXT NOT NULL
+);
 "#;

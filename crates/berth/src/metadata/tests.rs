@@ -66,7 +66,11 @@ pub(crate) async fn events_suite(store: &Metadata) {
     for e in &all {
         must(store.write(|tx| Box::pin(events::append(tx, e))).await);
     }
-    assert_eq!(must(events::verify(store, 2).await), Ok(4));
+    let verify = || async {
+        must(events::verify(store, 2, |_| Ok(())).await)
+            .map(|v| (v.entries, v.from_checkpoint.map(|c| c.seq)))
+    };
+    assert_eq!(verify().await, Ok((4, None)));
     let alice = EventFilter {
         actor: Some("user:alice".into()),
         ..EventFilter::default()
@@ -90,13 +94,39 @@ pub(crate) async fn events_suite(store: &Metadata) {
     );
     assert_eq!(found.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 1]);
 
+    // Pruning: the two oldest go behind a signed checkpoint; the rest still verifies from it,
+    // and only if the checkpoint's signature holds.
+    let signer = |text: &str| Ok(("k1".to_string(), format!("signed:{text}")));
+    let pruned = must(
+        store
+            .write(|tx| Box::pin(events::prune(tx, i64::MAX, 2, &signer)))
+            .await,
+    );
+    assert_eq!(pruned, 2);
+    assert_eq!(verify().await, Ok((2, Some(2))));
+    let genuine = |c: &events::Checkpoint| {
+        if c.signature
+            == format!(
+                "signed:{}",
+                events::Checkpoint::signed_text(c.seq, &c.hash, c.at_ms)
+            )
+        {
+            Ok(())
+        } else {
+            Err("forged".to_string())
+        }
+    };
+    assert!(must(events::verify(store, 2, genuine).await).is_ok());
+    let refused = must(events::verify(store, 2, |_| Err("forged".to_string())).await);
+    assert_eq!(refused.map_err(|b| b.seq), Err(2));
+
     // Tampering, each kind found and named.
     must(
         store
             .write(|tx| {
                 Box::pin(async move {
                     tx.execute(
-                        "UPDATE events SET actor = 'user:mallory' WHERE seq = 2",
+                        "UPDATE events SET actor = 'user:mallory' WHERE seq = 3",
                         &[],
                     )
                     .await
@@ -104,17 +134,22 @@ pub(crate) async fn events_suite(store: &Metadata) {
             })
             .await,
     );
-    let broken = must(events::verify(store, 2).await).expect_err("an edit");
-    assert_eq!(broken.seq, 2, "{broken:?}");
+    let broken = verify().await.expect_err("an edit");
+    assert_eq!(broken.seq, 3, "{broken:?}");
+    // Pruning refuses to cover up a broken chain.
+    let refused = store
+        .write(|tx| Box::pin(events::prune(tx, i64::MAX, 10, &signer)))
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
     must(
         store
             .write(|tx| {
-                Box::pin(async move { tx.execute("DELETE FROM events WHERE seq = 2", &[]).await })
+                Box::pin(async move { tx.execute("DELETE FROM events WHERE seq = 3", &[]).await })
             })
             .await,
     );
-    let broken = must(events::verify(store, 2).await).expect_err("a deletion");
-    assert_eq!(broken.seq, 3, "{broken:?}");
+    let broken = verify().await.expect_err("a deletion");
+    assert_eq!(broken.seq, 4, "{broken:?}");
     assert!(broken.reason.contains("missing"), "{broken:?}");
 }
 

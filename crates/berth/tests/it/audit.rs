@@ -422,3 +422,33 @@ fn pulls_are_recorded_when_switched_on_one_in_n() {
         assert_eq!(e["tags"], serde_json::json!(["1"]));
     }
 }
+
+#[test]
+fn pruned_entries_leave_a_signed_checkpoint_the_chain_verifies_from() {
+    let log = Log::Sqlite(tempfile::tempdir().expect("tempdir"));
+    five_entries(&log);
+    // The registry has no signing key yet (access control is off): pruning makes one, a sixth
+    // entry (key.rotated), and prunes it with the rest.
+    let out = log.berth(&["audit", "prune", "--before", "2999-01-01"], "");
+    assert!(out.contains("pruned 6 entries"), "{out}");
+    // New entries chain on from the checkpoint.
+    log.berth(&["user", "add", "cat", "--password-stdin"], "cat-pw\n");
+    let (ok, text) = log.verify();
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("1 entries after the checkpoint at entry 6"),
+        "{text}"
+    );
+    // A forged checkpoint (its hash changed to cover other entries) is named.
+    log.sql(&["UPDATE event_checkpoints SET hash = 'forged'"]);
+    let (ok, text) = log.verify();
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("entry 6") && text.contains("not genuine"),
+        "{text}"
+    );
+    // So is pruning without a checkpoint (the oldest entries simply deleted).
+    log.sql(&["DELETE FROM event_checkpoints"]);
+    let (ok, text) = log.verify();
+    assert!(!ok && text.contains("missing"), "{text}");
+}
