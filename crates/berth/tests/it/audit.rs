@@ -16,8 +16,13 @@ fn export(data: &std::path::Path) -> Vec<Value> {
 }
 
 fn verify(data: &std::path::Path) -> (bool, String) {
-    let mut cmd = clean_command(data.parent().expect("parent"));
-    cmd.args(["audit", "verify", "--data-dir"]).arg(data);
+    verify_on(&["--data-dir".to_string(), data.display().to_string()])
+}
+
+/// `berth audit verify` on a data directory or a database: whether it passed, and what it said.
+fn verify_on(target: &[String]) -> (bool, String) {
+    let mut cmd = clean_command(&std::env::temp_dir());
+    cmd.args(["audit", "verify"]).args(target);
     let out = output_within(cmd, "berth audit verify");
     let text = format!(
         "{}{}",
@@ -263,15 +268,7 @@ impl Log {
     }
 
     fn verify(&self) -> (bool, String) {
-        let mut cmd = clean_command(&std::env::temp_dir());
-        cmd.args(["audit", "verify"]).args(self.target());
-        let out = output_within(cmd, "berth audit verify");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        verify_on(&self.target())
     }
 
     fn sql(&self, statements: &[&str]) {
