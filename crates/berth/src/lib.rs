@@ -13,11 +13,13 @@
 //! - [`service`]: pushes, pulls, deletes, uploads, referrers; background upload expiry.
 //! - [`storage`]: the [`storage::BlobStore`] trait and its filesystem implementation.
 //! - [`metadata`]: [`metadata::Metadata`], one SQL layer over SQLite and PostgreSQL.
+//! - [`metrics`]: [`metrics::Metrics`], the Prometheus metrics every layer records into.
 
 pub mod api;
 pub mod auth;
 pub mod config;
 pub mod metadata;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod storage;

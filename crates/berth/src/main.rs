@@ -377,7 +377,7 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
 async fn migrate(args: ConfigArgs) -> anyhow::Result<()> {
     let config = load_config(args)?;
     init_logging(config.log_format);
-    server::open_metadata(&config).await?;
+    server::open_metadata(&config, false).await?;
     tracing::info!("metadata schema is up to date");
     Ok(())
 }
@@ -407,11 +407,23 @@ async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    // The one line on stdout: scripts and tests read the bound address from it.
-    #[allow(clippy::print_stdout)]
-    {
-        println!("berth listening on {scheme}://{addr}");
+    let metrics_listener = match config.observe.metrics_listen {
+        Some(at) => Some(
+            tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("binding metrics_listen {at}"))?,
+        ),
+        None => None,
+    };
+    // The lines on stdout, written at once: scripts and tests read the bound addresses.
+    let mut lines = format!("berth listening on {scheme}://{addr}\n");
+    if let Some(metrics) = &metrics_listener {
+        lines.push_str(&format!(
+            "berth metrics on http://{}\n",
+            metrics.local_addr()?
+        ));
     }
+    std::io::stdout().lock().write_all(lines.as_bytes())?;
     std::io::stdout().flush()?;
     tracing::info!(
         listen = %addr,
@@ -420,7 +432,14 @@ async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
         tls = options.tls.is_some(),
         "serving"
     );
-    server::run(listener, registry, options, shutdown_signal()).await?;
+    server::run(
+        listener,
+        metrics_listener,
+        registry,
+        options,
+        shutdown_signal(),
+    )
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -429,7 +448,7 @@ async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
 async fn admin_metadata(config: ConfigArgs) -> anyhow::Result<berth::metadata::Metadata> {
     let config = load_config_for_admin(config)?;
     init_logging(config.log_format);
-    server::open_metadata(&config).await
+    server::open_metadata(&config, false).await
 }
 
 /// Like [`load_config`], but a management command never serves, so the secure-default check
