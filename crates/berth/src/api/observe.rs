@@ -111,7 +111,7 @@ impl Observer {
             "/metrics" if self.settings.metrics => Some(RouteKind::Metrics),
             _ => None,
         };
-        let line = log.then(|| AccessLine::new(&request, peer.addr.ip()));
+        let line = log.then(|| AccessLine::new(&request, peer));
         let mut response = match (builtin, listener) {
             (Some(kind), _) => {
                 note.route = kind;
@@ -357,7 +357,10 @@ fn trace_id(headers: &HeaderMap) -> Option<String> {
 struct AccessLine {
     method: Method,
     path: String,
+    query: Option<String>,
     client: IpAddr,
+    /// The subject of a verified client certificate.
+    client_cert: Option<String>,
     user_agent: Option<String>,
     trace_id: Option<String>,
     status: u16,
@@ -366,12 +369,14 @@ struct AccessLine {
 }
 
 impl AccessLine {
-    fn new(request: &axum::extract::Request, client: IpAddr) -> AccessLine {
+    fn new(request: &axum::extract::Request, peer: &Peer) -> AccessLine {
         let headers = request.headers();
         AccessLine {
             method: Method::GET,
             path: request.uri().path().to_string(),
-            client,
+            query: request.uri().query().map(str::to_string),
+            client: peer.addr.ip(),
+            client_cert: peer.client_cert_subject.clone(),
             user_agent: headers
                 .get(header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
@@ -392,6 +397,7 @@ impl AccessLine {
             method = %self.method,
             route = note.route.template(),
             path = %self.path,
+            query = self.query.as_deref().map(tracing::field::display),
             repository = note.repository.as_deref(),
             status = self.status,
             error = note.error.map(|c| c.describe().0),
@@ -400,6 +406,7 @@ impl AccessLine {
             duration_ms = self.started.elapsed().as_secs_f64() * 1e3,
             account = note.account.as_deref(),
             client = %self.client,
+            client_cert = self.client_cert.as_deref(),
             user_agent = self.user_agent.as_deref(),
             completed,
             "request"
