@@ -697,3 +697,32 @@ fn a_long_transfer_from_the_object_store_is_not_cut_off() {
     assert_eq!(got.len(), data.len());
     assert!(got == data, "the bytes differ");
 }
+
+/// The request id a client sends names its request in the event log too.
+#[test]
+fn the_request_id_reaches_the_event_log() {
+    let app = TestApp::start();
+    let (_, manifest) = push_image(&app, "ids/app", "v1", "ids");
+    let r = app
+        .client()
+        .put(app.url("/v2/ids/app/manifests/v2"))
+        .header("content-type", crate::support::OCI_MANIFEST)
+        .header("x-request-id", "push-req-42")
+        .body(manifest)
+        .send()
+        .expect("PUT");
+    assert_eq!(r.status().as_u16(), 201);
+    assert_eq!(r.headers()["x-request-id"], "push-req-42");
+    let events = crate::auth::admin(
+        app.data_dir(),
+        &["audit", "export", "--since", "2000-01-01"],
+        "",
+    );
+    let tagged: Vec<Value> = events
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("a JSON line"))
+        .filter(|e| e["request_id"] == "push-req-42")
+        .collect();
+    assert_eq!(tagged.len(), 1, "{events}");
+    assert_eq!(tagged[0]["repository"], "ids/app");
+}
