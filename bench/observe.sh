@@ -3,7 +3,7 @@
 # metrics on (the defaults; the log goes to a file at info level, as in production) and one
 # with both off (`--access-log false --metrics false`). Reports manifest GET and blob GET
 # rates of each, alternating rounds (best of ROUNDS), and their ratio on/off; the target is
-# >= 0.9. Run by hand; never from tests. Knobs: BERTH_BIN, WRK_S, WRK_T, WRK_C, ROUNDS,
+# >= 0.9. Run by hand; never from tests. Knobs: BERTH_BIN, WRK_S, WRK_T, WRK_C, ROUNDS, ON_ARGS,
 # BLOB_KB.
 set -euo pipefail
 shopt -s inherit_errexit
@@ -63,7 +63,7 @@ cat > "$W/manifest.json" <<JSON
 {"schemaVersion":2,"mediaType":"$MT","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"$(dgst "$W/config.json")","size":$(stat -c %s "$W/config.json")},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"$LAYER","size":$((BLOB_KB * 1024))}]}
 JSON
 
-start on
+start on ${ON_ARGS:-}
 start off --access-log false --metrics false
 push "http://$ADDR_on"
 push "http://$ADDR_off"

@@ -5,6 +5,7 @@
 //! everything that is not blob bytes). Nothing below `api` knows about HTTP.
 //!
 //! - [`config`]: one serde config, validated into [`config::Config`] that the server trusts.
+//! - [`logging`]: stderr, with the access log's lines buffered (see its doc).
 //! - [`server`]: serves the API on an already-bound listener; limits; graceful shutdown.
 //! - [`tls`]: the certificate (reloaded when its files change) and client-certificate check.
 //! - [`api`]: route parsing into a typed enum, one handler module per endpoint family, and the
@@ -18,6 +19,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod logging;
 pub mod metadata;
 pub mod metrics;
 pub mod server;

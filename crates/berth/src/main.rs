@@ -311,7 +311,8 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(&berth::logging::STDERR);
+    berth::logging::STDERR.start_flusher();
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -802,7 +803,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match cli.command {
+    let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Migrate(args) => runtime.block_on(migrate(args)),
         Command::Copy(args) => runtime.block_on(copy(args)),
@@ -813,5 +814,8 @@ fn main() -> anyhow::Result<()> {
         Command::Key(c) => runtime.block_on(key(c)),
         Command::Audit(c) => runtime.block_on(audit(c)),
         Command::Trust(c) => runtime.block_on(trust(c)),
-    }
+    };
+    // Access log lines still buffered (see berth::logging).
+    berth::logging::STDERR.flush();
+    result
 }

@@ -391,7 +391,7 @@ impl AccessLine {
     fn write(&self, received: u64, sent: u64, completed: bool) {
         let note = &self.note;
         tracing::info!(
-            target: "berth::access",
+            target: crate::logging::ACCESS_TARGET,
             request_id = %note.request_id,
             trace_id = self.trace_id.as_deref(),
             method = %self.method,

@@ -294,9 +294,18 @@ fn requests_are_logged_with_path_query_status_and_duration() {
         .expect("GET")
         .status();
     assert_eq!(status.as_u16(), 200);
+    // Access log lines are written out within 100 ms (berth::logging buffers them).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut text = String::new();
+    while Instant::now() < deadline {
+        text = std::fs::read_to_string(&log).expect("read log");
+        if text.contains("berth::access") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let _ = child.kill();
     let _ = child.wait();
-    let text = std::fs::read_to_string(&log).expect("read log");
     let found = text.lines().find(|l| l.contains("berth::access"));
     let found = found.unwrap_or_else(|| panic!("no access log line:\n{text}"));
     for part in [
