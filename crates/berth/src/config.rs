@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use serde::{Deserialize, Serialize};
 
+pub use crate::storage::BackendTimeouts;
 pub use crate::storage::s3::S3Settings;
 
 /// Every key. The TOML file uses the field names; each key is also the environment variable
@@ -143,6 +144,46 @@ pub struct RawConfig {
     /// issuer, audience, and jwks or public_key_file) [default: none]
     #[arg(long, env = "BERTH_TRUSTED_ISSUERS_FILE", value_name = "FILE")]
     pub trusted_issuers_file: Option<PathBuf>,
+    /// Object store and PostgreSQL: bound on opening a TCP connection [default: 3]
+    #[arg(long, env = "BERTH_BACKEND_CONNECT_TIMEOUT_SECS", value_name = "SECS")]
+    pub backend_connect_timeout_secs: Option<u64>,
+    /// Bound on the wait for a backend's first answer: a blob read from storage until its
+    /// bytes start, each readiness probe [default: 4]
+    #[arg(
+        long,
+        env = "BERTH_BACKEND_FIRST_BYTE_TIMEOUT_SECS",
+        value_name = "SECS"
+    )]
+    pub backend_first_byte_timeout_secs: Option<u64>,
+    /// Budget of one backend call with its retries (a metadata transaction, a storage call
+    /// short of streaming a body); past it the request gets 503 [default: 8]
+    #[arg(
+        long,
+        env = "BERTH_BACKEND_OPERATION_TIMEOUT_SECS",
+        value_name = "SECS"
+    )]
+    pub backend_operation_timeout_secs: Option<u64>,
+    /// One log line per request at info level (target berth::access) [default: true]
+    #[arg(long, env = "BERTH_ACCESS_LOG", value_name = "BOOL",
+          value_parser = BoolishValueParser::new())]
+    pub access_log: Option<bool>,
+    /// Record Prometheus metrics and serve them at /metrics [default: true]
+    #[arg(long, env = "BERTH_METRICS", value_name = "BOOL",
+          value_parser = BoolishValueParser::new())]
+    pub metrics: Option<bool>,
+    /// Also serve /metrics, /healthz and /readyz (never anything else, never with auth) on
+    /// this address, e.g. 0.0.0.0:9090 [default: none]
+    #[arg(long, env = "BERTH_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// /metrics on the main listener needs credentials (any account) [default: false]
+    #[arg(long, env = "BERTH_METRICS_REQUIRE_AUTH", value_name = "BOOL",
+          value_parser = BoolishValueParser::new())]
+    pub metrics_require_auth: Option<bool>,
+    /// Add a repository label to the push and pull counters (one series per repository)
+    /// [default: false]
+    #[arg(long, env = "BERTH_METRICS_PER_REPOSITORY", value_name = "BOOL",
+          value_parser = BoolishValueParser::new())]
+    pub metrics_per_repository: Option<bool>,
     /// S3 API URL, e.g. http://127.0.0.1:3900 [default: AWS_ENDPOINT_URL, else AWS]
     #[arg(long, env = "BERTH_S3_ENDPOINT", value_name = "URL")]
     pub s3_endpoint: Option<String>,
@@ -324,6 +365,48 @@ impl RawConfig {
             1_000_000,
         )?;
 
+        let backend_timeouts = BackendTimeouts {
+            connect: secs(
+                "backend_connect_timeout_secs",
+                self.backend_connect_timeout_secs,
+                3,
+                1,
+                600,
+            )?,
+            first_byte: secs(
+                "backend_first_byte_timeout_secs",
+                self.backend_first_byte_timeout_secs,
+                4,
+                1,
+                3600,
+            )?,
+            operation: secs(
+                "backend_operation_timeout_secs",
+                self.backend_operation_timeout_secs,
+                8,
+                1,
+                3600,
+            )?,
+        };
+        let metrics_listen = match self.metrics_listen.as_deref() {
+            None | Some("") => None,
+            Some(addr) => Some(
+                addr.parse::<SocketAddr>()
+                    .map_err(|e| anyhow::anyhow!("metrics_listen address {addr:?}: {e}"))?,
+            ),
+        };
+        let observe = ObserveOptions {
+            access_log: self.access_log.unwrap_or(true),
+            metrics: self.metrics.unwrap_or(true),
+            metrics_listen,
+            metrics_require_auth: self.metrics_require_auth.unwrap_or(false),
+            metrics_per_repository: self.metrics_per_repository.unwrap_or(false),
+        };
+        anyhow::ensure!(
+            observe.metrics || observe.metrics_listen.is_none(),
+            "metrics_listen needs metrics = true"
+        );
+
         let s3 = S3Settings {
             endpoint: self.s3_endpoint,
             region: self.s3_region,
@@ -344,6 +427,7 @@ impl RawConfig {
             path_style: self.s3_path_style.unwrap_or(true),
             max_concurrent_requests: s3_max_concurrent_requests,
             redirect_blob_gets: self.s3_redirect_blob_gets.unwrap_or(false),
+            timeouts: backend_timeouts,
         };
 
         let auth_enabled = match self.auth.as_deref().unwrap_or("none") {
@@ -539,6 +623,8 @@ impl RawConfig {
             shutdown_grace: secs("shutdown_grace_secs", self.shutdown_grace_secs, 30, 0, 3600)?,
             log_format,
             s3,
+            backend_timeouts,
+            observe,
         })
     }
 }
@@ -705,6 +791,22 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How to reach the object store when `storage` is S3.
     pub s3: S3Settings,
+    /// Bounds on every call to the object store and the metadata store.
+    pub backend_timeouts: BackendTimeouts,
+    /// Access log, metrics, and where /metrics is served.
+    pub observe: ObserveOptions,
+}
+
+/// The access log and metrics switches (see README, "Observability").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObserveOptions {
+    pub access_log: bool,
+    pub metrics: bool,
+    /// A second listener serving only /metrics, /healthz and /readyz.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Whether /metrics on the main listener needs credentials.
+    pub metrics_require_auth: bool,
+    pub metrics_per_repository: bool,
 }
 
 impl Config {
@@ -793,6 +895,23 @@ mod tests {
                 Some("metadata_connect_timeout_secs"),
             ),
             ("metadata_pool_size = 0", Some("metadata_pool_size")),
+            (
+                "backend_connect_timeout_secs = 0",
+                Some("backend_connect_timeout_secs"),
+            ),
+            (
+                "backend_first_byte_timeout_secs = 0",
+                Some("backend_first_byte_timeout_secs"),
+            ),
+            (
+                "backend_operation_timeout_secs = 3601",
+                Some("backend_operation_timeout_secs"),
+            ),
+            ("metrics_listen = \"nonsense\"", Some("metrics_listen")),
+            (
+                "metrics = false\nmetrics_listen = \"127.0.0.1:0\"",
+                Some("metrics_listen"),
+            ),
             ("max_connections = 0", Some("max_connections")),
             ("max_connections = 50", None),
             ("max_blob_bytes = 0", Some("max_blob_bytes")),

@@ -5,6 +5,7 @@
 //! everything that is not blob bytes). Nothing below `api` knows about HTTP.
 //!
 //! - [`config`]: one serde config, validated into [`config::Config`] that the server trusts.
+//! - [`logging`]: stderr, with the access log's lines buffered (see its doc).
 //! - [`server`]: serves the API on an already-bound listener; limits; graceful shutdown.
 //! - [`tls`]: the certificate (reloaded when its files change) and client-certificate check.
 //! - [`api`]: route parsing into a typed enum, one handler module per endpoint family, and the
@@ -15,12 +16,15 @@
 //! - [`metadata`]: [`metadata::Metadata`], one SQL layer over SQLite and PostgreSQL.
 //! - [`webhooks`]: subscriptions to the event log, delivered as signed CloudEvents by a
 //!   background worker.
+//! - [`metrics`]: [`metrics::Metrics`], the Prometheus metrics every layer records into.
 
 pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod logging;
 pub mod metadata;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod storage;

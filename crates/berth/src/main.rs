@@ -320,7 +320,8 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(&berth::logging::STDERR);
+    berth::logging::STDERR.start_flusher();
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -386,7 +387,7 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
 async fn migrate(args: ConfigArgs) -> anyhow::Result<()> {
     let config = load_config(args)?;
     init_logging(config.log_format);
-    server::open_metadata(&config).await?;
+    server::open_metadata(&config, false).await?;
     tracing::info!("metadata schema is up to date");
     Ok(())
 }
@@ -419,11 +420,23 @@ async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    // The one line on stdout: scripts and tests read the bound address from it.
-    #[allow(clippy::print_stdout)]
-    {
-        println!("berth listening on {scheme}://{addr}");
+    let metrics_listener = match config.observe.metrics_listen {
+        Some(at) => Some(
+            tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("binding metrics_listen {at}"))?,
+        ),
+        None => None,
+    };
+    // The lines on stdout, written at once: scripts and tests read the bound addresses.
+    let mut lines = format!("berth listening on {scheme}://{addr}\n");
+    if let Some(metrics) = &metrics_listener {
+        lines.push_str(&format!(
+            "berth metrics on http://{}\n",
+            metrics.local_addr()?
+        ));
     }
+    std::io::stdout().lock().write_all(lines.as_bytes())?;
     std::io::stdout().flush()?;
     tracing::info!(
         listen = %addr,
@@ -432,7 +445,14 @@ async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
         tls = options.tls.is_some(),
         "serving"
     );
-    server::run(listener, registry, options, shutdown_signal()).await?;
+    server::run(
+        listener,
+        metrics_listener,
+        registry,
+        options,
+        shutdown_signal(),
+    )
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -441,7 +461,7 @@ async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
 async fn admin_metadata(config: ConfigArgs) -> anyhow::Result<berth::metadata::Metadata> {
     let config = load_config_for_admin(config)?;
     init_logging(config.log_format);
-    server::open_metadata(&config).await
+    server::open_metadata(&config, false).await
 }
 
 /// Like [`load_config`], but a management command never serves, so the secure-default check
@@ -831,7 +851,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match cli.command {
+    let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Migrate(args) => runtime.block_on(migrate(args)),
         Command::Copy(args) => runtime.block_on(copy(args)),
@@ -842,5 +862,8 @@ fn main() -> anyhow::Result<()> {
         Command::Key(c) => runtime.block_on(key(c)),
         Command::Audit(c) => runtime.block_on(audit(c)),
         Command::Trust(c) => runtime.block_on(trust(c)),
-    }
+    };
+    // Access log lines still buffered (see berth::logging).
+    berth::logging::STDERR.flush();
+    result
 }

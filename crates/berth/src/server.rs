@@ -15,7 +15,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::response::Response;
 use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::{http1, http2};
@@ -24,21 +23,23 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio::time::Instant;
-use tower_http::timeout::TimeoutBody;
 
 use crate::api;
+use crate::api::observe::{Listener, ObserveSettings, Observer};
 use crate::auth::Auth;
 use crate::config::{Config, MetadataConfig, StorageConfig};
 use crate::metadata::{Metadata, PoolOptions};
+use crate::metrics::Metrics;
 use crate::service::{Registry, RegistryOptions};
-use crate::storage::{BlobStore, FsBlobStore, S3BlobStore};
+use crate::storage::{BlobStore, FsBlobStore, ObservedStore, S3BlobStore};
 use crate::tls::{self, Tls, TlsError};
 use crate::webhooks::worker::{Worker, WorkerOptions};
 
 /// Opens the configured blob and metadata stores and builds the registry over them.
 pub async fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
-    let blobs: Arc<dyn BlobStore> = match &config.storage {
+    let metrics = Arc::new(Metrics::new(config.observe.metrics_per_repository));
+    let recorded = config.observe.metrics.then(|| metrics.clone());
+    let store: Arc<dyn BlobStore> = match &config.storage {
         StorageConfig::Filesystem(dir) => Arc::new(
             FsBlobStore::open(dir)
                 .map_err(|e| anyhow::anyhow!("opening blob store in {}: {e}", dir.display()))?,
@@ -49,7 +50,15 @@ pub async fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
                 .map_err(|e| anyhow::anyhow!("opening S3 bucket {bucket:?}: {e}"))?,
         ),
     };
-    let metadata = open_metadata(config).await?;
+    let blobs = Arc::new(ObservedStore::new(
+        store,
+        recorded.clone(),
+        config.backend_timeouts,
+    ));
+    let mut metadata = open_metadata(config, true).await?;
+    if let Some(metrics) = recorded {
+        metadata.set_metrics(metrics);
+    }
     let auth = Auth::open(metadata.clone(), config.auth.clone())
         .await
         .map_err(|e| anyhow::anyhow!("loading access control: {e}"))?;
@@ -63,13 +72,16 @@ pub async fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
             max_blob_bytes: config.max_blob_bytes,
             max_buffered_manifest_bytes: config.max_buffered_manifest_bytes,
             pull_events_every: config.pull_events_every,
+            metrics,
         },
     ));
     Ok(registry)
 }
 
-/// Opens the configured metadata store, applying any pending schema migrations.
-pub async fn open_metadata(config: &Config) -> anyhow::Result<Metadata> {
+/// Opens the configured metadata store, applying any pending schema migrations. `bounded`
+/// gives each PostgreSQL transaction the backend operation budget (serving); commands that
+/// run long transactions on purpose (audit verification, exports) pass `false`.
+pub async fn open_metadata(config: &Config, bounded: bool) -> anyhow::Result<Metadata> {
     Ok(match &config.metadata {
         MetadataConfig::Sqlite(path) => {
             if let Some(dir) = path.parent() {
@@ -84,6 +96,7 @@ pub async fn open_metadata(config: &Config) -> anyhow::Result<Metadata> {
             let options = PoolOptions {
                 size: config.metadata_pool_size,
                 timeout: config.metadata_connect_timeout,
+                operation_timeout: bounded.then_some(config.backend_timeouts.operation),
             };
             Metadata::connect_postgres(url, options)
                 .await
@@ -113,6 +126,8 @@ pub struct ServeOptions {
     /// Audit entries older than this many days are pruned (behind a signed checkpoint);
     /// 0 keeps them all.
     pub audit_retention_days: u64,
+    /// The access log, metrics and health endpoints.
+    pub observe: ObserveSettings,
 }
 
 impl ServeOptions {
@@ -137,6 +152,14 @@ impl ServeOptions {
                     .clone()
                     .unwrap_or_else(|| format!("urn:berth:{}", config.auth.service)),
             },
+            observe: ObserveSettings {
+                access_log: config.observe.access_log,
+                metrics: config.observe.metrics,
+                metrics_require_auth: config.observe.metrics_require_auth,
+                probe_budget: config.backend_timeouts.first_byte,
+                data_dir: config.data_dir.clone(),
+                body_idle_timeout: config.body_idle_timeout,
+            },
         })
     }
 }
@@ -153,44 +176,18 @@ const H2_MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 /// and per connection (so per connection at most this much is buffered).
 const H2_WINDOW_BYTES: u32 = 1024 * 1024;
 
-/// Answers one request: the body gets its silence bound, `api::handle` the rest, and at debug
-/// level one line is logged per request once its response head is ready: method, path with
-/// query, status, the time taken (a streamed body may still be on its way) and the client
-/// certificate's subject, if any. No router or middleware stack: `api` parses routes itself,
-/// and each layer cost allocations per request.
-async fn answer(
-    registry: &Registry,
-    peer: &api::Peer,
-    body_idle_timeout: Duration,
-    request: hyper::Request<Incoming>,
-) -> Response {
-    let request = request.map(|body| Body::new(TimeoutBody::new(body_idle_timeout, body)));
-    if !tracing::enabled!(tracing::Level::DEBUG) {
-        return api::handle(registry, peer, request).await;
-    }
-    let method = request.method().clone();
-    let uri = request.uri().clone();
-    let started = Instant::now();
-    let response = api::handle(registry, peer, request).await;
-    tracing::debug!(
-        method = %method,
-        uri = %uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()),
-        status = response.status().as_u16(),
-        duration_ms = started.elapsed().as_secs_f64() * 1e3,
-        client_cert = peer.client_cert_subject.as_deref(),
-        "request"
-    );
-    response
-}
-
 /// Serves until `shutdown` completes; then closes the listener (new connections are refused),
 /// closes idle connections at once, and waits up to the grace period for in-flight requests
 /// before returning.
 ///
 /// axum::serve hides hyper's connection builder, so this is the accept loop itself: it is where
 /// the header timeout, the connection limit and the graceful close of idle connections live.
+///
+/// `metrics_listener`, when given, serves only `/metrics`, `/healthz` and `/readyz` (see
+/// [`serve_operators`]).
 pub async fn run(
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     registry: Arc<Registry>,
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -220,6 +217,19 @@ pub async fn run(
             stop_rx.clone(),
         ));
     }
+    let observer = Arc::new(Observer::new(
+        options.observe.clone(),
+        registry.metrics().clone(),
+    ));
+    let operators = metrics_listener.map(|listener| {
+        tokio::spawn(serve_operators(
+            listener,
+            registry.clone(),
+            observer.clone(),
+            options.header_read_timeout,
+            stop_rx.clone(),
+        ))
+    });
 
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -263,22 +273,26 @@ pub async fn run(
         let _ = tcp.set_nodelay(true);
         if let Some(tls) = &tls {
             let connection = (tcp, peer, slot, connections.watcher());
-            tokio::spawn(
-                tls.clone()
-                    .serve(connection, registry.clone(), stop.clone()),
-            );
+            tokio::spawn(tls.clone().serve(
+                connection,
+                registry.clone(),
+                observer.clone(),
+                stop.clone(),
+            ));
             continue;
         }
         let peer = Arc::new(api::Peer::plain(peer));
         let answered = Arc::new(AtomicBool::new(false));
         let service = {
             let (registry, answered, peer) = (registry.clone(), answered.clone(), peer.clone());
-            let body_idle_timeout = options.body_idle_timeout;
+            let observer = observer.clone();
             service_fn(move |request: hyper::Request<Incoming>| {
                 answered.store(true, Ordering::Relaxed);
-                let (registry, peer) = (registry.clone(), peer.clone());
+                let (registry, peer, observer) = (registry.clone(), peer.clone(), observer.clone());
                 async move {
-                    let response = answer(&registry, &peer, body_idle_timeout, request).await;
+                    let response = observer
+                        .answer(&registry, &peer, Listener::Main, request)
+                        .await;
                     Ok::<_, std::convert::Infallible>(response)
                 }
             })
@@ -318,7 +332,68 @@ pub async fn run(
     access_watch.abort();
     // It stops on the signal by itself, within one delivery timeout.
     let _ = webhooks.await;
+    if let Some(operators) = operators {
+        operators.abort();
+    }
     Ok(())
+}
+
+/// Completes once `stop` says so. (A `watch::Ref` held across an await is not `Send`.)
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Serves the operators' endpoints (`/metrics`, `/healthz`, `/readyz`) on a listener of their
+/// own, without credentials: it is meant for an address only the monitoring network reaches.
+/// Plain HTTP/1.1, a few connections at a time, until told to stop.
+async fn serve_operators(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    observer: Arc<Observer>,
+    header_read_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    const CONNECTIONS: usize = 64;
+    let slots = Arc::new(Semaphore::new(CONNECTIONS));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(HYPER_MAX_BUF);
+    loop {
+        let slot = tokio::select! {
+            _ = stopped(&mut stop) => return,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+        };
+        let (tcp, addr) = tokio::select! {
+            _ = stopped(&mut stop) => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+        };
+        let peer = Arc::new(api::Peer::plain(addr));
+        let (registry, observer) = (registry.clone(), observer.clone());
+        let service = service_fn(move |request: hyper::Request<Incoming>| {
+            let (registry, peer, observer) = (registry.clone(), peer.clone(), observer.clone());
+            async move {
+                let response = observer
+                    .answer(&registry, &peer, Listener::Metrics, request)
+                    .await;
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        let connection = http.serve_connection(TokioIo::new(tcp), service);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
 }
 
 /// Serves TLS connections: one task each, from the handshake on, so a slow handshake holds its
@@ -333,7 +408,6 @@ struct TlsServer {
     /// Bound on the handshake, and on an HTTP/2 connection without a request in flight (the
     /// counterpart of HTTP/1.1's header timeout).
     header_read_timeout: Duration,
-    body_idle_timeout: Duration,
 }
 
 /// An accepted connection: its socket, the peer's address, its `max_connections` slot, and the
@@ -361,7 +435,6 @@ impl TlsServer {
             http1,
             http2,
             header_read_timeout: options.header_read_timeout,
-            body_idle_timeout: options.body_idle_timeout,
         }
     }
 
@@ -369,6 +442,7 @@ impl TlsServer {
         self: Arc<Self>,
         (tcp, addr, slot, watcher): Accepted,
         registry: Arc<Registry>,
+        observer: Arc<Observer>,
         mut stop: watch::Receiver<bool>,
     ) {
         let _held_until_closed = (slot, watcher);
@@ -401,13 +475,14 @@ impl TlsServer {
         let in_flight = Arc::new(watch::Sender::new(0usize));
         let service = {
             let (answered, in_flight) = (answered.clone(), in_flight.clone());
-            let body_idle_timeout = self.body_idle_timeout;
             service_fn(move |request: hyper::Request<Incoming>| {
                 answered.store(true, Ordering::Relaxed);
                 let in_flight = InFlight::start(&in_flight);
-                let (registry, peer) = (registry.clone(), peer.clone());
+                let (registry, peer, observer) = (registry.clone(), peer.clone(), observer.clone());
                 async move {
-                    let response = answer(&registry, &peer, body_idle_timeout, request).await;
+                    let response = observer
+                        .answer(&registry, &peer, Listener::Main, request)
+                        .await;
                     let response = response.map(|body| CountedBody {
                         body,
                         _in_flight: in_flight,

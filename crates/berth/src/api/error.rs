@@ -262,7 +262,7 @@ impl From<ManageError> for ApiError {
 impl ApiError {
     /// Logs a server-side failure once, at the boundary, with its cause and the request's
     /// method and path (which name the route, repository and digest). Client errors are not
-    /// logged here: the access log at debug has their status.
+    /// logged here: the access log has their status and code.
     pub fn log(&self, method: &axum::http::Method, uri: &axum::http::Uri) {
         let code = self.code.describe().0;
         match self.code {

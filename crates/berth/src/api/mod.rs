@@ -11,6 +11,7 @@ pub mod error;
 mod listings;
 pub mod manage;
 mod manifests;
+pub mod observe;
 pub mod token;
 mod uploads;
 
@@ -27,6 +28,7 @@ use oci::{Digest, Reference, RepositoryName};
 
 use crate::auth::limits::{ClientKey, Limited};
 use crate::auth::{AuthError, Credentials, Principal};
+use crate::metrics::{AuthFailure, RouteKind};
 use crate::service::{BodyStream, Registry, RequestContext, RequestId};
 use error::{ApiError, ApiResult, ErrorCode};
 
@@ -141,32 +143,120 @@ impl Peer {
     }
 }
 
-/// The single entry point: route, dispatch, and stamp the API version header.
-pub async fn handle(registry: &Registry, peer: &Peer, request: Request) -> Response {
+/// What the API learns about a request while answering it, for the access log and the
+/// metrics (see [`observe`]): filled in as routing, authentication and the handler go.
+#[derive(Debug)]
+pub struct Note {
+    pub request_id: RequestId,
+    pub route: RouteKind,
+    /// Copy the repository and account names below (the access log wants them; metrics
+    /// only with `metrics_per_repository`). Off, nothing is allocated for them.
+    pub details: bool,
+    pub repository: Option<String>,
+    pub account: Option<String>,
+    /// The spec code of a failure.
+    pub error: Option<ErrorCode>,
+    pub auth_failure: Option<AuthFailure>,
+}
+
+impl Note {
+    pub fn new(request_id: RequestId, details: bool) -> Note {
+        Note {
+            request_id,
+            route: RouteKind::Unknown,
+            details,
+            repository: None,
+            account: None,
+            error: None,
+            auth_failure: None,
+        }
+    }
+}
+
+impl Route {
+    /// The route template metrics and the access log name.
+    pub fn kind(&self) -> RouteKind {
+        match self {
+            Route::Base => RouteKind::Base,
+            Route::Catalog => RouteKind::Catalog,
+            Route::Tags(_) => RouteKind::Tags,
+            Route::Manifest(..) | Route::InvalidTag(_) => RouteKind::Manifest,
+            Route::Blob(..) => RouteKind::Blob,
+            Route::Uploads(_) => RouteKind::Uploads,
+            Route::Upload(..) => RouteKind::Upload,
+            Route::Referrers(..) => RouteKind::Referrers,
+        }
+    }
+
+    fn repository(&self) -> Option<&RepositoryName> {
+        match self {
+            Route::Base | Route::Catalog => None,
+            Route::Tags(r)
+            | Route::Manifest(r, _)
+            | Route::InvalidTag(r)
+            | Route::Blob(r, _)
+            | Route::Uploads(r)
+            | Route::Upload(r, _)
+            | Route::Referrers(r, _) => Some(r),
+        }
+    }
+}
+
+/// The single entry point: route, dispatch, and stamp the API version header. What it learns
+/// on the way goes into `note`.
+pub async fn handle(
+    registry: &Registry,
+    peer: &Peer,
+    request: Request,
+    note: &mut Note,
+) -> Response {
     let path = request.uri().path();
     if path == "/auth/token" {
+        note.route = RouteKind::Token;
         return token::handle(registry, peer, request).await;
     }
     if path.starts_with("/api/v1/") {
-        return manage::handle(registry, peer, request).await;
+        note.route = RouteKind::Manage;
+        return manage::handle(registry, peer, request, note.request_id.clone()).await;
     }
     let (method, uri) = (request.method().clone(), request.uri().clone());
-    let mut response = error::respond(dispatch(registry, peer, request).await, &method, &uri);
+    let result = dispatch(registry, peer, request, note).await;
+    if let Err(e) = &result {
+        note.error = Some(e.code);
+    }
+    let mut response = error::respond(result, &method, &uri);
     response
         .headers_mut()
         .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
     response
 }
 
-async fn dispatch(registry: &Registry, peer: &Peer, request: Request) -> ApiResult {
+async fn dispatch(
+    registry: &Registry,
+    peer: &Peer,
+    request: Request,
+    note: &mut Note,
+) -> ApiResult {
     let route = parse_route(request.uri().path())?;
+    note.route = route.kind();
+    if note.details {
+        note.repository = route.repository().map(|r| r.as_str().to_owned());
+    }
     let (parts, body) = request.into_parts();
     let limits = registry.auth().request_limits();
     if !limits.is_off() {
         limits.check_address(peer.addr.ip()).map_err(too_many)?;
     }
     let need = access::Need::of(&route, &parts.method);
-    let principal = authenticate(registry, peer, &parts, &route, &need).await?;
+    let principal = authenticate(registry, peer, &parts, &route, &need)
+        .await
+        .map_err(|(e, why)| {
+            note.auth_failure = why;
+            e
+        })?;
+    if note.details {
+        note.account = principal.account().map(str::to_owned);
+    }
     // Held until the handler returns, which is when an upload's body has been read.
     let _upload_slot = if limits.is_off() {
         None
@@ -188,7 +278,7 @@ async fn dispatch(registry: &Registry, peer: &Peer, request: Request) -> ApiResu
             None
         }
     };
-    let ctx = &request_context(&parts, peer, principal);
+    let ctx = &request_context(&parts, peer, principal, note.request_id.clone());
     let method = parts.method.clone();
     let request = &parts;
     match (route, method) {
@@ -261,24 +351,43 @@ async fn dispatch(registry: &Registry, peer: &Peer, request: Request) -> ApiResu
 /// Who is asking, checked against what the route needs. A bearer token that expired is
 /// accepted for an upload already open: the upload session is the capability (the service
 /// lets only the account that opened it continue it), so a long push outlives its token.
+/// A refusal, with why for `berth_auth_failures_total` (`None` when no credentials were
+/// judged: the backend failed).
+type Refusal = (ApiError, Option<AuthFailure>);
+
 async fn authenticate(
     registry: &Registry,
     peer: &Peer,
     parts: &Parts,
     route: &Route,
     need: &access::Need<'_>,
-) -> Result<Arc<Principal>, ApiError> {
+) -> Result<Arc<Principal>, Refusal> {
     let auth = registry.auth();
     let options = auth.options();
+    let refused = |e: AuthError, credentials: &Credentials| {
+        let why = match &e {
+            AuthError::Unauthorized(_) if matches!(credentials, Credentials::None) => {
+                Some(AuthFailure::Missing)
+            }
+            AuthError::Unauthorized(_) => Some(AuthFailure::BadCredentials),
+            AuthError::Expired(_) => Some(AuthFailure::ExpiredToken),
+            AuthError::Invalid(_) => Some(AuthFailure::InvalidToken),
+            AuthError::Throttled(_) => Some(AuthFailure::Throttled),
+            AuthError::Unavailable(_) | AuthError::Metadata(_) | AuthError::Internal(_) => None,
+        };
+        (access::refused(options, peer, parts, need, e), why)
+    };
     if !auth.enabled() {
         // Whatever the client sends, an open registry lets it in (and does not parse it).
         return auth
             .authenticate(&Credentials::None, None, None)
             .await
-            .map_err(|e| access::refused(options, peer, parts, need, e));
+            .map_err(|e| refused(e, &Credentials::None));
     }
-    let credentials = access::credentials(&parts.headers)
-        .map_err(|why| access::refused(options, peer, parts, need, AuthError::Unauthorized(why)))?;
+    let credentials = access::credentials(&parts.headers).map_err(|why| {
+        let e = access::refused(options, peer, parts, need, AuthError::Unauthorized(why));
+        (e, Some(AuthFailure::BadCredentials))
+    })?;
     let principal = match auth
         .authenticate(
             &credentials,
@@ -289,9 +398,16 @@ async fn authenticate(
     {
         Ok(p) => p,
         Err(AuthError::Expired(p)) if matches!(route, Route::Upload(..)) => Arc::new(*p),
-        Err(e) => return Err(access::refused(options, peer, parts, need, e)),
+        Err(e) => return Err(refused(e, &credentials)),
     };
-    access::check(options, peer, parts, &principal, need)?;
+    access::check(options, peer, parts, &principal, need).map_err(|e| {
+        let why = if principal.is_anonymous() {
+            AuthFailure::Missing
+        } else {
+            AuthFailure::Denied
+        };
+        (e, Some(why))
+    })?;
     Ok(principal)
 }
 
@@ -304,7 +420,12 @@ fn too_many(limited: Limited) -> ApiError {
 }
 
 /// Who is asking and from where, as the service sees it.
-fn request_context(parts: &Parts, peer: &Peer, principal: Arc<Principal>) -> RequestContext {
+fn request_context(
+    parts: &Parts,
+    peer: &Peer,
+    principal: Arc<Principal>,
+    request_id: RequestId,
+) -> RequestContext {
     let header = |name: &str| {
         parts
             .headers
@@ -312,17 +433,6 @@ fn request_context(parts: &Parts, peer: &Peer, principal: Arc<Principal>) -> Req
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    // A client's own request id is kept if it is short and plain, so logs can be joined with
-    // the client's; anything else is replaced rather than echoed into logs.
-    let request_id = header("x-request-id")
-        .filter(|id| {
-            !id.is_empty()
-                && id.len() <= 64
-                && id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-        })
-        .map_or_else(RequestId::generate, RequestId::Client);
     RequestContext {
         request_id,
         principal,

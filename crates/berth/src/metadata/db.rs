@@ -238,6 +238,9 @@ pub struct Db {
 
 struct Inner {
     driver: Driver,
+    /// PostgreSQL: the budget of one transaction (see [`PoolOptions::operation_timeout`]).
+    /// SQLite has none: its statements run inline and could not be interrupted anyway.
+    budget: Option<Duration>,
     /// PostgreSQL rewrites by the static statement's address; leaked, so bounded by the
     /// number of statements in the source.
     rewrites: RwLock<HashMap<(usize, usize), &'static str>>,
@@ -263,6 +266,32 @@ pub struct PoolOptions {
     pub size: usize,
     /// Bound on opening a connection, and on waiting for a free one when all are busy.
     pub timeout: Duration,
+    /// Budget of one transaction, from asking for a connection to the end of its COMMIT; a
+    /// server that stops answering (a partition, a frozen process) costs a call this long.
+    /// `None` for commands that may run long transactions on purpose (migrations, audits).
+    pub operation_timeout: Option<Duration>,
+}
+
+/// `call` within `budget`. Past it the call is dropped, which for PostgreSQL closes its
+/// connection mid-transaction (the server rolls it back), and the caller gets `Unavailable`
+/// with a `TimedOut` cause.
+async fn within<T>(
+    budget: Option<Duration>,
+    call: impl std::future::Future<Output = Result<T, MetadataError>>,
+) -> Result<T, MetadataError> {
+    let Some(budget) = budget else {
+        return call.await;
+    };
+    match tokio::time::timeout(budget, call).await {
+        Ok(result) => result,
+        Err(_) => Err(MetadataError::Unavailable(Box::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "the database did not answer within {} s",
+                budget.as_secs_f64()
+            ),
+        )))),
+    }
 }
 
 /// Rewrites `sql` for `dialect`: `{TOKEN}`s substituted, and for PostgreSQL `?N` → `$N`.
@@ -342,11 +371,14 @@ impl Db {
         let readers = (0..SQLITE_READERS)
             .map(|_| open(true))
             .collect::<Result<_, _>>()?;
-        Ok(Db::new(Driver::Sqlite(SqlitePool {
-            writer,
-            readers,
-            next_reader: AtomicUsize::new(0),
-        })))
+        Ok(Db::new(
+            Driver::Sqlite(SqlitePool {
+                writer,
+                readers,
+                next_reader: AtomicUsize::new(0),
+            }),
+            None,
+        ))
     }
 
     /// A pool of connections to `url` (`postgres://USER:PASSWORD@HOST:PORT/DB`, or libpq
@@ -382,13 +414,14 @@ impl Db {
             .build()
             .map_err(MetadataError::internal)?;
         drop(pool.get().await?);
-        Ok(Db::new(Driver::Postgres(pool)))
+        Ok(Db::new(Driver::Postgres(pool), options.operation_timeout))
     }
 
-    fn new(driver: Driver) -> Db {
+    fn new(driver: Driver, budget: Option<Duration>) -> Db {
         Db {
             inner: Arc::new(Inner {
                 driver,
+                budget,
                 rewrites: RwLock::new(HashMap::new()),
                 committed_events: tokio::sync::Notify::new(),
             }),
@@ -406,6 +439,13 @@ impl Db {
     /// (PostgreSQL's READ COMMITTED, which a multi-statement read transaction would not
     /// improve on); not for writes (SQLite's readers are `query_only`).
     pub async fn read<'env, T, F>(&self, f: F) -> Result<T, MetadataError>
+    where
+        F: for<'a> FnOnce(&'a mut Tx<'env>) -> BoxFuture<'a, Result<T, MetadataError>>,
+    {
+        within(self.inner.budget, self.read_unbounded(f)).await
+    }
+
+    async fn read_unbounded<'env, T, F>(&self, f: F) -> Result<T, MetadataError>
     where
         F: for<'a> FnOnce(&'a mut Tx<'env>) -> BoxFuture<'a, Result<T, MetadataError>>,
     {
@@ -438,7 +478,15 @@ impl Db {
     /// Runs `f` in one transaction: committed if `f` returns `Ok`, rolled back if it returns
     /// `Err` (a domain refusal such as a missing blob, or a failure). On PostgreSQL `f` runs
     /// again if the transaction lost a deadlock, up to [`ATTEMPTS`] times.
-    pub async fn write<'env, T, F>(&self, mut f: F) -> Result<T, MetadataError>
+    pub async fn write<'env, T, F>(&self, f: F) -> Result<T, MetadataError>
+    where
+        F: for<'a> FnMut(&'a mut Tx<'env>) -> BoxFuture<'a, Result<T, MetadataError>>,
+    {
+        within(self.inner.budget, self.write_unbounded(f)).await
+    }
+
+    /// [`Db::write`] without the budget: schema migrations may take long on purpose.
+    pub(super) async fn write_unbounded<'env, T, F>(&self, mut f: F) -> Result<T, MetadataError>
     where
         F: for<'a> FnMut(&'a mut Tx<'env>) -> BoxFuture<'a, Result<T, MetadataError>>,
     {

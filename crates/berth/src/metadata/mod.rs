@@ -20,9 +20,12 @@ pub mod webhooks;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use oci::{Digest, RepositoryName, Tag};
+
+use crate::metrics::{BackendFailure, BackendOp, Metrics};
 
 pub use db::{Dialect, PoolOptions, Tx};
 
@@ -144,6 +147,8 @@ pub struct Page<'a> {
 #[derive(Clone)]
 pub struct Metadata {
     db: db::Db,
+    /// Where each transaction's latency and failure are recorded, when metrics are on.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Metadata {
@@ -151,6 +156,7 @@ impl Metadata {
     pub async fn open_sqlite(path: &Path) -> Result<Metadata, MetadataError> {
         let metadata = Metadata {
             db: db::Db::open_sqlite(path)?,
+            metrics: None,
         };
         schema::migrate(&metadata.db).await?;
         Ok(metadata)
@@ -164,6 +170,7 @@ impl Metadata {
     ) -> Result<Metadata, MetadataError> {
         let metadata = Metadata {
             db: db::Db::connect_postgres(url, options).await?,
+            metrics: None,
         };
         schema::migrate(&metadata.db).await?;
         Ok(metadata)
@@ -186,7 +193,8 @@ impl Metadata {
     where
         F: for<'a> FnMut(&'a mut Tx<'env>) -> BoxFuture<'a, Result<T, MetadataError>>,
     {
-        self.db.write(f).await
+        self.observed(BackendOp::MetadataWrite, self.db.write(f))
+            .await
     }
 
     /// Runs read-only [`queries`]; each statement sees what was committed before it began.
@@ -194,7 +202,53 @@ impl Metadata {
     where
         F: for<'a> FnOnce(&'a mut Tx<'env>) -> BoxFuture<'a, Result<T, MetadataError>>,
     {
-        self.db.read(f).await
+        self.observed(BackendOp::MetadataRead, self.db.read(f))
+            .await
+    }
+
+    /// Records every transaction from now on (set before the handle is cloned).
+    pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = Some(metrics);
+    }
+
+    async fn observed<T>(
+        &self,
+        op: BackendOp,
+        call: impl std::future::Future<Output = Result<T, MetadataError>>,
+    ) -> Result<T, MetadataError> {
+        let Some(metrics) = &self.metrics else {
+            return call.await;
+        };
+        let started = tokio::time::Instant::now();
+        let result = call.await;
+        let failure = match &result {
+            Err(MetadataError::Unavailable(cause)) => Some(
+                match cause.downcast_ref::<std::io::Error>().map(|e| e.kind()) {
+                    Some(std::io::ErrorKind::TimedOut) => BackendFailure::Timeout,
+                    _ => BackendFailure::Unavailable,
+                },
+            ),
+            Err(MetadataError::Internal(_)) => Some(BackendFailure::Internal),
+            // Domain refusals are answers, not failures of the database.
+            _ => None,
+        };
+        metrics.backend(op, started.elapsed(), failure);
+        result
+    }
+
+    /// The readiness probe: one statement that reads no table.
+    pub async fn ping(&self) -> Result<(), MetadataError> {
+        self.observed(
+            BackendOp::MetadataPing,
+            self.db.read(|tx| Box::pin(queries::ping(tx))),
+        )
+        .await
+    }
+
+    /// Bytes of every blob held, each once (a full scan of the blob table).
+    pub async fn stored_blob_bytes(&self) -> Result<u64, MetadataError> {
+        self.read(|tx| Box::pin(queries::stored_blob_bytes(tx)))
+            .await
     }
 
     /// The blob's size if `repo` may read it.

@@ -115,6 +115,23 @@ pub async fn ensure_repository(
     }
 }
 
+const PING: &str = "SELECT 1";
+/// PostgreSQL's SUM of a BIGINT is a NUMERIC; the cast keeps it an integer on both.
+const STORED_BLOB_BYTES: &str = "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM blobs";
+
+/// The readiness probe: a statement that touches no table.
+pub async fn ping(tx: &mut Tx<'_>) -> Result<(), MetadataError> {
+    tx.query_opt(PING, &[]).await.map(|_| ())
+}
+
+/// Bytes of every blob the registry holds, each counted once (a full scan: callers cache it).
+pub async fn stored_blob_bytes(tx: &mut Tx<'_>) -> Result<u64, MetadataError> {
+    match tx.query_opt(STORED_BLOB_BYTES, &[]).await? {
+        Some(row) => row.u64(0),
+        None => Ok(0),
+    }
+}
+
 /// The blob's size if `repo` may read it.
 pub async fn blob_in_repository(
     tx: &mut Tx<'_>,

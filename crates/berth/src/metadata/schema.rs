@@ -35,7 +35,7 @@ const MIGRATION_LOCK: i64 = 0x6265_7274_686d_6967; // "berthmig"
 
 /// Applies pending migrations in one transaction.
 pub async fn migrate(db: &Db) -> Result<(), MetadataError> {
-    db.write(|tx| Box::pin(migrate_in(tx))).await
+    db.write_unbounded(|tx| Box::pin(migrate_in(tx))).await
 }
 
 async fn migrate_in(tx: &mut Tx<'_>) -> Result<(), MetadataError> {

@@ -907,6 +907,7 @@ mod postgres {
     const OPTIONS: PoolOptions = PoolOptions {
         size: 8,
         timeout: Duration::from_secs(10),
+        operation_timeout: Some(Duration::from_secs(60)),
     };
 
     /// A database of its own on the server named by `BERTH_TEST_POSTGRES_URL`, dropped by

@@ -113,6 +113,8 @@ pub struct RegistryOptions {
     pub max_buffered_manifest_bytes: usize,
     /// Record one manifest GET in this many as a `manifest.pulled` event; 0: none.
     pub pull_events_every: u64,
+    /// Where the server's metrics are recorded (the backends record theirs when they are on).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// How long a manifest push waits for room in the manifest buffer before it is told to come
@@ -193,6 +195,13 @@ pub struct Listing {
     pub more: bool,
 }
 
+/// What [`Registry::probe`] found: each backend's failure, if any.
+#[derive(Debug)]
+pub struct Probe {
+    pub metadata: Result<(), String>,
+    pub storage: Result<(), String>,
+}
+
 pub struct PushedManifest {
     pub digest: Digest,
     pub subject: Option<Digest>,
@@ -243,6 +252,38 @@ impl Registry {
     /// Who may do what; the API asks it before calling the registry.
     pub fn auth(&self) -> &Arc<Auth> {
         &self.auth
+    }
+
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.options.metrics
+    }
+
+    /// The readiness probe: a trivial metadata statement and a stat of a blob nobody holds,
+    /// at once, each within `budget`. Each part is `Err` with what went wrong.
+    pub async fn probe(&self, budget: Duration) -> Probe {
+        let timed_out = || format!("no answer within {} s", budget.as_secs_f64());
+        let metadata = async {
+            match tokio::time::timeout(budget, self.metadata.ping()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(timed_out()),
+            }
+        };
+        let nobody = Digest::sha256_of(b"berth readiness probe");
+        let storage = async {
+            match tokio::time::timeout(budget, self.blobs.stat(&nobody)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(timed_out()),
+            }
+        };
+        let (metadata, storage) = tokio::join!(metadata, storage);
+        Probe { metadata, storage }
+    }
+
+    /// Bytes of every blob held, each counted once (a full scan: cache it).
+    pub async fn stored_blob_bytes(&self) -> Result<u64, ServiceError> {
+        Ok(self.metadata.stored_blob_bytes().await?)
     }
 
     pub fn max_manifest_bytes(&self) -> usize {
@@ -466,6 +507,7 @@ impl Registry {
             Some(expected) => {
                 let actual = Digest::of(expected.algorithm(), &bytes);
                 if &actual != expected {
+                    self.options.metrics.integrity_error("manifest");
                     return Err(ServiceError::DigestInvalid(format!(
                         "manifest digest is {actual}, not {expected}"
                     )));
@@ -474,6 +516,13 @@ impl Registry {
             }
             None => Digest::sha256_of(&bytes),
         };
+        // The image's size as pushed: the manifest and every size its descriptors declare.
+        let image_bytes = parsed
+            .declared_sizes
+            .iter()
+            .fold(bytes.len() as u64, |sum, (_, size)| {
+                sum.saturating_add(*size)
+            });
         let record = NewManifest {
             digest: digest.clone(),
             media_type: parsed.media_type,
@@ -514,6 +563,7 @@ impl Registry {
             })
             .await?;
         ctx.log_change("manifest pushed", repo, &digest, &tags);
+        self.options.metrics.pushed_image(image_bytes);
         Ok(PushedManifest {
             digest,
             subject: parsed.subject,

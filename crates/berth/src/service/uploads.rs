@@ -341,6 +341,7 @@ impl Registry {
         // The blob is made of exactly the pieces hashed, whatever other nodes do meanwhile.
         let (actual, extent) = self.upload_digest(id, extent, digest.algorithm()).await?;
         if &actual != digest {
+            self.options.metrics.integrity_error("blob");
             self.discard_upload(id).await?;
             return Err(ServiceError::DigestInvalid(format!(
                 "uploaded content has digest {actual}, not {digest}"

@@ -10,13 +10,14 @@
 //! S3-compatible bucket that several berth processes may share).
 
 pub mod fs;
+pub mod observed;
 pub mod s3;
 
 use std::any::Any;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -24,6 +25,7 @@ use futures_util::Stream;
 use oci::Digest;
 
 pub use fs::FsBlobStore;
+pub use observed::ObservedStore;
 pub use s3::S3BlobStore;
 
 /// Chunks of a blob as they are read.
@@ -78,6 +80,30 @@ pub struct StoredUpload {
     pub id: String,
     /// When its bytes last changed.
     pub modified: SystemTime,
+}
+
+/// Bounds on calls to a backend (the object store, PostgreSQL), so that one that stops
+/// answering (a partition, a frozen process) costs a request seconds, not minutes. None of them
+/// caps the time to stream a large body from a store that keeps sending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendTimeouts {
+    /// Opening a TCP connection.
+    pub connect: Duration,
+    /// Waiting for the first byte of an answer: a blob read until its bytes start, a probe.
+    pub first_byte: Duration,
+    /// One call with its retries (a metadata transaction, a storage call up to the start of a
+    /// body it streams).
+    pub operation: Duration,
+}
+
+impl Default for BackendTimeouts {
+    fn default() -> Self {
+        BackendTimeouts {
+            connect: Duration::from_secs(3),
+            first_byte: Duration::from_secs(4),
+            operation: Duration::from_secs(8),
+        }
+    }
 }
 
 /// A byte range: first byte and length.

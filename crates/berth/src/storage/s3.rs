@@ -72,6 +72,8 @@ pub const QUIET_PART_MIN: usize = 256 * 1024;
 pub const PARTS_IN_FLIGHT: usize = 2;
 /// S3 refuses server-side copies of objects larger than 5 GiB; larger single parts are streamed.
 const MAX_COPY_BYTES: u64 = 5 * 1024 * 1024 * 1024;
+/// Longest silence of the store in the middle of a body (see `S3BlobStore::open`).
+const BODY_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a redirect to a presigned URL stays valid.
 const PRESIGNED_URL_TTL: Duration = Duration::from_secs(20 * 60);
 
@@ -91,6 +93,7 @@ pub struct S3Settings {
     pub max_concurrent_requests: usize,
     /// Answer blob GETs with a redirect to a presigned URL instead of streaming the bytes.
     pub redirect_blob_gets: bool,
+    pub timeouts: super::BackendTimeouts,
 }
 
 impl Default for S3Settings {
@@ -103,6 +106,7 @@ impl Default for S3Settings {
             path_style: true,
             max_concurrent_requests: 64,
             redirect_blob_gets: false,
+            timeouts: super::BackendTimeouts::default(),
         }
     }
 }
@@ -121,6 +125,7 @@ impl std::fmt::Debug for S3Settings {
             .field("path_style", &self.path_style)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("redirect_blob_gets", &self.redirect_blob_gets)
+            .field("timeouts", &self.timeouts)
             .finish()
     }
 }
@@ -306,15 +311,16 @@ impl S3BlobStore {
             .with_bucket_name(bucket)
             .with_virtual_hosted_style_request(!settings.path_style)
             .with_retry(RetryConfig {
-                // 5xx, 429, SlowDown and connection errors are retried; when the store is down
-                // a request gives up after about three seconds rather than minutes.
+                // 5xx, 429, SlowDown, connection errors and timeouts are retried, but no
+                // retry starts once the operation's budget is spent: a store that went silent
+                // costs a request about that budget (`ObservedStore` enforces it as well).
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),
                     max_backoff: Duration::from_secs(5),
                     base: 2.0,
                 },
                 max_retries: 5,
-                retry_timeout: Duration::from_secs(60),
+                retry_timeout: settings.timeouts.operation,
             });
         let set = |b: AmazonS3Builder, key: AmazonS3ConfigKey, v: &Option<String>| match v {
             Some(v) => b.with_config(key, v),
@@ -339,10 +345,13 @@ impl S3BlobStore {
             ClientOptions::new()
                 .with_allow_http(plain_http)
                 // No deadline for a whole request: a large blob may take long to stream to a
-                // slow client. A stalled connection is caught by the read timeout instead.
+                // slow client. The wait for an answer's head is bounded by `ObservedStore`
+                // (the first-byte and operation budgets); a body that stalls half-way is
+                // caught by the read timeout. That one stays long: reqwest counts it from the
+                // previous chunk, so a client that reads slowly would trip a short one.
                 .with_timeout_disabled()
-                .with_connect_timeout(Duration::from_secs(5))
-                .with_read_timeout(Duration::from_secs(60)),
+                .with_connect_timeout(settings.timeouts.connect)
+                .with_read_timeout(BODY_STALL_TIMEOUT),
         );
         let s3 = builder
             .build()

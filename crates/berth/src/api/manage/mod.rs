@@ -37,6 +37,7 @@ use crate::auth::manage;
 use crate::auth::policy::{self, Authority, Op};
 use crate::auth::{AuthError, Credentials, Principal};
 use crate::metadata::Metadata;
+use crate::service::RequestId;
 use crate::service::{Registry, RequestContext};
 
 /// The OpenAPI 3.1 description of every route in [`ROUTES`].
@@ -259,17 +260,30 @@ fn find(method: &Method, path: &str) -> Found {
 }
 
 /// Answers a request under `/api/v1`.
-pub async fn handle(registry: &Registry, peer: &Peer, request: Request) -> Response {
+pub async fn handle(
+    registry: &Registry,
+    peer: &Peer,
+    request: Request,
+    request_id: RequestId,
+) -> Response {
     let (method, uri) = (request.method().clone(), request.uri().clone());
-    let mut response =
-        super::error::respond(dispatch(registry, peer, request).await, &method, &uri);
+    let mut response = super::error::respond(
+        dispatch(registry, peer, request, request_id).await,
+        &method,
+        &uri,
+    );
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
-async fn dispatch(registry: &Registry, peer: &Peer, request: Request) -> ApiResult {
+async fn dispatch(
+    registry: &Registry,
+    peer: &Peer,
+    request: Request,
+    request_id: RequestId,
+) -> ApiResult {
     let (spec, params) = match find(request.method(), request.uri().path()) {
         Found::Route(spec, params) => (spec, params),
         Found::OtherMethods(allowed) => {
@@ -303,7 +317,7 @@ async fn dispatch(registry: &Registry, peer: &Peer, request: Request) -> ApiResu
     let ctx = Ctx {
         registry,
         who: Authority::of(&principal, registry.auth().enabled()),
-        request: request_context(&parts, peer, principal),
+        request: request_context(&parts, peer, principal, request_id),
         params,
         query: parts.uri.query().unwrap_or("").to_string(),
     };

@@ -20,6 +20,8 @@ pub struct TestApp {
     pub base: String,
     /// `127.0.0.1:PORT`, for clients that take a registry host (skopeo, podman).
     pub host: String,
+    /// `http://127.0.0.1:PORT` of the `--metrics-listen` listener, when one was asked for.
+    pub metrics_base: Option<String>,
     pub data_dir: PathBuf,
     extra_args: Vec<String>,
     envs: Vec<(String, String)>,
@@ -78,6 +80,7 @@ impl TestAppBuilder {
             child: None,
             base: String::new(),
             host: String::new(),
+            metrics_base: None,
             data_dir,
             extra_args: self.args,
             envs: self.envs,
@@ -153,9 +156,25 @@ impl TestApp {
         let mut child = cmd.spawn().expect("spawn berth");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout)
+        let mut stdout = BufReader::new(stdout);
+        stdout
             .read_line(&mut line)
             .expect("read berth's first line");
+        // "berth metrics on http://127.0.0.1:PORT", written with the first line.
+        if self.extra_args.iter().any(|a| a == "--metrics-listen") {
+            let mut second = String::new();
+            stdout
+                .read_line(&mut second)
+                .expect("read berth's second line");
+            self.metrics_base = second
+                .trim()
+                .strip_prefix("berth metrics on ")
+                .map(str::to_string);
+            assert!(
+                self.metrics_base.is_some(),
+                "unexpected second line {second:?}"
+            );
+        }
         // "berth listening on http://127.0.0.1:PORT" (https:// with TLS)
         let base = line
             .trim()

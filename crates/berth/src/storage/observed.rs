@@ -1,0 +1,186 @@
+//! [`ObservedStore`]: any [`BlobStore`] with a time budget on each call and its latency and
+//! failures recorded in [`Metrics`]. The budgets make a store that stops answering (a network
+//! partition, a frozen process: the kernel may still accept connections, so nothing is ever
+//! refused) a 503 within seconds instead of a request that hangs.
+//!
+//! Which calls get which budget follows from what they move. Calls that move a bounded amount
+//! (`stat`, `delete`, creating, sizing, opening and deleting uploads, presigning) get the whole
+//! operation budget, retries included. Calls that return a stream (`read`, `read_upload`) get
+//! the first-byte budget until the stream starts, and none after: a large blob from a slow but
+//! live store is never cut off (a store that goes silent half-way is the store's client's to
+//! catch; see `s3.rs`). Calls whose work grows with the blob (writing an upload's bytes,
+//! committing, listing every upload) get no budget here, for the same reason.
+//!
+//! A call cut short by its budget is dropped, exactly as when a client hangs up, which every
+//! store already handles (see ARCHITECTURE.md, "A push, walked through").
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use oci::Digest;
+use tokio::time::Instant;
+
+use super::{
+    BlobStore, ByteRange, ByteStream, StorageError, StoredUpload, UploadExtent, UploadWriter,
+    WriteGuard,
+};
+use crate::metrics::{BackendFailure, BackendOp, Metrics};
+
+pub struct ObservedStore {
+    inner: Arc<dyn BlobStore>,
+    metrics: Option<Arc<Metrics>>,
+    operation: Duration,
+    first_byte: Duration,
+}
+
+impl ObservedStore {
+    pub fn new(
+        inner: Arc<dyn BlobStore>,
+        metrics: Option<Arc<Metrics>>,
+        timeouts: super::BackendTimeouts,
+    ) -> ObservedStore {
+        ObservedStore {
+            inner,
+            metrics,
+            operation: timeouts.operation,
+            first_byte: timeouts.first_byte,
+        }
+    }
+
+    /// Runs `call` within `budget` (if any) and records it.
+    async fn call<T>(
+        &self,
+        op: BackendOp,
+        budget: Option<Duration>,
+        call: impl Future<Output = Result<T, StorageError>>,
+    ) -> Result<T, StorageError> {
+        let started = Instant::now();
+        let result = match budget {
+            Some(budget) => match tokio::time::timeout(budget, call).await {
+                Ok(result) => result,
+                Err(_) => Err(StorageError::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the store did not answer {} within {} s",
+                        op.labels().1,
+                        budget.as_secs_f64()
+                    ),
+                ))),
+            },
+            None => call.await,
+        };
+        if let Some(metrics) = &self.metrics {
+            let failure = match &result {
+                Err(StorageError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                    Some(BackendFailure::Timeout)
+                }
+                Err(StorageError::Io(_)) => Some(BackendFailure::Unavailable),
+                Err(StorageError::Internal(_)) => Some(BackendFailure::Internal),
+                // Answers, not failures of the store.
+                Ok(_)
+                | Err(
+                    StorageError::NotFound
+                    | StorageError::OffsetMismatch { .. }
+                    | StorageError::Conflict(_),
+                ) => None,
+            };
+            metrics.backend(op, started.elapsed(), failure);
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl BlobStore for ObservedStore {
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        let budget = Some(self.operation);
+        self.call(BackendOp::StorageStat, budget, self.inner.stat(digest))
+            .await
+    }
+
+    async fn read(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<ByteStream, StorageError> {
+        let budget = Some(self.first_byte);
+        self.call(
+            BackendOp::StorageRead,
+            budget,
+            self.inner.read(digest, range),
+        )
+        .await
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
+        let budget = Some(self.operation);
+        self.call(BackendOp::StorageDelete, budget, self.inner.delete(digest))
+            .await
+    }
+
+    async fn create_upload(&self, id: &str) -> Result<(), StorageError> {
+        let budget = Some(self.operation);
+        let call = self.inner.create_upload(id);
+        self.call(BackendOp::StorageCreateUpload, budget, call)
+            .await
+    }
+
+    async fn upload_size(&self, id: &str) -> Result<Option<u64>, StorageError> {
+        let budget = Some(self.operation);
+        let call = self.inner.upload_size(id);
+        self.call(BackendOp::StorageUploadSize, budget, call).await
+    }
+
+    async fn append_upload(
+        &self,
+        id: &str,
+        offset: u64,
+        guard: WriteGuard,
+    ) -> Result<Box<dyn UploadWriter>, StorageError> {
+        let budget = Some(self.operation);
+        let call = self.inner.append_upload(id, offset, guard);
+        self.call(BackendOp::StorageAppendUpload, budget, call)
+            .await
+    }
+
+    async fn read_upload(&self, id: &str) -> Result<(ByteStream, UploadExtent), StorageError> {
+        let budget = Some(self.first_byte);
+        let call = self.inner.read_upload(id);
+        self.call(BackendOp::StorageReadUpload, budget, call).await
+    }
+
+    async fn commit_upload(
+        &self,
+        id: &str,
+        digest: &Digest,
+        extent: Option<&UploadExtent>,
+    ) -> Result<(), StorageError> {
+        let call = self.inner.commit_upload(id, digest, extent);
+        self.call(BackendOp::StorageCommitUpload, None, call).await
+    }
+
+    async fn delete_upload(&self, id: &str) -> Result<(), StorageError> {
+        let budget = Some(self.operation);
+        let call = self.inner.delete_upload(id);
+        self.call(BackendOp::StorageDeleteUpload, budget, call)
+            .await
+    }
+
+    async fn list_uploads(&self) -> Result<Vec<StoredUpload>, StorageError> {
+        let call = self.inner.list_uploads();
+        self.call(BackendOp::StorageListUploads, None, call).await
+    }
+
+    fn redirects_gets(&self) -> bool {
+        self.inner.redirects_gets()
+    }
+
+    async fn redirect_url(&self, digest: &Digest) -> Result<Option<String>, StorageError> {
+        let budget = Some(self.operation);
+        let call = self.inner.redirect_url(digest);
+        self.call(BackendOp::StorageRedirectUrl, budget, call).await
+    }
+}
