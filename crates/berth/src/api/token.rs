@@ -357,15 +357,17 @@ async fn respond(
             .iter()
             .map(|a| format!("{}:{}:{}", a.resource_type, a.name, a.actions.join(",")))
             .collect();
-        auth.record(NewEvent {
+        // Queued, not awaited: issuing a token changes nothing in the store (what is done with
+        // it is recorded with the change), so its answer does not wait on a commit; a crash
+        // may lose the last few milliseconds of these records.
+        auth.record_later(NewEvent {
             kind: "token.issued".to_string(),
             actor: principal.actor.to_string(),
             client_addr: Some(peer.addr.ip().to_string()),
             result: "ok".to_string(),
             detail: Some(serde_json::json!({ "access": granted }).to_string()),
             ..NewEvent::default()
-        })
-        .await;
+        });
     }
     let refresh = match refresh {
         Refresh::Reuse(r) => Some(r.to_string()),

@@ -66,7 +66,17 @@ fn changes_and_logins_are_recorded_and_the_chain_detects_tampering() {
     );
     reply.assert_status(200);
 
-    let events = export(&data);
+    // A token's event is queued, not awaited by its answer: it lands within moments.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let events = loop {
+        let events = export(&data);
+        if events.iter().any(|e| e["kind"] == "token.issued")
+            || std::time::Instant::now() > deadline
+        {
+            break events;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     let find = |kind: &str| {
         events
             .iter()
