@@ -60,7 +60,8 @@ measure() {
   query "by repository" "/api/v1/audit?repository=ns7/app407&limit=100"
   query "by repository, 2nd page" "/api/v1/audit?repository=ns7/app407&limit=100&before=$((N / 2))"
   query "by namespace" "/api/v1/audit?namespace=ns7&limit=100"
-  query "by actor and kind" "/api/v1/audit?actor=user:u7&kind=manifest.pushed&limit=100"
+  query "by actor and kind" "/api/v1/audit?actor=user:u6&kind=manifest.pushed&limit=100"
+  query "by actor, kind never theirs" "/api/v1/audit?actor=user:u7&kind=manifest.pushed&limit=100"
   query "by time range" "/api/v1/audit?since=$(( (1700000000000 + N * 5) / 1000 ))&until=$(( (1700000000000 + N * 5) / 1000 + 60 ))&limit=100"
 }
 
