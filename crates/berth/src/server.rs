@@ -209,6 +209,7 @@ pub async fn run(
     }
     let webhooks = Worker::new(registry.auth().metadata().clone(), options.webhooks.clone())
         .map_err(std::io::Error::other)?;
+    webhooks.register_metrics(registry.metrics());
     let webhooks = tokio::spawn(Arc::new(webhooks).run(stop_rx.clone()));
     if options.audit_retention_days > 0 {
         tokio::spawn(crate::audit::keep_days(

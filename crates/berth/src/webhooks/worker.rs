@@ -25,6 +25,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -58,6 +63,47 @@ pub struct Worker {
     options: WorkerOptions,
     /// This process, as lease owner.
     node: String,
+    metrics: DeliveryMetrics,
+}
+
+/// What `/metrics` shows of delivery (registered by [`Worker::register_metrics`]).
+#[derive(Clone)]
+struct DeliveryMetrics {
+    /// Attempts by outcome: `delivered`, `failed` (to be retried) or `parked`.
+    attempts: Family<OutcomeLabel, Counter>,
+    /// Seconds from sending a delivery to the receiver's answer.
+    latency: Histogram,
+    /// Per subscription: events after its cursor up to the log's head (an upper bound on its
+    /// queue: the filters may skip some). Its growth is the delivery lag.
+    pending: Family<SubscriptionLabel, Gauge>,
+    /// The event log's head (its last sequence number), as this node last read it.
+    head: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// Subscriptions are few and made by operators, so labelling by them stays bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SubscriptionLabel {
+    subscription: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+impl DeliveryMetrics {
+    fn new() -> DeliveryMetrics {
+        DeliveryMetrics {
+            attempts: Family::default(),
+            latency: latency_histogram(),
+            pending: Family::default(),
+            head: Gauge::default(),
+        }
+    }
 }
 
 /// What a task does after a step.
@@ -106,7 +152,33 @@ impl Worker {
             client,
             options,
             node: uuid::Uuid::new_v4().simple().to_string(),
+            metrics: DeliveryMetrics::new(),
         })
+    }
+
+    /// Puts the delivery metrics on `/metrics`.
+    pub fn register_metrics(&self, metrics: &crate::metrics::Metrics) {
+        let m = &self.metrics;
+        metrics.register(
+            "berth_webhook_attempts",
+            "Webhook delivery attempts by outcome (delivered, failed and to be retried, parked)",
+            m.attempts.clone(),
+        );
+        metrics.register(
+            "berth_webhook_delivery_seconds",
+            "Time from sending a webhook delivery to the receiver's answer",
+            m.latency.clone(),
+        );
+        metrics.register(
+            "berth_webhook_pending_events",
+            "Events after a subscription's cursor up to the log's head (its queue, an upper bound)",
+            m.pending.clone(),
+        );
+        metrics.register(
+            "berth_event_log_head",
+            "The event log's last sequence number, as this node last read it",
+            m.head.clone(),
+        );
     }
 
     /// The lease: long enough for an attempt and the writes around it.
@@ -140,6 +212,7 @@ impl Worker {
             match looked {
                 Ok((head, ids)) => {
                     failing = false;
+                    self.metrics.head.set(head);
                     head_tx.send_if_modified(|h| {
                         let moved = *h != head;
                         *h = head;
@@ -250,6 +323,12 @@ impl Worker {
             return Ok(Next::Gone);
         };
         let state = &hook.state;
+        self.metrics
+            .pending
+            .get_or_create(&SubscriptionLabel {
+                subscription: hook.id.clone(),
+            })
+            .set((head - state.cursor_seq).max(0));
         if state.cursor_seq >= head && replay.is_none() {
             return Ok(Next::Idle);
         }
@@ -337,6 +416,9 @@ impl Worker {
         let started = Instant::now();
         let sent = self.post(hook, event).await;
         let latency_ms = started.elapsed().as_millis() as i64;
+        self.metrics
+            .latency
+            .observe(started.elapsed().as_secs_f64());
         let now = now_ms();
         let failures = failed_before + i64::from(sent.is_err());
         let (outcome, next) = match &sent {
@@ -371,6 +453,15 @@ impl Worker {
                 )
             }
         };
+        let counted = match &outcome {
+            Outcome::Delivered { .. } => "delivered",
+            Outcome::Parked { .. } => "parked",
+            Outcome::Failed { .. } => "failed",
+        };
+        self.metrics
+            .attempts
+            .get_or_create(&OutcomeLabel { outcome: counted })
+            .inc();
         let attempt = Attempt {
             seq: event.seq,
             replay,

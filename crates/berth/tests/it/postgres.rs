@@ -34,10 +34,20 @@ pub(crate) fn admin_sql(sql: &str) -> String {
             .await
             .unwrap_or_else(|e| panic!("connecting to BERTH_TEST_POSTGRES_URL: {e:?}"));
         tokio::spawn(conn);
-        client
-            .batch_execute(sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        // CREATE DATABASE copies template1 and fails while another session is copying it
+        // ("source database is being accessed by other users"): tests create databases in
+        // parallel, so a refusal is retried for a while.
+        let mut tries = 0;
+        loop {
+            match client.batch_execute(sql).await {
+                Ok(()) => break,
+                Err(_) if sql.starts_with("CREATE DATABASE") && tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{sql}: {e:?}"),
+            }
+        }
     });
     url
 }

@@ -336,6 +336,38 @@ fn pushes_and_deletes_arrive_as_signed_cloudevents() {
     assert_eq!(state["cursor"], state["head"], "{state}");
     assert_eq!(state["pending"], 0, "{state}");
     assert!(state["last_latency_ms"].as_i64().is_some(), "{state}");
+    // And /metrics says the same: two delivered, none pending, the log's head.
+    // (The pending gauge is set at the task's next look, moments after the last delivery.)
+    let pending = "berth_webhook_pending_events{subscription=\"config-all\"} 0";
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let text = send(app.client().get(app.url("/metrics"))).text();
+        if text.lines().any(|l| l == pending) || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let value = |series: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {series} in {metrics}"))
+    };
+    assert_eq!(
+        value("berth_webhook_attempts_total{outcome=\"delivered\"}"),
+        2.0
+    );
+    assert_eq!(
+        value("berth_webhook_pending_events{subscription=\"config-all\"}"),
+        0.0
+    );
+    assert_eq!(value("berth_webhook_delivery_seconds_count"), 2.0);
+    assert_eq!(
+        value("berth_event_log_head"),
+        state["head"].as_f64().expect("head")
+    );
     eprintln!(
         "delivery latency (berth's measure): {} ms",
         state["last_latency_ms"]
