@@ -377,7 +377,8 @@ CREATE TABLE webhook_parked (
 /// Version 6, both dialects: checkpoints of the event log. Pruning old entries first records
 /// the last pruned entry's sequence number and hash, signed with the registry's signing key,
 /// so the chain stays verifiable from the checkpoint on (see "The event log" in
-/// ARCHITECTURE.md).
+/// ARCHITECTURE.md). And an index for "what did this actor do of this kind", which the
+/// actor index alone answers by walking every entry of the actor.
 const V6: &str = r#"
 CREATE TABLE event_checkpoints (
     seq       {INT} PRIMARY KEY,
@@ -386,4 +387,5 @@ CREATE TABLE event_checkpoints (
     kid       TEXT NOT NULL,
     signature TEXT NOT NULL
 );
+CREATE INDEX events_actor_kind ON events(actor, kind, seq);
 "#;
