@@ -247,12 +247,7 @@ pub async fn query(
             )
         };
     }
-    let sql = if f.actor.is_some() && f.kind.is_some() && f.repository.is_none() {
-        shape!(
-            "actor = ?1 AND kind = ?5 AND seq >= ?10 AND seq < ?8",
-            "actor DESC, kind DESC, seq DESC"
-        )
-    } else if f.repository.is_some() {
+    let sql = if f.repository.is_some() {
         shape!(
             "repository = ?2 AND seq >= ?10 AND seq < ?8",
             "repository DESC, seq DESC"

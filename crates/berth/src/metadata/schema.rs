@@ -377,8 +377,7 @@ CREATE TABLE webhook_parked (
 /// Version 6, both dialects: checkpoints of the event log. Pruning old entries first records
 /// the last pruned entry's sequence number and hash, signed with the registry's signing key,
 /// so the chain stays verifiable from the checkpoint on (see "The event log" in
-/// ARCHITECTURE.md). And an index for "what did this actor do of this kind", which the
-/// actor index alone answers by walking every entry of the actor.
+/// ARCHITECTURE.md).
 const V6: &str = r#"
 CREATE TABLE event_checkpoints (
     seq       {INT} PRIMARY KEY,
@@ -387,5 +386,4 @@ CREATE TABLE event_checkpoints (
     kid       TEXT NOT NULL,
     signature TEXT NOT NULL
 );
-CREATE INDEX events_actor_kind ON events(actor, kind, seq);
 "#;
