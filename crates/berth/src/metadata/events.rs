@@ -525,7 +525,8 @@ pub struct Recorder {
 
 struct Pending {
     event: NewEvent,
-    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    /// Told when the event is committed; `None` for events nobody waits for.
+    done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
 }
 
 /// Events waiting beyond this make callers wait for room, so a flood of logins is paced by
@@ -554,9 +555,9 @@ impl Recorder {
                     })
                     .await
                     .map_err(|e| e.to_string());
-                for pending in batch.drain(..) {
+                for done in batch.drain(..).filter_map(|p| p.done) {
                     // The caller may have gone (its request was dropped); the event stays.
-                    let _ = pending.done.send(written.clone());
+                    let _ = done.send(written.clone());
                 }
             }
         });
@@ -568,8 +569,7 @@ impl Recorder {
 
     /// Appends `event` without waiting; if the queue is full, drops it and counts it.
     pub fn record_later(&self, event: NewEvent) {
-        let (done, _) = tokio::sync::oneshot::channel();
-        if self.queue.try_send(Pending { event, done }).is_err() {
+        if self.queue.try_send(Pending { event, done: None }).is_err() {
             self.dropped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -584,7 +584,10 @@ impl Recorder {
     pub async fn record(&self, event: NewEvent) -> Result<(), String> {
         let (done, committed) = tokio::sync::oneshot::channel();
         self.queue
-            .send(Pending { event, done })
+            .send(Pending {
+                event,
+                done: Some(done),
+            })
             .await
             .map_err(|_| "the event recorder has stopped".to_string())?;
         committed

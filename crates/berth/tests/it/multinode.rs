@@ -21,13 +21,13 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 /// A database of the test's own on the shared server, dropped afterwards.
-struct Database {
+pub(crate) struct Database {
     name: String,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Database {
-    fn create() -> Database {
+    pub(crate) fn create() -> Database {
         let name = format!("berth_mn_{}", uuid::Uuid::new_v4().simple());
         let admin = admin_sql(&format!("CREATE DATABASE {name}"));
         let url = with_database(&admin, &name);

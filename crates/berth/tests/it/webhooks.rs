@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
 use crate::auth::cast;
-use crate::postgres::{admin_sql, with_database};
+use crate::multinode::Database;
 use crate::support::{TestApp, TestAppBuilder, push_image, send};
 
 /// One request the receiver got.
@@ -801,30 +801,6 @@ fn kill9_during_a_burst_with_the_receiver_down_loses_no_event() {
         started.elapsed(),
         total - seqs.len()
     );
-}
-
-/// A database of the test's own on the shared server, dropped afterwards.
-struct Database {
-    name: String,
-    url: String,
-}
-
-impl Database {
-    fn create() -> Database {
-        let name = format!("berth_wh_{}", uuid::Uuid::new_v4().simple());
-        let admin = admin_sql(&format!("CREATE DATABASE {name}"));
-        let url = with_database(&admin, &name);
-        Database { name, url }
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::panic::catch_unwind(|| {
-            admin_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        });
-    }
 }
 
 #[test]
