@@ -12,6 +12,8 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use serde::{Deserialize, Serialize};
 
+use crate::service::gc::Lifecycle;
+
 pub use crate::storage::BackendTimeouts;
 pub use crate::storage::s3::S3Settings;
 
@@ -72,6 +74,18 @@ pub struct RawConfig {
     /// Record one manifest GET (a pull) in this many as an event; 0: none, 1: all [default: 0]
     #[arg(long, env = "BERTH_PULL_EVENTS_EVERY", value_name = "N")]
     pub pull_events_every: Option<u64>,
+    /// A blob nothing references may be collected this long after it was last referenced [default: 86400]
+    #[arg(long, env = "BERTH_GC_GRACE_SECS", value_name = "SECS")]
+    pub gc_grace_secs: Option<u64>,
+    /// Deleted manifests and tags stay restorable this long; 0 deletes at once [default: 604800]
+    #[arg(long, env = "BERTH_TRASH_RETENTION_SECS", value_name = "SECS")]
+    pub trash_retention_secs: Option<u64>,
+    /// GC moves untagged manifests older than this to the trash; unset keeps them [default: unset]
+    #[arg(long, env = "BERTH_GC_UNTAGGED_MANIFEST_SECS", value_name = "SECS")]
+    pub gc_untagged_manifest_secs: Option<u64>,
+    /// serve runs GC this often (one node at a time); 0: only `berth gc` [default: 3600]
+    #[arg(long, env = "BERTH_GC_INTERVAL_SECS", value_name = "SECS")]
+    pub gc_interval_secs: Option<u64>,
     /// Largest blob accepted, in bytes [default: 68719476736]
     #[arg(long, env = "BERTH_MAX_BLOB_BYTES", value_name = "BYTES")]
     pub max_blob_bytes: Option<u64>,
@@ -603,6 +617,35 @@ impl RawConfig {
                 0,
                 1_000_000,
             )?,
+            lifecycle: Lifecycle {
+                // At most ten years: the casts below cannot overflow.
+                gc_grace_secs: within(
+                    "gc_grace_secs",
+                    self.gc_grace_secs,
+                    DAY_SECS,
+                    0,
+                    3650 * DAY_SECS,
+                )? as i64,
+                trash_retention_secs: within(
+                    "trash_retention_secs",
+                    self.trash_retention_secs,
+                    7 * DAY_SECS,
+                    0,
+                    3650 * DAY_SECS,
+                )? as i64,
+                untagged_manifest_secs: self
+                    .gc_untagged_manifest_secs
+                    .map(|v| within("gc_untagged_manifest_secs", Some(v), 0, 0, 3650 * DAY_SECS))
+                    .transpose()?
+                    .map(|v: u64| v as i64),
+            },
+            gc_interval: secs(
+                "gc_interval_secs",
+                self.gc_interval_secs,
+                3600,
+                0,
+                7 * DAY_SECS,
+            )?,
             max_blob_bytes,
             max_connections,
             reserved_fds,
@@ -777,6 +820,10 @@ pub struct Config {
     pub max_buffered_manifest_bytes: usize,
     pub pull_events_every: u64,
     pub audit_retention_days: u64,
+    /// Grace, trash and untagged periods (GC and deletes).
+    pub lifecycle: Lifecycle,
+    /// How often `serve` runs GC; zero: never (only `berth gc`).
+    pub gc_interval: Duration,
     /// Largest blob an upload may grow to.
     pub max_blob_bytes: u64,
     /// Connections served at once; the accept loop stops accepting at this many.

@@ -8,6 +8,7 @@ use berth::auth::manage::{self, By};
 use berth::auth::rights::{Grant, Role};
 use berth::config::{Config, LogFormat, RawConfig};
 use berth::server::{self, ServeOptions};
+use berth::service::{Registry, RequestContext};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -56,6 +57,80 @@ enum Command {
     /// with their own OIDC identity token and act as a robot, with no stored secret.
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// Collect garbage now, while `serve` runs: untagged manifests past their age (if
+    /// configured), trash past its period, then blobs nothing references after the grace
+    /// period. Prints what went (with --dry-run: what would go). One collector at a time.
+    Gc {
+        /// Count what the current state makes garbage; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Deleted manifests and tags, kept for trash_retention_secs: list and restore them.
+    #[command(subcommand)]
+    Trash(TrashCommand),
+}
+
+#[derive(Subcommand)]
+enum TrashCommand {
+    /// List trash entries, newest first.
+    List {
+        #[command(flatten)]
+        filter: TrashFilterArgs,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Restore entries by id, or every entry the filters match (--all), byte for byte with
+    /// their tags and the referrers that followed them. A tag that now points elsewhere is
+    /// left as it is.
+    Restore {
+        ids: Vec<i64>,
+        /// Restore every entry the filters match.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        filter: TrashFilterArgs,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct TrashFilterArgs {
+    /// Only this repository.
+    #[arg(long)]
+    repository: Option<String>,
+    /// Only repositories of this namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Only entries deleted since (2026-12-01, 2026-12-01T07:00:00Z, or seconds).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only entries deleted for this reason: deleted, retention, untagged.
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+impl TrashFilterArgs {
+    fn filter(self) -> anyhow::Result<berth::metadata::trash::TrashFilter> {
+        Ok(berth::metadata::trash::TrashFilter {
+            repository: self.repository,
+            namespace: self.namespace,
+            since: self
+                .since
+                .map(|s| berth::time::parse(&s).map_err(anyhow::Error::msg))
+                .transpose()?,
+            reason: self.reason,
+            ..Default::default()
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -846,6 +921,106 @@ async fn trust(command: TrustCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn admin_registry(config: ConfigArgs) -> anyhow::Result<std::sync::Arc<Registry>> {
+    let config = load_config_for_admin(config)?;
+    init_logging(config.log_format);
+    server::open_registry(&config).await
+}
+
+#[allow(clippy::print_stdout)]
+async fn gc(dry_run: bool, json: bool, config: ConfigArgs) -> anyhow::Result<()> {
+    let registry = admin_registry(config).await?;
+    let ctx = RequestContext::system("cli");
+    let report = registry.collect_garbage(&ctx, dry_run).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    let verb = if dry_run { "would go" } else { "went" };
+    println!(
+        "{verb}: {} untagged manifests to the trash, {} trash entries purged, {} links, {} blobs ({} bytes, {} of them never linked) in {} ms",
+        report.manifests_trashed,
+        report.trash_purged,
+        report.links_removed,
+        report.blobs_deleted,
+        report.bytes_deleted,
+        report.orphans_deleted,
+        report.duration_ms
+    );
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+async fn trash(command: TrashCommand) -> anyhow::Result<()> {
+    match command {
+        TrashCommand::List {
+            filter,
+            json,
+            config,
+        } => {
+            let registry = admin_registry(config).await?;
+            let entries = registry.list_trash(&filter.filter()?).await?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for e in entries {
+                if json {
+                    writeln!(out, "{}", serde_json::to_string(&e)?)?;
+                } else {
+                    writeln!(
+                        out,
+                        "{}\t{}\t{}@{}\ttags={}\t{}\tby {}\tat {}{}",
+                        e.id,
+                        e.kind,
+                        e.repository,
+                        e.digest,
+                        e.tags.join(","),
+                        e.reason,
+                        e.actor,
+                        e.deleted_at,
+                        e.group_id
+                            .map(|g| format!("\twith {g}"))
+                            .unwrap_or_default()
+                    )?;
+                }
+            }
+            out.flush()?;
+        }
+        TrashCommand::Restore {
+            ids,
+            all,
+            filter,
+            config,
+        } => {
+            let registry = admin_registry(config).await?;
+            let ids = if all {
+                anyhow::ensure!(ids.is_empty(), "give ids or --all, not both");
+                let entries = registry.list_trash(&filter.filter()?).await?;
+                // Oldest first; entries that followed another come back with it.
+                entries
+                    .iter()
+                    .rev()
+                    .filter(|e| e.group_id.is_none())
+                    .map(|e| e.id)
+                    .collect()
+            } else {
+                anyhow::ensure!(!ids.is_empty(), "name the entries to restore, or --all");
+                ids
+            };
+            let ctx = RequestContext::system("cli");
+            let restored = registry.restore_trash(&ctx, &ids).await?;
+            for m in &restored.manifests {
+                println!("restored {m}");
+            }
+            for t in &restored.tags {
+                println!("restored tag {t}");
+            }
+            for t in &restored.kept_newer {
+                println!("kept {t}: it now points at another manifest");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -862,6 +1037,12 @@ fn main() -> anyhow::Result<()> {
         Command::Key(c) => runtime.block_on(key(c)),
         Command::Audit(c) => runtime.block_on(audit(c)),
         Command::Trust(c) => runtime.block_on(trust(c)),
+        Command::Gc {
+            dry_run,
+            json,
+            config,
+        } => runtime.block_on(gc(dry_run, json, config)),
+        Command::Trash(c) => runtime.block_on(trash(c)),
     };
     // Access log lines still buffered (see berth::logging).
     berth::logging::STDERR.flush();

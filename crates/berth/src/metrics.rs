@@ -120,13 +120,15 @@ pub enum BackendOp {
     StorageCommitUpload,
     StorageDeleteUpload,
     StorageListUploads,
+    StorageListBlobs,
+    StorageDeleteBlobs,
     StorageRedirectUrl,
     /// The readiness probe's query.
     MetadataPing,
 }
 
 impl BackendOp {
-    const COUNT: usize = 14;
+    const COUNT: usize = 16;
 
     /// (backend, operation)
     pub fn labels(self) -> (&'static str, &'static str) {
@@ -145,6 +147,8 @@ impl BackendOp {
             StorageCommitUpload => ("storage", "commit_upload"),
             StorageDeleteUpload => ("storage", "delete_upload"),
             StorageListUploads => ("storage", "list_uploads"),
+            StorageListBlobs => ("storage", "list_blobs"),
+            StorageDeleteBlobs => ("storage", "delete_blobs"),
             StorageRedirectUrl => ("storage", "redirect_url"),
         }
     }
@@ -257,6 +261,74 @@ pub struct Metrics {
     data_dir_free_bytes: Gauge,
     data_dir_size_bytes: Gauge,
     storage_used_bytes: Gauge,
+
+    /// Garbage collection and the trash (see [`GcMetrics`]).
+    gc: GcMetrics,
+}
+
+/// What `/metrics` shows of GC runs and the trash.
+#[derive(Clone, Default)]
+struct GcMetrics {
+    runs: Counter,
+    /// Seconds the last run took, and when it finished (seconds since the epoch).
+    last_duration_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    last_finished: Gauge,
+    manifests_trashed: Counter,
+    trash_purged: Counter,
+    blobs_deleted: Counter,
+    bytes_deleted: Counter,
+    trash_entries: Gauge,
+    trash_bytes: Gauge,
+}
+
+impl GcMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "berth_gc_runs",
+            "Garbage collection runs finished",
+            self.runs.clone(),
+        );
+        registry.register(
+            "berth_gc_last_duration_seconds",
+            "How long the last garbage collection run on this node took",
+            self.last_duration_seconds.clone(),
+        );
+        registry.register(
+            "berth_gc_last_finished_timestamp_seconds",
+            "When the last garbage collection run on this node finished",
+            self.last_finished.clone(),
+        );
+        registry.register(
+            "berth_gc_manifests_trashed",
+            "Untagged manifests GC moved to the trash",
+            self.manifests_trashed.clone(),
+        );
+        registry.register(
+            "berth_gc_trash_purged",
+            "Trash entries removed for good after the trash period",
+            self.trash_purged.clone(),
+        );
+        registry.register(
+            "berth_gc_blobs_deleted",
+            "Blobs GC deleted (bytes and row)",
+            self.blobs_deleted.clone(),
+        );
+        registry.register(
+            "berth_gc_reclaimed_bytes",
+            "Bytes of the blobs GC deleted",
+            self.bytes_deleted.clone(),
+        );
+        registry.register(
+            "berth_trash_entries",
+            "Manifests and tags in the trash, as of the last GC run or restore on this node",
+            self.trash_entries.clone(),
+        );
+        registry.register(
+            "berth_trash_manifest_bytes",
+            "Bytes of the manifests in the trash (their blobs are kept with them)",
+            self.trash_bytes.clone(),
+        );
+    }
 }
 
 impl Metrics {
@@ -373,7 +445,10 @@ impl Metrics {
             "Bytes of all blobs the registry holds (each stored once), as of the last scrape",
             storage_used_bytes.clone(),
         );
+        let gc = GcMetrics::default();
+        gc.register(&mut registry);
         Metrics {
+            gc,
             registry: Mutex::new(registry),
             per_repository,
             requests,
@@ -475,6 +550,30 @@ impl Metrics {
             .get_or_create(&self.outcome(code, repository))
             .inc();
         self.pull_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// A finished (not dry) GC run.
+    pub fn gc_run(&self, report: &crate::service::gc::GcReport, took: Duration) {
+        if report.dry_run {
+            return;
+        }
+        let gc = &self.gc;
+        gc.runs.inc();
+        gc.last_duration_seconds.set(took.as_secs_f64());
+        gc.last_finished.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+        );
+        gc.manifests_trashed.inc_by(report.manifests_trashed);
+        gc.trash_purged.inc_by(report.trash_purged);
+        gc.blobs_deleted.inc_by(report.blobs_deleted);
+        gc.bytes_deleted.inc_by(report.bytes_deleted);
+    }
+
+    pub fn trash_size(&self, entries: u64, bytes: u64) {
+        self.gc.trash_entries.set(entries as i64);
+        self.gc.trash_bytes.set(bytes as i64);
     }
 
     pub fn pushed_image(&self, bytes: u64) {

@@ -72,6 +72,7 @@ pub async fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
             max_blob_bytes: config.max_blob_bytes,
             max_buffered_manifest_bytes: config.max_buffered_manifest_bytes,
             pull_events_every: config.pull_events_every,
+            lifecycle: config.lifecycle,
             metrics,
         },
     ));
@@ -126,6 +127,8 @@ pub struct ServeOptions {
     /// Audit entries older than this many days are pruned (behind a signed checkpoint);
     /// 0 keeps them all.
     pub audit_retention_days: u64,
+    /// How often GC runs (one node at a time); zero: never.
+    pub gc_interval: Duration,
     /// The access log, metrics and health endpoints.
     pub observe: ObserveSettings,
 }
@@ -136,6 +139,7 @@ impl ServeOptions {
         Ok(ServeOptions {
             shutdown_grace: config.shutdown_grace,
             upload_purge_interval: config.upload_purge_interval,
+            gc_interval: config.gc_interval,
             header_read_timeout: config.header_read_timeout,
             body_idle_timeout: config.body_idle_timeout,
             max_connections: config.max_connections,
@@ -218,6 +222,13 @@ pub async fn run(
             stop_rx.clone(),
         ));
     }
+    let gc = (!options.gc_interval.is_zero()).then(|| {
+        tokio::spawn(crate::service::gc::run_scheduled(
+            registry.clone(),
+            options.gc_interval,
+            stop_rx.clone(),
+        ))
+    });
     let observer = Arc::new(Observer::new(
         options.observe.clone(),
         registry.metrics().clone(),
@@ -331,6 +342,10 @@ pub async fn run(
     }
     janitor.abort();
     access_watch.abort();
+    if let Some(gc) = gc {
+        // Stops at its next batch; a run cut short resumes next time.
+        gc.abort();
+    }
     // It stops on the signal by itself, within one delivery timeout.
     let _ = webhooks.await;
     if let Some(operators) = operators {

@@ -13,8 +13,10 @@
 pub mod access;
 pub mod db;
 pub mod events;
+pub mod gc;
 pub mod queries;
 pub mod schema;
+pub mod trash;
 pub mod webhooks;
 
 use std::collections::BTreeMap;
@@ -105,6 +107,37 @@ pub struct NewManifest {
     pub subject: Option<Digest>,
     pub artifact_type: Option<String>,
     pub annotations: Option<BTreeMap<String, String>>,
+}
+
+impl NewManifest {
+    /// A stored or trashed manifest's record, as its push made it: the same parse, so a
+    /// restore records the same references.
+    pub fn parse(
+        digest: Digest,
+        media_type: Option<&str>,
+        bytes: Vec<u8>,
+    ) -> Result<NewManifest, oci::manifest::ManifestError> {
+        let parsed = oci::manifest::parse(media_type, &bytes)?;
+        Ok(NewManifest::from_parsed(digest, bytes, parsed))
+    }
+
+    pub fn from_parsed(
+        digest: Digest,
+        bytes: Vec<u8>,
+        parsed: oci::manifest::ParsedManifest,
+    ) -> NewManifest {
+        NewManifest {
+            digest,
+            media_type: parsed.media_type,
+            bytes,
+            blobs: parsed.blobs,
+            declared_sizes: parsed.declared_sizes,
+            children: parsed.children,
+            subject: parsed.subject,
+            artifact_type: parsed.artifact_type,
+            annotations: parsed.annotations,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

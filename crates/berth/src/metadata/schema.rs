@@ -28,6 +28,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration::Shared(V4),
     Migration::Shared(V5),
     Migration::Shared(V6),
+    Migration::Shared(V7),
 ];
 
 /// Key of the transaction-scoped advisory lock that serializes migrations across nodes.
@@ -386,4 +387,40 @@ CREATE TABLE event_checkpoints (
     kid       TEXT NOT NULL,
     signature TEXT NOT NULL
 );
+"#;
+
+/// The trash (deleted manifests and tags, kept for `trash_retention_secs` and restorable) and
+/// leases (one holder at a time among several nodes, such as the GC's).
+const V7: &str = r#"
+CREATE TABLE trash (
+    id          {ID},
+    repository  {NAME} NOT NULL,
+    kind        TEXT NOT NULL CHECK (kind IN ('manifest', 'tag')),
+    -- The digest of the manifest, or the one the tag pointed at (no quotes in comments here).
+    digest      TEXT NOT NULL,
+    media_type  TEXT,
+    content     {BYTES},
+    -- JSON array: the tags that pointed at the manifest, or the one tag.
+    tags        TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    actor       TEXT NOT NULL,
+    -- The entry this one went to the trash with (a referrer follows its subject).
+    group_id    {INT},
+    deleted_at  {INT} NOT NULL
+);
+CREATE INDEX trash_repository ON trash(repository, digest);
+CREATE INDEX trash_deleted_at ON trash(deleted_at);
+CREATE INDEX trash_group ON trash(group_id);
+-- The blobs a trashed manifest references: their links stay while it may be restored.
+CREATE TABLE trash_refs (
+    trash_id {INT} NOT NULL REFERENCES trash(id) ON DELETE CASCADE,
+    digest   TEXT NOT NULL,
+    PRIMARY KEY (trash_id, digest)
+) {WITHOUT_ROWID};
+CREATE INDEX trash_refs_digest ON trash_refs(digest);
+CREATE TABLE leases (
+    name     {NAME} PRIMARY KEY,
+    owner    TEXT NOT NULL,
+    until_ms {INT} NOT NULL
+) {WITHOUT_ROWID};
 "#;

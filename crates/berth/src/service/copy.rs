@@ -140,7 +140,11 @@ impl Registry {
         report: &mut CopyReport,
     ) -> Result<(), ServiceError> {
         if target.blobs.stat(digest).await?.is_some() {
-            target.metadata.link_blob(repo, digest, size).await?;
+            let blobs = &*target.blobs;
+            target
+                .metadata
+                .write(|tx| Box::pin(super::link_confirmed(tx, blobs, repo, digest, size)))
+                .await?;
             report.blobs_skipped += 1;
             return Ok(());
         }

@@ -7,6 +7,7 @@
 
 mod context;
 mod copy;
+pub mod gc;
 mod uploads;
 
 use std::collections::HashMap;
@@ -113,6 +114,8 @@ pub struct RegistryOptions {
     pub max_buffered_manifest_bytes: usize,
     /// Record one manifest GET in this many as a `manifest.pulled` event; 0: none.
     pub pull_events_every: u64,
+    /// Grace, trash and untagged periods for deletes and GC.
+    pub lifecycle: gc::Lifecycle,
     /// Where the server's metrics are recorded (the backends record theirs when they are on).
     pub metrics: Arc<crate::metrics::Metrics>,
 }
@@ -216,6 +219,27 @@ pub struct ManifestPut {
     pub tags: Vec<Tag>,
     /// The digest, in the algorithm the client wants, when pushing by tag (`?digest=`).
     pub digest: Option<Digest>,
+}
+
+/// Links a blob to a repository, confirming in the same transaction that its bytes are in the
+/// store. GC deletes a blob's bytes after marking its row `deleting` and forgets the row after
+/// that; a commit that found the bytes already there (and kept them) may come to link once the
+/// row is gone and the bytes with it. Inside the link's transaction GC cannot start deleting
+/// the blob (the row is locked or uncommitted, and a marked row refuses the link), so bytes
+/// seen here stay; bytes missing here mean nothing is linked and the client retries (503).
+pub(crate) async fn link_confirmed(
+    tx: &mut crate::metadata::Tx<'_>,
+    blobs: &dyn BlobStore,
+    repo: &RepositoryName,
+    digest: &Digest,
+    size: u64,
+) -> Result<(), MetadataError> {
+    queries::link_blob(tx, repo, digest, size).await?;
+    match blobs.stat(digest).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(MetadataError::BlobDeleting(digest.clone())),
+        Err(e) => Err(MetadataError::Unavailable(Box::new(e))),
+    }
 }
 
 pub(crate) fn now_secs() -> i64 {
@@ -430,7 +454,7 @@ impl Registry {
         self.metadata
             .write(|tx| {
                 Box::pin(async move {
-                    queries::link_blob(tx, repo, digest, size).await?;
+                    link_confirmed(tx, &*self.blobs, repo, digest, size).await?;
                     events::append(tx, event).await?;
                     Ok(())
                 })
@@ -610,39 +634,15 @@ impl Registry {
         self.auth.record_later(event);
     }
 
-    /// By digest: the manifest and all its tags. By tag: only the tag.
+    /// By digest: the manifest, all its tags and its referrers. By tag: only the tag. Either
+    /// goes to the trash for `trash_retention_secs`, from where it can be restored.
     pub async fn delete_manifest(
         &self,
         ctx: &RequestContext,
         repo: &RepositoryName,
         reference: &Reference,
     ) -> Result<(), ServiceError> {
-        let event = &match reference {
-            Reference::Tag(tag) => {
-                ctx.event("tag.deleted", repo, None, &[tag.as_str().to_string()], None)
-            }
-            Reference::Digest(digest) => {
-                ctx.event("manifest.deleted", repo, Some(digest), &[], None)
-            }
-        };
-        let deleted = self
-            .metadata
-            .write(|tx| {
-                Box::pin(async move {
-                    let deleted = match reference {
-                        Reference::Tag(tag) => queries::delete_tag(tx, repo, tag).await?,
-                        Reference::Digest(digest) => {
-                            queries::delete_manifest(tx, repo, digest).await?
-                        }
-                    };
-                    if deleted {
-                        events::append(tx, event).await?;
-                    }
-                    Ok(deleted)
-                })
-            })
-            .await?;
-        if !deleted {
+        if !self.trash_reference(ctx, repo, reference).await? {
             return Err(ServiceError::ManifestUnknown);
         }
         match reference {

@@ -19,7 +19,7 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use oci::{Algorithm, Digest, Hasher, RepositoryName};
 
 use super::{Registry, RequestContext, ServiceError, now_secs};
-use crate::metadata::UploadSession;
+use crate::metadata::{UploadSession, queries};
 use crate::storage::{StorageError, UploadExtent, WriteGuard};
 
 /// A request body as the service consumes it.
@@ -349,7 +349,16 @@ impl Registry {
         }
         self.blobs.commit_upload(id, digest, Some(&extent)).await?;
         let size = extent.size;
-        self.metadata.finish_upload(repo, digest, size, id).await?;
+        let blobs = &*self.blobs;
+        self.metadata
+            .write(|tx| {
+                Box::pin(async move {
+                    super::link_confirmed(tx, blobs, repo, digest, size).await?;
+                    queries::delete_upload(tx, id).await?;
+                    Ok(())
+                })
+            })
+            .await?;
         self.forget_upload(id);
         drop(held);
         ctx.log_change("blob pushed", repo, digest, &[]);

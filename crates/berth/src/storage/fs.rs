@@ -27,8 +27,8 @@ use oci::Digest;
 use tokio::task::JoinHandle;
 
 use super::{
-    BlobStore, ByteRange, ByteStream, StorageError, StoredUpload, UploadExtent, UploadWriter,
-    WriteGuard,
+    BlobStore, ByteRange, ByteStream, StorageError, StoredBlob, StoredUpload, UploadExtent,
+    UploadWriter, WriteGuard,
 };
 
 /// Size of each chunk read from disk: large enough for few syscalls and task hops, small
@@ -340,6 +340,26 @@ impl BlobStore for FsBlobStore {
         blocking(move || not_found_as_none(fs::remove_file(path)).map(|_| ())).await
     }
 
+    async fn list_blobs(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<StoredBlob>, StorageError> {
+        let (root, after) = (self.root.clone(), after.cloned());
+        blocking(move || list_blob_files(&root, after.as_ref(), limit)).await
+    }
+
+    async fn delete_blobs(&self, digests: &[Digest]) -> Result<(), StorageError> {
+        let paths: Vec<PathBuf> = digests.iter().map(|d| self.blob_path(d)).collect();
+        blocking(move || {
+            for path in paths {
+                not_found_as_none(fs::remove_file(path))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn list_uploads(&self) -> Result<Vec<StoredUpload>, StorageError> {
         let dir = self.root.join("uploads");
         blocking(move || {
@@ -358,6 +378,77 @@ impl BlobStore for FsBlobStore {
         })
         .await
     }
+}
+
+/// The algorithms whose blobs live under `blobs/<algorithm>/`, in the order their digests sort.
+const ALGORITHMS: [&str; 2] = ["sha256", "sha512"];
+
+/// Up to `limit` blobs under `root/blobs` after `after`, in digest order: one fan-out
+/// directory at a time, starting at `after`'s, so a page costs a directory or two.
+fn list_blob_files(
+    root: &Path,
+    after: Option<&Digest>,
+    limit: usize,
+) -> io::Result<Vec<StoredBlob>> {
+    let after_text = after.map(|d| d.to_string());
+    let mut found = Vec::new();
+    for algorithm in ALGORITHMS {
+        if let Some(a) = after
+            && a.algorithm().as_str() > algorithm
+        {
+            continue;
+        }
+        let Some(fans) = not_found_as_none(fs::read_dir(root.join("blobs").join(algorithm)))?
+        else {
+            continue;
+        };
+        let mut fans: Vec<String> = fans
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        fans.sort();
+        for fan in fans {
+            if let Some(a) = after
+                && a.algorithm().as_str() == algorithm
+                && fan.as_str() < &a.hex()[..2]
+            {
+                continue;
+            }
+            let dir = root.join("blobs").join(algorithm).join(&fan);
+            let Some(entries) = not_found_as_none(fs::read_dir(&dir))? else {
+                continue;
+            };
+            let mut page = Vec::new();
+            for entry in entries {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Ok(digest) = format!("{algorithm}:{name}").parse::<Digest>() else {
+                    continue; // not a blob (a stray temporary file)
+                };
+                if after_text
+                    .as_deref()
+                    .is_some_and(|a| digest.to_string().as_str() <= a)
+                {
+                    continue;
+                }
+                let Some(meta) = not_found_as_none(entry.metadata())? else {
+                    continue; // deleted while listing
+                };
+                page.push(StoredBlob {
+                    digest,
+                    size: meta.len(),
+                    modified: meta.modified()?,
+                });
+            }
+            page.sort_by_key(|b| b.digest.to_string());
+            found.extend(page);
+            if found.len() >= limit {
+                found.truncate(limit);
+                return Ok(found);
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// Writes an upload in batches of up to [`WRITE_BATCH`], each a short blocking task writing at

@@ -82,6 +82,15 @@ pub struct StoredUpload {
     pub modified: SystemTime,
 }
 
+/// A blob present in the store, as GC's listing sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlob {
+    pub digest: Digest,
+    pub size: u64,
+    /// When its bytes were written (for a grace period before an unknown blob may go).
+    pub modified: SystemTime,
+}
+
 /// Bounds on calls to a backend (the object store, PostgreSQL), so that one that stops
 /// answering (a partition, a frozen process) costs a request seconds, not minutes. None of them
 /// caps the time to stream a large body from a store that keeps sending.
@@ -169,6 +178,21 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Every upload the store holds bytes for, so that uploads whose session was never
     /// recorded (a crash between the two) can be found and reclaimed.
     async fn list_uploads(&self) -> Result<Vec<StoredUpload>, StorageError>;
+    /// Up to `limit` blobs in digest order (as `Digest`'s text sorts) after `after`, so GC can
+    /// find bytes that metadata does not know (a crash between storing and linking).
+    async fn list_blobs(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<StoredBlob>, StorageError>;
+    /// Deletes many blobs (absent ones are no error); a store may batch them (S3's
+    /// DeleteObjects).
+    async fn delete_blobs(&self, digests: &[Digest]) -> Result<(), StorageError> {
+        for digest in digests {
+            self.delete(digest).await?;
+        }
+        Ok(())
+    }
 
     /// Whether blob GETs are to be answered with a redirect to [`BlobStore::redirect_url`].
     /// Asked first so that stores that never redirect cost nothing on the pull path.

@@ -24,8 +24,8 @@ use oci::Digest;
 use tokio::time::Instant;
 
 use super::{
-    BlobStore, ByteRange, ByteStream, StorageError, StoredUpload, UploadExtent, UploadWriter,
-    WriteGuard,
+    BlobStore, ByteRange, ByteStream, StorageError, StoredBlob, StoredUpload, UploadExtent,
+    UploadWriter, WriteGuard,
 };
 use crate::metrics::{BackendFailure, BackendOp, Metrics};
 
@@ -172,6 +172,22 @@ impl BlobStore for ObservedStore {
     async fn list_uploads(&self) -> Result<Vec<StoredUpload>, StorageError> {
         let call = self.inner.list_uploads();
         self.call(BackendOp::StorageListUploads, None, call).await
+    }
+
+    async fn list_blobs(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<StoredBlob>, StorageError> {
+        let budget = Some(self.operation);
+        let call = self.inner.list_blobs(after, limit);
+        self.call(BackendOp::StorageListBlobs, budget, call).await
+    }
+
+    async fn delete_blobs(&self, digests: &[Digest]) -> Result<(), StorageError> {
+        let budget = Some(self.operation);
+        let call = self.inner.delete_blobs(digests);
+        self.call(BackendOp::StorageDeleteBlobs, budget, call).await
     }
 
     fn redirects_gets(&self) -> bool {

@@ -57,7 +57,7 @@ use object_store::{
 use oci::Digest;
 
 use super::{
-    BlobStore, ByteRange, ByteStream, Piece, StorageError, StoredUpload, UploadExtent,
+    BlobStore, ByteRange, ByteStream, Piece, StorageError, StoredBlob, StoredUpload, UploadExtent,
     UploadWriter, WriteGuard,
 };
 
@@ -635,6 +635,50 @@ impl BlobStore for S3BlobStore {
             .await
             .map_err(storage_error)?;
         self.delete_objects(paths).await
+    }
+
+    async fn list_blobs(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<StoredBlob>, StorageError> {
+        let prefix = self.key("blobs");
+        let mut objects = match after {
+            Some(d) => self
+                .store
+                .list_with_offset(Some(&prefix), &self.blob_key(d)),
+            None => self.store.list(Some(&prefix)),
+        };
+        let mut found = Vec::new();
+        while found.len() < limit {
+            let Some(meta) = objects.try_next().await.map_err(storage_error)? else {
+                break;
+            };
+            // blobs/<algorithm>/<hex>
+            let parts: Vec<_> = meta.location.parts().collect();
+            let [.., algorithm, hex] = parts.as_slice() else {
+                continue;
+            };
+            let Ok(digest) = format!("{}:{}", algorithm.as_ref(), hex.as_ref()).parse() else {
+                continue;
+            };
+            found.push(StoredBlob {
+                digest,
+                size: meta.size,
+                modified: std::time::SystemTime::from(meta.last_modified),
+            });
+        }
+        Ok(found)
+    }
+
+    async fn delete_blobs(&self, digests: &[Digest]) -> Result<(), StorageError> {
+        // DeleteObjects, up to 1,000 keys a request; an absent key is no error.
+        let keys: Vec<_> = digests.iter().map(|d| Ok(self.blob_key(d))).collect();
+        let mut deleted = self.store.delete_stream(stream::iter(keys).boxed());
+        while let Some(result) = deleted.next().await {
+            not_found_as_none(result)?;
+        }
+        Ok(())
     }
 
     async fn list_uploads(&self) -> Result<Vec<StoredUpload>, StorageError> {

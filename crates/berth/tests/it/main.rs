@@ -18,6 +18,7 @@ mod containerd;
 mod copy;
 mod crash;
 mod federation;
+mod gc;
 mod integrity;
 mod lifecycle;
 mod manage_api;

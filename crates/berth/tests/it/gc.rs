@@ -1,0 +1,521 @@
+//! Garbage collection and the trash, against the real binary: `berth gc` and `berth trash`
+//! while `serve` runs, the scheduled GC inside `serve`, GC racing pushes, and kill -9 of a
+//! collector.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::support::check::{assert_blob_files_match_their_names, assert_every_tag_is_complete};
+use crate::support::{
+    OCI_MANIFEST, TestApp, blob_file, clean_command, descriptor, json_doc, output_within,
+    push_blob, push_image, sha256,
+};
+
+/// A registry whose GC deletes at once: no grace, and the trash period `trash_secs`.
+fn app_with(trash_secs: u64, extra: &[(&str, &str)]) -> TestApp {
+    let mut b = TestApp::builder()
+        .env("BERTH_GC_GRACE_SECS", "0")
+        .env("BERTH_TRASH_RETENTION_SECS", trash_secs.to_string())
+        .env("BERTH_GC_INTERVAL_SECS", "0");
+    for (k, v) in extra {
+        b = b.env(*k, *v);
+    }
+    b.start()
+}
+
+/// Runs `berth <args> --data-dir <dir>` with the same lifecycle settings as the server.
+fn berth(app: &TestApp, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let mut cmd = clean_command(&std::env::temp_dir());
+    cmd.args(args)
+        .arg("--data-dir")
+        .arg(app.data_dir())
+        .env("BERTH_GC_GRACE_SECS", "0");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = output_within(cmd, &format!("berth {}", args.join(" ")));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() || !text.is_empty(),
+        "berth {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn gc_report(app: &TestApp, dry_run: bool, env: &[(&str, &str)]) -> serde_json::Value {
+    let mut args = vec!["gc", "--json"];
+    if dry_run {
+        args.push("--dry-run");
+    }
+    let (ok, out) = berth(app, &args, env);
+    assert!(ok, "berth gc: {out}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("gc report {out:?}: {e}"))
+}
+
+fn trash_entries(app: &TestApp) -> Vec<serde_json::Value> {
+    let (ok, out) = berth(app, &["trash", "list", "--json"], &[]);
+    assert!(ok, "trash list: {out}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("trash entry JSON"))
+        .collect()
+}
+
+fn manifest_blobs(manifest: &[u8]) -> Vec<String> {
+    let m: serde_json::Value = serde_json::from_slice(manifest).expect("manifest JSON");
+    let mut blobs = vec![m["config"]["digest"].as_str().expect("config").to_string()];
+    for l in m["layers"].as_array().expect("layers") {
+        blobs.push(l["digest"].as_str().expect("layer").to_string());
+    }
+    blobs
+}
+
+#[test]
+fn gc_deletes_what_nothing_references_and_keeps_every_tagged_image() {
+    let app = app_with(0, &[]);
+    let (_, kept) = push_image(&app, "team/app", "keep", "kept");
+    let (gone_digest, gone) = push_image(&app, "team/app", "gone", "gone");
+    let lone = push_blob(&app, "team/app", b"a blob no manifest ever referenced");
+    app.delete(&format!("/v2/team/app/manifests/{gone_digest}"))
+        .assert_status(202);
+
+    let dry = gc_report(&app, true, &[]);
+    assert_eq!(dry["blobs_deleted"], 3, "dry run: {dry}");
+    assert_eq!(dry["links_removed"], 3, "dry run: {dry}");
+    for blob in manifest_blobs(&gone).iter().chain([&lone]) {
+        assert!(
+            blob_file(app.data_dir(), blob).exists(),
+            "dry run kept {blob}"
+        );
+    }
+
+    let report = gc_report(&app, false, &[]);
+    assert_eq!(report["blobs_deleted"], 3, "{report}");
+    let gone_bytes: u64 = manifest_blobs(&gone)
+        .iter()
+        .chain([&lone])
+        .map(|b| std::fs::metadata(blob_file(app.data_dir(), b)).map_or(0, |m| m.len()))
+        .sum();
+    assert_eq!(gone_bytes, 0, "GC left bytes behind");
+    for blob in manifest_blobs(&gone).iter().chain([&lone]) {
+        assert!(!blob_file(app.data_dir(), blob).exists(), "{blob} kept");
+        app.head(&format!("/v2/team/app/blobs/{blob}"))
+            .assert_status(404);
+    }
+    for blob in manifest_blobs(&kept) {
+        assert!(
+            blob_file(app.data_dir(), &blob).exists(),
+            "{blob} of a tagged image deleted"
+        );
+    }
+    assert_every_tag_is_complete(&app);
+    // Nothing left to do: a second run deletes nothing.
+    let again = gc_report(&app, false, &[]);
+    assert_eq!(again["blobs_deleted"], 0, "{again}");
+}
+
+#[test]
+fn grace_period_keeps_blobs_of_a_push_in_progress() {
+    let app = TestApp::builder()
+        .env("BERTH_GC_INTERVAL_SECS", "0")
+        .start();
+    let layer = push_blob(&app, "team/app", b"uploaded, manifest not yet pushed");
+    let report = gc_report(&app, false, &[("BERTH_GC_GRACE_SECS", "3600")]);
+    assert_eq!(report["blobs_deleted"], 0, "{report}");
+    assert!(blob_file(app.data_dir(), &layer).exists());
+    app.head(&format!("/v2/team/app/blobs/{layer}"))
+        .assert_status(200);
+}
+
+#[test]
+fn deleted_image_and_its_referrers_wait_in_the_trash_and_restore_byte_for_byte() {
+    let app = app_with(3600, &[]);
+    let (digest, manifest) = push_image(&app, "team/app", "v1", "trashed");
+    // A signature-like referrer of the image.
+    let empty = push_blob(&app, "team/app", b"{}");
+    let sig_layer = push_blob(&app, "team/app", b"signature bytes");
+    let referrer = json_doc(
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": "application/vnd.example.signature",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [descriptor("application/octet-stream", b"signature bytes")],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": digest, "size": manifest.len()},
+        }),
+        serde_json::json!({}),
+    );
+    let referrer_digest =
+        app.push_manifest("team/app", &sha256(&referrer), OCI_MANIFEST, &referrer);
+
+    app.delete(&format!("/v2/team/app/manifests/{digest}"))
+        .assert_status(202);
+    app.get("/v2/team/app/manifests/v1").assert_status(404);
+    app.get(&format!("/v2/team/app/manifests/{referrer_digest}"))
+        .assert_status(404);
+
+    let entries = trash_entries(&app);
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    let subject = entries
+        .iter()
+        .find(|e| e["digest"] == digest.as_str())
+        .expect("subject in the trash");
+    assert_eq!(subject["tags"], serde_json::json!(["v1"]));
+    let follower = entries
+        .iter()
+        .find(|e| e["digest"] == referrer_digest.as_str())
+        .expect("referrer in the trash");
+    assert_eq!(follower["group_id"], subject["id"]);
+
+    // GC must not touch the blobs of what the trash still holds.
+    let report = gc_report(&app, false, &[("BERTH_TRASH_RETENTION_SECS", "3600")]);
+    assert_eq!(report["blobs_deleted"], 0, "{report}");
+
+    let id = subject["id"].as_i64().expect("id").to_string();
+    let (ok, out) = berth(&app, &["trash", "restore", &id], &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("restored tag team/app:v1"), "{out}");
+    let back = app
+        .get("/v2/team/app/manifests/v1")
+        .assert_status(200)
+        .body
+        .clone();
+    assert_eq!(back, manifest, "restored bytes differ");
+    app.get(&format!("/v2/team/app/manifests/{referrer_digest}"))
+        .assert_status(200);
+    let referrers = app
+        .get(&format!("/v2/team/app/referrers/{digest}"))
+        .assert_status(200)
+        .json();
+    assert_eq!(
+        referrers["manifests"][0]["digest"],
+        referrer_digest.as_str()
+    );
+    for blob in manifest_blobs(&manifest).iter().chain([&sig_layer]) {
+        app.get(&format!("/v2/team/app/blobs/{blob}"))
+            .assert_status(200);
+    }
+    assert!(trash_entries(&app).is_empty());
+    assert_every_tag_is_complete(&app);
+}
+
+#[test]
+fn trash_past_its_period_is_purged_and_its_blobs_collected() {
+    let app = app_with(3600, &[]);
+    let (digest, manifest) = push_image(&app, "team/app", "old", "expired");
+    app.delete(&format!("/v2/team/app/manifests/{digest}"))
+        .assert_status(202);
+    // The same database seen by a collector whose trash period is over.
+    let report = gc_report(&app, false, &[("BERTH_TRASH_RETENTION_SECS", "0")]);
+    assert_eq!(report["trash_purged"], 1, "{report}");
+    assert_eq!(report["blobs_deleted"], 2, "{report}");
+    for blob in manifest_blobs(&manifest) {
+        assert!(!blob_file(app.data_dir(), &blob).exists());
+    }
+    assert!(trash_entries(&app).is_empty());
+}
+
+#[test]
+fn a_deleted_tag_is_restored_to_its_manifest() {
+    let app = app_with(3600, &[]);
+    let (digest, _) = push_image(&app, "team/app", "stable", "tagged");
+    app.delete("/v2/team/app/manifests/stable")
+        .assert_status(202);
+    app.get("/v2/team/app/manifests/stable").assert_status(404);
+    let entries = trash_entries(&app);
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["kind"], "tag");
+    let (ok, out) = berth(
+        &app,
+        &["trash", "restore", "--all", "--repository", "team/app"],
+        &[],
+    );
+    assert!(ok, "{out}");
+    let r = app.get("/v2/team/app/manifests/stable");
+    r.assert_status(200);
+    assert_eq!(r.must_header("docker-content-digest"), digest);
+}
+
+#[test]
+fn untagged_manifests_go_to_the_trash_when_configured() {
+    let app = app_with(3600, &[]);
+    let (tagged, _) = push_image(&app, "team/app", "latest", "one");
+    let untagged = {
+        let m = app.image_manifest("team/app", "two", serde_json::json!({}));
+        app.push_manifest("team/app", &sha256(&m), OCI_MANIFEST, &m)
+    };
+    let kept = gc_report(&app, false, &[]);
+    assert_eq!(
+        kept["manifests_trashed"], 0,
+        "untagged kept by default: {kept}"
+    );
+    let report = gc_report(&app, false, RACE_GC);
+    assert_eq!(report["manifests_trashed"], 1, "{report}");
+    app.get(&format!("/v2/team/app/manifests/{untagged}"))
+        .assert_status(404);
+    app.get(&format!("/v2/team/app/manifests/{tagged}"))
+        .assert_status(200);
+}
+
+#[test]
+fn bytes_metadata_never_knew_are_collected_after_the_grace_period() {
+    let app = app_with(0, &[]);
+    let bytes = b"left by a crash between storing and linking";
+    let digest = sha256(bytes);
+    let path = blob_file(app.data_dir(), &digest);
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&path, bytes).expect("write orphan");
+    // Fresh bytes are within a grace period of an hour.
+    let report = gc_report(&app, false, &[("BERTH_GC_GRACE_SECS", "3600")]);
+    assert_eq!(report["orphans_deleted"], 0, "{report}");
+    assert!(path.exists());
+    let status = Command::new("touch")
+        .args(["-d", "2 hours ago"])
+        .arg(&path)
+        .status()
+        .expect("touch");
+    assert!(status.success());
+    let report = gc_report(&app, false, &[("BERTH_GC_GRACE_SECS", "3600")]);
+    assert_eq!(report["orphans_deleted"], 1, "{report}");
+    assert!(!path.exists());
+}
+
+#[test]
+fn scheduled_gc_in_serve_collects_and_shows_on_metrics() {
+    let app = TestApp::builder()
+        .env("BERTH_GC_GRACE_SECS", "0")
+        .env("BERTH_TRASH_RETENTION_SECS", "0")
+        .env("BERTH_GC_INTERVAL_SECS", "1")
+        .start();
+    let (digest, manifest) = push_image(&app, "team/app", "x", "scheduled");
+    app.delete(&format!("/v2/team/app/manifests/{digest}"))
+        .assert_status(202);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let blobs = manifest_blobs(&manifest);
+    while blobs.iter().any(|b| blob_file(app.data_dir(), b).exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "scheduled GC did not collect within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let metrics = app.get("/metrics").assert_status(200).text();
+    let deleted = metrics
+        .lines()
+        .find(|l| l.starts_with("berth_gc_blobs_deleted_total "))
+        .unwrap_or_else(|| panic!("no berth_gc_blobs_deleted_total in {metrics}"));
+    let n: f64 = deleted
+        .rsplit(' ')
+        .next()
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0.0);
+    assert!(n >= 2.0, "{deleted}");
+}
+
+/// The race test's collector: untagged manifests and the trash go at once.
+const RACE_GC: &[(&str, &str)] = &[
+    ("BERTH_GC_UNTAGGED_MANIFEST_SECS", "0"),
+    ("BERTH_TRASH_RETENTION_SECS", "0"),
+];
+
+#[test]
+fn gc_looping_while_clients_push_retag_and_delete_never_breaks_a_tag() {
+    let app = Arc::new(app_with(0, &[("BERTH_GC_UNTAGGED_MANIFEST_SECS", "0")]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let data_dir = app.data_dir().to_path_buf();
+    let collector = {
+        let stop = stop.clone();
+        let app = app.clone();
+        std::thread::spawn(move || {
+            let mut runs = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let r = gc_report(&app, false, RACE_GC);
+                assert!(r["blobs_deleted"].is_u64());
+                runs += 1;
+            }
+            runs
+        })
+    };
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let app = app.clone();
+            let acknowledged = acknowledged.clone();
+            std::thread::spawn(move || {
+                for i in 0..25 {
+                    // Shared base layer across writers and pushes, plus a layer of its own.
+                    let tag = format!("w{w}-{}", i % 4);
+                    let pushed = push_until_accepted(&app, "race/app", &tag, w, i);
+                    acknowledged
+                        .lock()
+                        .expect("lock")
+                        .push((tag.clone(), pushed));
+                    if i % 3 == 2 {
+                        let _ = app.delete(&format!("/v2/race/app/manifests/{tag}"));
+                        acknowledged
+                            .lock()
+                            .expect("lock")
+                            .retain(|(t, _)| t != &tag);
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let runs = collector.join().expect("collector");
+    assert!(runs >= 2, "GC ran only {runs} times");
+    // Every tag still there is complete, and every tag last acknowledged is still there.
+    assert_every_tag_is_complete(&app);
+    let tags = app.get("/v2/race/app/tags/list").assert_status(200).json();
+    let listed: Vec<String> = tags["tags"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    for (tag, _) in acknowledged.lock().expect("lock").iter() {
+        assert!(
+            listed.contains(tag),
+            "acknowledged tag {tag} lost: {listed:?}"
+        );
+    }
+    // Once nothing is pushing, a last run leaves exactly the blobs tagged images use.
+    let last = gc_report(&app, false, RACE_GC);
+    assert_blob_files_match_their_names(&data_dir);
+    let on_disk = blob_files(&data_dir);
+    let mut used = std::collections::BTreeSet::new();
+    for tag in &listed {
+        let m = app
+            .get(&format!("/v2/race/app/manifests/{tag}"))
+            .assert_status(200)
+            .body
+            .clone();
+        used.extend(manifest_blobs(&m));
+    }
+    let missing: Vec<_> = used.difference(&on_disk).collect();
+    let heads: Vec<u16> = missing
+        .iter()
+        .map(|b| app.head(&format!("/v2/race/app/blobs/{b}")).status)
+        .collect();
+    assert_eq!(
+        on_disk, used,
+        "blobs on disk differ from what tagged images use; missing {missing:?} (HEAD {heads:?}); last run {last}"
+    );
+}
+
+fn blob_files(data_dir: &Path) -> std::collections::BTreeSet<String> {
+    crate::support::files_under(&data_dir.join("blobs"))
+        .into_iter()
+        .filter_map(|(p, _)| {
+            let hex = p.file_name()?.to_str()?.to_string();
+            let alg = p.parent()?.parent()?.file_name()?.to_str()?.to_string();
+            Some(format!("{alg}:{hex}"))
+        })
+        .collect()
+}
+
+/// Pushes an image (a shared base layer and one of its own) under `tag`, starting over when
+/// a racing GC removed a blob between its upload and the manifest (MANIFEST_BLOB_UNKNOWN) or
+/// was deleting it (503). Returns the manifest's digest.
+fn push_until_accepted(app: &TestApp, repo: &str, tag: &str, w: usize, i: usize) -> String {
+    for _ in 0..20 {
+        let config = format!(r#"{{"architecture":"amd64","os":"linux","w":{w},"i":{i}}}"#);
+        let base = b"a base layer every image shares".to_vec();
+        let own = format!("layer {w}-{i}").into_bytes();
+        let c = app.client();
+        let mut ok = true;
+        for bytes in [config.as_bytes(), &base[..], &own[..]] {
+            let status = c
+                .post(app.url(&format!(
+                    "/v2/{repo}/blobs/uploads/?digest={}",
+                    sha256(bytes)
+                )))
+                .body(bytes.to_vec())
+                .send()
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0);
+            ok &= status == 201;
+        }
+        if !ok {
+            continue;
+        }
+        let manifest = json_doc(
+            serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": descriptor("application/vnd.oci.image.config.v1+json", config.as_bytes()),
+                "layers": [
+                    descriptor("application/vnd.oci.image.layer.v1.tar", &base),
+                    descriptor("application/vnd.oci.image.layer.v1.tar", &own),
+                ],
+            }),
+            serde_json::json!({}),
+        );
+        let r = app.put_manifest(repo, tag, OCI_MANIFEST, &manifest);
+        match r.status {
+            201 => return sha256(&manifest),
+            400 | 503 => continue,
+            s => panic!("manifest put: {s} {}", r.text()),
+        }
+    }
+    panic!("push of {tag} never accepted")
+}
+
+#[test]
+fn kill9_of_a_collector_loses_nothing_and_the_next_run_finishes() {
+    let app = app_with(0, &[]);
+    let (_, kept) = push_image(&app, "team/app", "keep", "survivor");
+    let mut garbage = Vec::new();
+    for i in 0..400 {
+        garbage.push(push_blob(
+            &app,
+            "team/junk",
+            format!("garbage {i}").as_bytes(),
+        ));
+    }
+    for cut_ms in [30u64, 80, 150] {
+        let mut cmd = clean_command(&std::env::temp_dir());
+        cmd.args(["gc", "--data-dir"])
+            .arg(app.data_dir())
+            .env("BERTH_GC_GRACE_SECS", "0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().expect("spawn gc");
+        std::thread::sleep(Duration::from_millis(cut_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // The killed collector's lease lapses (30 s) or the next one waits for it; then it finishes.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut cmd = clean_command(&std::env::temp_dir());
+        cmd.args(["gc", "--json", "--data-dir"])
+            .arg(app.data_dir())
+            .env("BERTH_GC_GRACE_SECS", "0");
+        let out = output_within(cmd, "berth gc");
+        if out.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("lease"), "gc failed: {err}");
+        assert!(Instant::now() < deadline, "the lease never lapsed");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    for blob in &garbage {
+        assert!(!blob_file(app.data_dir(), blob).exists(), "{blob} left");
+    }
+    for blob in manifest_blobs(&kept) {
+        assert!(blob_file(app.data_dir(), &blob).exists(), "{blob} lost");
+    }
+    assert_every_tag_is_complete(&app);
+    assert_blob_files_match_their_names(app.data_dir());
+}
