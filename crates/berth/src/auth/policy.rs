@@ -134,6 +134,11 @@ pub enum Op<'a> {
     /// Creating, reading, deleting or replaying a webhook of a namespace, or (`None`) a global
     /// one or one that does not exist.
     Webhooks(Option<&'a str>),
+    /// Listing or restoring the trash of a namespace, or (`None`) all of it or an entry that
+    /// does not exist.
+    Trash(Option<&'a str>),
+    /// Running garbage collection.
+    RunGc,
 }
 
 /// The rules. See the module doc.
@@ -144,7 +149,7 @@ pub fn permits(who: &Authority, op: &Op<'_>) -> bool {
     match *op {
         Op::Me => true,
         Op::ListNamespaces | Op::ListWebhooks => matches!(who, Authority::User { .. }),
-        Op::Webhooks(Some(ns)) => who.owns(ns),
+        Op::Webhooks(Some(ns)) | Op::Trash(Some(ns)) => who.owns(ns),
         Op::ReadUser(name) | Op::SetPassword(name) => who.is_user(name),
         Op::ReadNamespace(ns) | Op::ManageNamespace(ns) | Op::ReadAudit(Some(ns)) => who.owns(ns),
         Op::Secrets(Some(holder)) => {
@@ -158,7 +163,9 @@ pub fn permits(who: &Authority, op: &Op<'_>) -> bool {
         | Op::ChangeNamespace(_)
         | Op::Webhooks(None)
         | Op::RotateKeys
-        | Op::ReadAudit(None) => false,
+        | Op::ReadAudit(None)
+        | Op::Trash(None)
+        | Op::RunGc => false,
     }
 }
 
@@ -340,6 +347,10 @@ mod tests {
             (Op::Webhooks(Some("team")), [true, true, false, false]),
             (Op::Webhooks(Some("lib")), [true, false, false, false]),
             (Op::Webhooks(None), [true, false, false, false]),
+            (Op::Trash(Some("team")), [true, true, false, false]),
+            (Op::Trash(Some("lib")), [true, false, false, false]),
+            (Op::Trash(None), [true, false, false, false]),
+            (Op::RunGc, [true, false, false, false]),
         ];
         for (op, expected) in table {
             for (who, want) in [&admin, &alice, &bob, &robot].iter().zip(expected) {

@@ -519,3 +519,54 @@ fn kill9_of_a_collector_loses_nothing_and_the_next_run_finishes() {
     assert_every_tag_is_complete(&app);
     assert_blob_files_match_their_names(app.data_dir());
 }
+
+#[test]
+fn trash_and_gc_through_the_management_api() {
+    let app = app_with(3600, &[]);
+    let (digest, manifest) = push_image(&app, "team/app", "v1", "api");
+    app.delete(&format!("/v2/team/app/manifests/{digest}"))
+        .assert_status(202);
+    let page = app
+        .get("/api/v1/trash?namespace=team")
+        .assert_status(200)
+        .json();
+    let entries = page["entries"].as_array().expect("entries");
+    assert_eq!(entries.len(), 1, "{page}");
+    assert_eq!(entries[0]["digest"], digest.as_str());
+    assert_eq!(entries[0]["reason"], "deleted");
+    let id = entries[0]["id"].as_i64().expect("id");
+    let report = send_post(&app, "/api/v1/gc?dry_run=true");
+    assert_eq!(report.status, 200, "{}", report.text());
+    assert_eq!(report.json()["dry_run"], true);
+    let restored = send_post(&app, &format!("/api/v1/trash/{id}/restore"));
+    assert_eq!(restored.status, 200, "{}", restored.text());
+    assert_eq!(restored.json()["tags"], serde_json::json!(["team/app:v1"]));
+    assert_eq!(
+        app.get("/v2/team/app/manifests/v1").assert_status(200).body,
+        manifest
+    );
+    // Restored once: the entry is gone.
+    assert_eq!(
+        send_post(&app, &format!("/api/v1/trash/{id}/restore")).status,
+        404
+    );
+    // The deletes and the restore are in the audit trail.
+    let audit = app
+        .get("/api/v1/audit?repository=team/app")
+        .assert_status(200)
+        .json();
+    let kinds: Vec<&str> = audit["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"manifest.deleted") && kinds.contains(&"trash.restored"),
+        "{kinds:?}"
+    );
+}
+
+fn send_post(app: &TestApp, path: &str) -> crate::support::Reply {
+    crate::support::send(app.client().post(app.url(path)))
+}

@@ -391,6 +391,16 @@ fn every_endpoint_answers_every_kind_of_caller_as_the_rules_say() {
             admins(404),
         ),
         ("DELETE", "/api/v1/webhooks/{wh}", None, owners(204)),
+        ("GET", "/api/v1/trash", None, admins(200)),
+        ("GET", "/api/v1/trash?namespace=team", None, owners(200)),
+        (
+            "GET",
+            "/api/v1/trash?repository=team/app",
+            None,
+            owners(200),
+        ),
+        ("POST", "/api/v1/trash/999999/restore", None, admins(404)),
+        ("POST", "/api/v1/gc?dry_run=true", None, admins(200)),
         ("DELETE", "/api/v1/users/u-{k}", None, admins(204)),
     ];
     let fill = |s: &str, vars: &HashMap<&str, String>| {

@@ -17,6 +17,7 @@
 mod accounts;
 mod audit;
 mod namespaces;
+mod trash;
 mod webhooks;
 
 use std::sync::Arc;
@@ -81,6 +82,9 @@ pub enum Endpoint {
     DeleteWebhook,
     ListParked,
     ReplayParked,
+    ListTrash,
+    RestoreTrash,
+    RunGc,
 }
 
 /// One route: a method and a path template whose `{name}` segments are parameters.
@@ -194,6 +198,13 @@ pub static ROUTES: &[RouteSpec] = &[
         "/api/v1/webhooks/{id}/replay",
         Endpoint::ReplayParked,
     ),
+    route(Method::GET, "/api/v1/trash", Endpoint::ListTrash),
+    route(
+        Method::POST,
+        "/api/v1/trash/{id}/restore",
+        Endpoint::RestoreTrash,
+    ),
+    route(Method::POST, "/api/v1/gc", Endpoint::RunGc),
 ];
 
 /// A route's path parameters by name, percent-decoded.
@@ -352,6 +363,9 @@ async fn dispatch(
         DeleteWebhook => webhooks::delete(&ctx).await,
         ListParked => webhooks::parked(&ctx).await,
         ReplayParked => webhooks::replay(&ctx).await,
+        ListTrash => trash::list(&ctx).await,
+        RestoreTrash => trash::restore(&ctx).await,
+        RunGc => trash::gc(&ctx).await,
     }
 }
 
