@@ -73,6 +73,50 @@ enum Command {
     /// Deleted manifests and tags, kept for trash_retention_secs: list and restore them.
     #[command(subcommand)]
     Trash(TrashCommand),
+    /// Retention policies: what GC keeps of the repositories a pattern matches.
+    #[command(subcommand)]
+    Retention(RetentionCommand),
+}
+
+#[derive(Subcommand)]
+enum RetentionCommand {
+    /// Add a policy. Of the tags of each repository PATTERN matches, GC keeps those a keep
+    /// rule holds and moves the rest to the trash (their manifest too when nothing else holds
+    /// it). With several policies on a repository a tag goes only if all of them let it go.
+    Add {
+        /// Repositories: a glob (`*` any run of characters, `/` included), e.g. 'team/*'.
+        pattern: String,
+        /// Keep the N most recently pushed tags.
+        #[arg(long)]
+        keep_last: Option<u64>,
+        /// Keep tags matching this glob (repeatable), e.g. 'v*'.
+        #[arg(long = "keep-tag")]
+        keep_tags: Vec<String>,
+        /// Keep tags pushed within this many days.
+        #[arg(long)]
+        keep_days: Option<u64>,
+        /// Delete untagged manifests older than this many days.
+        #[arg(long)]
+        untagged_days: Option<u64>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List policies.
+    List {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Remove a policy.
+    Rm {
+        id: i64,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Exactly what the policies would delete now (what the next GC run does).
+    Plan {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1021,6 +1065,63 @@ async fn trash(command: TrashCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[allow(clippy::print_stdout)]
+async fn retention(command: RetentionCommand) -> anyhow::Result<()> {
+    let ctx = RequestContext::system("cli");
+    match command {
+        RetentionCommand::Add {
+            pattern,
+            keep_last,
+            keep_tags,
+            keep_days,
+            untagged_days,
+            config,
+        } => {
+            let registry = admin_registry(config).await?;
+            let policy = berth::metadata::retention::Policy {
+                id: 0,
+                repositories: pattern,
+                keep_last,
+                keep_tags,
+                keep_days,
+                untagged_days,
+                created_at: 0,
+            };
+            let added = registry.add_retention_policy(&ctx, &policy).await?;
+            println!("added retention policy {}", added.id);
+        }
+        RetentionCommand::List { config } => {
+            let registry = admin_registry(config).await?;
+            for p in registry.retention_policies().await? {
+                println!("{}", serde_json::to_string(&p)?);
+            }
+        }
+        RetentionCommand::Rm { id, config } => {
+            let registry = admin_registry(config).await?;
+            match registry.remove_retention_policy(&ctx, id).await? {
+                Some(_) => println!("removed retention policy {id}"),
+                None => anyhow::bail!("no retention policy {id}"),
+            }
+        }
+        RetentionCommand::Plan { config } => {
+            let registry = admin_registry(config).await?;
+            let plan = registry.retention_plan().await?;
+            for t in &plan.tags {
+                println!("tag {}:{} ({})", t.repository, t.tag, t.digest);
+            }
+            for m in &plan.untagged {
+                println!("untagged {}@{}", m.repository, m.digest);
+            }
+            println!(
+                "{} tags and {} untagged manifests would go to the trash",
+                plan.tags.len(),
+                plan.untagged.len()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1043,6 +1144,7 @@ fn main() -> anyhow::Result<()> {
             config,
         } => runtime.block_on(gc(dry_run, json, config)),
         Command::Trash(c) => runtime.block_on(trash(c)),
+        Command::Retention(c) => runtime.block_on(retention(c)),
     };
     // Access log lines still buffered (see berth::logging).
     berth::logging::STDERR.flush();

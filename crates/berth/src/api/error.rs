@@ -223,6 +223,7 @@ impl From<ServiceError> for ApiError {
                     .detail(detail);
             }
             ServiceError::ManifestInvalid(_) => ManifestInvalid,
+            ServiceError::InvalidRequest(_) => Invalid,
             ServiceError::ManifestTooLarge { .. } => {
                 return ApiError::new(SizeInvalid)
                     .status(StatusCode::PAYLOAD_TOO_LARGE)

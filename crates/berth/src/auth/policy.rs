@@ -139,6 +139,11 @@ pub enum Op<'a> {
     Trash(Option<&'a str>),
     /// Running garbage collection.
     RunGc,
+    /// Managing retention policies whose pattern stays within a namespace, or (`None`) any
+    /// other, and reading the plan of all of them.
+    Retention(Option<&'a str>),
+    /// Listing retention policies: each caller sees those it may manage.
+    ListRetention,
 }
 
 /// The rules. See the module doc.
@@ -148,8 +153,10 @@ pub fn permits(who: &Authority, op: &Op<'_>) -> bool {
     }
     match *op {
         Op::Me => true,
-        Op::ListNamespaces | Op::ListWebhooks => matches!(who, Authority::User { .. }),
-        Op::Webhooks(Some(ns)) | Op::Trash(Some(ns)) => who.owns(ns),
+        Op::ListNamespaces | Op::ListWebhooks | Op::ListRetention => {
+            matches!(who, Authority::User { .. })
+        }
+        Op::Webhooks(Some(ns)) | Op::Trash(Some(ns)) | Op::Retention(Some(ns)) => who.owns(ns),
         Op::ReadUser(name) | Op::SetPassword(name) => who.is_user(name),
         Op::ReadNamespace(ns) | Op::ManageNamespace(ns) | Op::ReadAudit(Some(ns)) => who.owns(ns),
         Op::Secrets(Some(holder)) => {
@@ -165,6 +172,7 @@ pub fn permits(who: &Authority, op: &Op<'_>) -> bool {
         | Op::RotateKeys
         | Op::ReadAudit(None)
         | Op::Trash(None)
+        | Op::Retention(None)
         | Op::RunGc => false,
     }
 }
@@ -351,6 +359,8 @@ mod tests {
             (Op::Trash(Some("lib")), [true, false, false, false]),
             (Op::Trash(None), [true, false, false, false]),
             (Op::RunGc, [true, false, false, false]),
+            (Op::Retention(Some("team")), [true, true, false, false]),
+            (Op::Retention(None), [true, false, false, false]),
         ];
         for (op, expected) in table {
             for (who, want) in [&admin, &alice, &bob, &robot].iter().zip(expected) {

@@ -15,6 +15,7 @@ pub mod db;
 pub mod events;
 pub mod gc;
 pub mod queries;
+pub mod retention;
 pub mod schema;
 pub mod trash;
 pub mod webhooks;

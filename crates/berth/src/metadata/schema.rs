@@ -389,8 +389,8 @@ CREATE TABLE event_checkpoints (
 );
 "#;
 
-/// The trash (deleted manifests and tags, kept for `trash_retention_secs` and restorable) and
-/// leases (one holder at a time among several nodes, such as the GC's).
+/// The trash (deleted manifests and tags, kept for `trash_retention_secs` and restorable),
+/// leases (one holder at a time among several nodes, such as the GC's) and retention policies.
 const V7: &str = r#"
 CREATE TABLE trash (
     id          {ID},
@@ -423,4 +423,14 @@ CREATE TABLE leases (
     owner    TEXT NOT NULL,
     until_ms {INT} NOT NULL
 ) {WITHOUT_ROWID};
+-- What GC keeps of the repositories a pattern matches; everything else there goes to the trash.
+CREATE TABLE retention_policies (
+    id            {ID},
+    repositories  TEXT NOT NULL,
+    keep_last     {INT},
+    keep_tags     TEXT NOT NULL,
+    keep_days     {INT},
+    untagged_days {INT},
+    created_at    {INT} NOT NULL
+);
 "#;

@@ -152,15 +152,26 @@ impl RequestContext {
         size: Option<u64>,
     ) -> NewEvent {
         NewEvent {
+            digest: digest.map(|d| d.to_string()),
+            tags: tags.to_vec(),
+            size,
+            ..self.event_about(kind, Some(repo.as_str()))
+        }
+    }
+
+    /// An event by this request's caller about a repository, a namespace (`repository` holds
+    /// its name) or the registry as a whole (`None`).
+    pub(crate) fn event_about(&self, kind: &str, repository: Option<&str>) -> NewEvent {
+        NewEvent {
             kind: kind.to_string(),
             actor: self.principal.actor.to_string(),
             client_addr: self.client_addr.map(|a| a.to_string()),
             user_agent: self.user_agent.clone(),
             request_id: Some(self.request_id.to_string()),
-            repository: Some(repo.as_str().to_string()),
-            digest: digest.map(|d| d.to_string()),
-            tags: tags.to_vec(),
-            size,
+            repository: repository.map(str::to_string),
+            digest: None,
+            tags: Vec::new(),
+            size: None,
             result: "ok".to_string(),
             detail: None,
         }

@@ -49,8 +49,11 @@ impl Default for Lifecycle {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct GcReport {
     pub dry_run: bool,
-    /// Untagged manifests moved to the trash (referrers that followed them included).
+    /// Manifests moved to the trash: untagged ones past their age, and those retention
+    /// policies let go (referrers that followed them included).
     pub manifests_trashed: u64,
+    /// Tags retention policies deleted.
+    pub retention_tags: u64,
     /// Trash entries past the trash period, removed for good.
     pub trash_purged: u64,
     /// Repository links to blobs no manifest there references any more.
@@ -89,7 +92,7 @@ impl From<crate::storage::StorageError> for GcError {
 }
 
 /// Renews the lease inside a write transaction; a collector that lost it stops.
-async fn hold(tx: &mut Tx<'_>, owner: &str) -> Result<(), MetadataError> {
+pub(super) async fn hold(tx: &mut Tx<'_>, owner: &str) -> Result<(), MetadataError> {
     if statements::take_lease(tx, LEASE, owner, LEASE_TTL_MS).await? {
         Ok(())
     } else {
@@ -171,6 +174,7 @@ impl Registry {
         let now = now_secs() + 1;
         let life = self.options.lifecycle;
         let grace_before = now - life.gc_grace_secs;
+        self.apply_retention(ctx, owner, report).await?;
         if let Some(age) = life.untagged_manifest_secs {
             self.trash_untagged(ctx, owner, now - age, report).await?;
         }

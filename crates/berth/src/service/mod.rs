@@ -8,6 +8,7 @@
 mod context;
 mod copy;
 pub mod gc;
+pub mod retention;
 mod uploads;
 
 use std::collections::HashMap;
@@ -45,6 +46,9 @@ pub enum ServiceError {
     RangeMismatch { size: u64, requested: u64 },
     #[error("{0}")]
     ManifestInvalid(String),
+    /// A management request that is not valid (a bad policy, an unknown parameter).
+    #[error("{0}")]
+    InvalidRequest(String),
     #[error("manifest is {size} bytes, over the limit of {limit}")]
     ManifestTooLarge { size: usize, limit: usize },
     #[error("blob {0} referenced by the manifest is not in the repository")]

@@ -321,5 +321,39 @@ pub(crate) mod tests {
 
         ok(store.delete(&digest).await);
         assert_eq!(ok(store.stat(&digest).await), None);
+
+        // GC's listing: every blob once, in digest order, a page at a time; then a batch delete.
+        let mut stored = Vec::new();
+        for i in 0..7u8 {
+            let bytes = vec![i; usize::from(i) + 1];
+            let d = Digest::sha256_of(&bytes);
+            upload(store, &format!("l{i}"), &[&bytes]).await;
+            ok(store.commit_upload(&format!("l{i}"), &d, None).await);
+            stored.push((d, bytes.len() as u64));
+        }
+        stored.sort_by_key(|(d, _)| d.to_string());
+        let mut listed = Vec::new();
+        let mut after: Option<Digest> = None;
+        loop {
+            let page = ok(store.list_blobs(after.as_ref(), 3).await);
+            assert!(page.len() <= 3);
+            let Some(last) = page.last() else { break };
+            after = Some(last.digest.clone());
+            listed.extend(page.into_iter().map(|b| (b.digest, b.size)));
+        }
+        assert_eq!(listed, stored);
+        let (gone, kept) = stored.split_at(4);
+        let gone: Vec<Digest> = gone.iter().map(|(d, _)| d.clone()).collect();
+        ok(store.delete_blobs(&gone).await);
+        // Deleting what is gone already is no error.
+        ok(store.delete_blobs(&gone).await);
+        let left: Vec<(Digest, u64)> = ok(store.list_blobs(None, 100).await)
+            .into_iter()
+            .map(|b| (b.digest, b.size))
+            .collect();
+        assert_eq!(left, kept);
+        for (d, _) in kept {
+            ok(store.delete(d).await);
+        }
     }
 }

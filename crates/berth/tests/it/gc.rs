@@ -676,3 +676,118 @@ fn two_nodes_on_postgres_and_s3_collect_while_clients_push_and_delete() {
     assert_eq!(dry["manifests_trashed"], 0, "{dry}");
     assert!(!used.is_empty());
 }
+
+/// Sets when a tag was last pushed, straight in the SQLite database.
+fn set_pushed_at(app: &TestApp, tag: &str, at: i64) {
+    let status = Command::new("sqlite3")
+        .arg(app.data_dir().join("metadata.db"))
+        .arg(format!(
+            "UPDATE tags SET updated_at = {at} WHERE name = '{tag}'"
+        ))
+        .status()
+        .expect("sqlite3");
+    assert!(status.success());
+}
+
+#[test]
+fn retention_policy_plans_exactly_what_gc_then_trashes_and_restore_undoes_it() {
+    let app = app_with(3600, &[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let tags = ["v1.0", "v1.1", "dev-1", "dev-2", "latest", "dev-3"];
+    let mut digests = std::collections::HashMap::new();
+    for (i, tag) in tags.iter().enumerate() {
+        let (digest, _) = push_image(&app, "team/app", tag, &format!("retained {tag}"));
+        push_image(&app, "other/app", tag, &format!("other {tag}"));
+        digests.insert(*tag, digest);
+        // Pushed in this order, a day apart, the newest now.
+        set_pushed_at(&app, tag, now - (tags.len() - i) as i64 * 86_400);
+    }
+    // A signature of dev-1 follows it.
+    let sig = {
+        let m = app.image_manifest(
+            "team/app",
+            "signature of dev-1",
+            serde_json::json!({"subject": {"mediaType": OCI_MANIFEST, "digest": digests["dev-1"], "size": 1}}),
+        );
+        // The subject's declared size is not checked against a manifest's length by the
+        // referrers API; what matters here is the subject digest.
+        app.push_manifest("team/app", &sha256(&m), OCI_MANIFEST, &m)
+    };
+
+    // A policy without a keep rule would empty the namespace: refused.
+    let bad = crate::support::send(
+        app.client()
+            .post(app.url("/api/v1/retention"))
+            .header("Content-Type", "application/json")
+            .body(r#"{"repositories": "team/*"}"#),
+    );
+    assert_eq!(bad.status, 400, "{}", bad.text());
+
+    let (ok, out) = berth(
+        &app,
+        &[
+            "retention",
+            "add",
+            "team/*",
+            "--keep-last",
+            "2",
+            "--keep-tag",
+            "v*",
+            "--keep-tag",
+            "latest",
+        ],
+        &[],
+    );
+    assert!(ok, "{out}");
+    let (ok, plan) = berth(&app, &["retention", "plan"], &[]);
+    assert!(ok, "{plan}");
+    let planned: Vec<&str> = plan.lines().filter(|l| l.starts_with("tag ")).collect();
+    assert_eq!(
+        planned,
+        [
+            format!("tag team/app:dev-2 ({})", digests["dev-2"]),
+            format!("tag team/app:dev-1 ({})", digests["dev-1"]),
+        ],
+        "{plan}"
+    );
+
+    let report = gc_report(&app, false, &[]);
+    assert_eq!(report["retention_tags"], 2, "{report}");
+    // dev-1, dev-2 and the signature that followed dev-1.
+    assert_eq!(report["manifests_trashed"], 3, "{report}");
+    for tag in ["dev-1", "dev-2"] {
+        app.get(&format!("/v2/team/app/manifests/{tag}"))
+            .assert_status(404);
+    }
+    app.get(&format!("/v2/team/app/manifests/{sig}"))
+        .assert_status(404);
+    for tag in ["v1.0", "v1.1", "latest", "dev-3"] {
+        app.get(&format!("/v2/team/app/manifests/{tag}"))
+            .assert_status(200);
+    }
+    for tag in tags {
+        app.get(&format!("/v2/other/app/manifests/{tag}"))
+            .assert_status(200);
+    }
+    // Nothing more to do: the plan is empty now.
+    let (_, plan) = berth(&app, &["retention", "plan"], &[]);
+    assert!(plan.contains("0 tags and 0 untagged"), "{plan}");
+
+    let (ok, out) = berth(
+        &app,
+        &["trash", "restore", "--all", "--reason", "retention"],
+        &[],
+    );
+    assert!(ok, "{out}");
+    for tag in ["dev-1", "dev-2"] {
+        let r = app.get(&format!("/v2/team/app/manifests/{tag}"));
+        r.assert_status(200);
+        assert_eq!(r.must_header("docker-content-digest"), digests[tag]);
+    }
+    app.get(&format!("/v2/team/app/manifests/{sig}"))
+        .assert_status(200);
+    assert_every_tag_is_complete(&app);
+}

@@ -401,6 +401,21 @@ fn every_endpoint_answers_every_kind_of_caller_as_the_rules_say() {
         ),
         ("POST", "/api/v1/trash/999999/restore", None, admins(404)),
         ("POST", "/api/v1/gc?dry_run=true", None, admins(200)),
+        ("GET", "/api/v1/retention", None, users(200)),
+        (
+            "POST",
+            "/api/v1/retention",
+            Some(json!({"repositories": "team/*", "keep_last": 5})),
+            owners(201),
+        ),
+        (
+            "POST",
+            "/api/v1/retention",
+            Some(json!({"repositories": "*", "keep_last": 5})),
+            admins(201),
+        ),
+        ("DELETE", "/api/v1/retention/999999", None, admins(404)),
+        ("GET", "/api/v1/retention/plan", None, admins(200)),
         ("DELETE", "/api/v1/users/u-{k}", None, admins(204)),
     ];
     let fill = |s: &str, vars: &HashMap<&str, String>| {

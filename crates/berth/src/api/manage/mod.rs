@@ -17,6 +17,7 @@
 mod accounts;
 mod audit;
 mod namespaces;
+mod retention;
 mod trash;
 mod webhooks;
 
@@ -85,6 +86,10 @@ pub enum Endpoint {
     ListTrash,
     RestoreTrash,
     RunGc,
+    ListRetention,
+    AddRetention,
+    RemoveRetention,
+    RetentionPlan,
 }
 
 /// One route: a method and a path template whose `{name}` segments are parameters.
@@ -205,6 +210,18 @@ pub static ROUTES: &[RouteSpec] = &[
         Endpoint::RestoreTrash,
     ),
     route(Method::POST, "/api/v1/gc", Endpoint::RunGc),
+    route(Method::GET, "/api/v1/retention", Endpoint::ListRetention),
+    route(Method::POST, "/api/v1/retention", Endpoint::AddRetention),
+    route(
+        Method::DELETE,
+        "/api/v1/retention/{id}",
+        Endpoint::RemoveRetention,
+    ),
+    route(
+        Method::GET,
+        "/api/v1/retention/plan",
+        Endpoint::RetentionPlan,
+    ),
 ];
 
 /// A route's path parameters by name, percent-decoded.
@@ -366,6 +383,10 @@ async fn dispatch(
         ListTrash => trash::list(&ctx).await,
         RestoreTrash => trash::restore(&ctx).await,
         RunGc => trash::gc(&ctx).await,
+        ListRetention => retention::list(&ctx).await,
+        AddRetention => retention::add(&ctx, body).await,
+        RemoveRetention => retention::remove(&ctx).await,
+        RetentionPlan => retention::plan(&ctx).await,
     }
 }
 
