@@ -42,6 +42,26 @@ pub async fn release_lease(tx: &mut Tx<'_>, name: &str, owner: &str) -> Result<(
     Ok(())
 }
 
+/// SQL conditions on a manifest `m`: no tag points at it and no index of its repository lists
+/// it, so removing it breaks nothing.
+macro_rules! loose_manifest {
+    () => {
+        "NOT EXISTS (SELECT 1 FROM tags t WHERE t.manifest_id = m.id)
+         AND NOT EXISTS (SELECT 1 FROM manifest_children c
+                         JOIN manifests i ON i.id = c.manifest_id
+                         WHERE c.child_digest = m.digest AND i.repository_id = m.repository_id)"
+    };
+}
+/// SQL condition on a manifest `m`: it is not a referrer of a manifest still there (a referrer
+/// follows its subject instead).
+macro_rules! not_a_held_referrer {
+    () => {
+        "(m.subject IS NULL OR NOT EXISTS (SELECT 1 FROM manifests s
+                WHERE s.repository_id = m.repository_id AND s.digest = m.subject))"
+    };
+}
+pub(crate) use {loose_manifest, not_a_held_referrer};
+
 /// A manifest GC may move to the trash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
@@ -61,18 +81,15 @@ pub async fn untagged_manifests(
 ) -> Result<Vec<Candidate>, MetadataError> {
     let rows = tx
         .query(
-            "SELECT m.id, r.name, m.digest FROM manifests m
-             JOIN repositories r ON r.id = m.repository_id
-             WHERE m.id > ?1 AND m.created_at < ?2
-             AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.manifest_id = m.id)
-             AND NOT EXISTS (SELECT 1 FROM manifest_children c
-                             JOIN manifests i ON i.id = c.manifest_id
-                             WHERE c.child_digest = m.digest
-                             AND i.repository_id = m.repository_id)
-             AND (m.subject IS NULL OR NOT EXISTS (
-                    SELECT 1 FROM manifests s
-                    WHERE s.repository_id = m.repository_id AND s.digest = m.subject))
-             ORDER BY m.id LIMIT ?3",
+            concat!(
+                "SELECT m.id, r.name, m.digest FROM manifests m
+                 JOIN repositories r ON r.id = m.repository_id
+                 WHERE m.id > ?1 AND m.created_at < ?2 AND ",
+                loose_manifest!(),
+                " AND ",
+                not_a_held_referrer!(),
+                " ORDER BY m.id LIMIT ?3"
+            ),
             &[after.into(), before.into(), limit.into()],
         )
         .await?;

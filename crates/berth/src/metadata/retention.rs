@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::MetadataError;
 use super::db::{Row, Tx};
+use super::gc::{loose_manifest, not_a_held_referrer};
 use super::queries::now_secs;
 
 /// A policy as stored. Of the tags of a repository `repositories` matches, a tag is kept if it
@@ -137,17 +138,14 @@ pub async fn untagged(
 ) -> Result<Vec<String>, MetadataError> {
     let rows = tx
         .query(
-            "SELECT m.digest FROM repositories r JOIN manifests m ON m.repository_id = r.id
-             WHERE r.name = ?1 AND m.created_at < ?2
-             AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.manifest_id = m.id)
-             AND NOT EXISTS (SELECT 1 FROM manifest_children c
-                             JOIN manifests i ON i.id = c.manifest_id
-                             WHERE c.child_digest = m.digest
-                             AND i.repository_id = m.repository_id)
-             AND (m.subject IS NULL OR NOT EXISTS (
-                    SELECT 1 FROM manifests s
-                    WHERE s.repository_id = m.repository_id AND s.digest = m.subject))
-             ORDER BY m.id",
+            concat!(
+                "SELECT m.digest FROM repositories r JOIN manifests m ON m.repository_id = r.id
+                 WHERE r.name = ?1 AND m.created_at < ?2 AND ",
+                loose_manifest!(),
+                " AND ",
+                not_a_held_referrer!(),
+                " ORDER BY m.id"
+            ),
             &[repository.into(), before.into()],
         )
         .await?;
@@ -163,13 +161,11 @@ pub async fn is_loose(
 ) -> Result<bool, MetadataError> {
     Ok(tx
         .query_opt(
-            "SELECT 1 FROM repositories r JOIN manifests m ON m.repository_id = r.id
-             WHERE r.name = ?1 AND m.digest = ?2
-             AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.manifest_id = m.id)
-             AND NOT EXISTS (SELECT 1 FROM manifest_children c
-                             JOIN manifests i ON i.id = c.manifest_id
-                             WHERE c.child_digest = m.digest
-                             AND i.repository_id = m.repository_id)",
+            concat!(
+                "SELECT 1 FROM repositories r JOIN manifests m ON m.repository_id = r.id
+                 WHERE r.name = ?1 AND m.digest = ?2 AND ",
+                loose_manifest!()
+            ),
             &[repository.into(), digest.into()],
         )
         .await?

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Garbage collection at scale, side by side with CNCF Distribution's offline garbage-collect,
+# and the price of GC for clients. Run by hand; never from tests.
+#
+# 1. The same content for both (bench/gc_seed.py writes it straight into each one's layout):
+#    MANIFESTS image manifests of LAYERS blobs each, half tagged, half untagged and a day old.
+#    Berth: `berth gc` with gc_untagged_manifest_secs=0, trash 0, grace 0 on SQLite + disk;
+#    Distribution: `docker-registry garbage-collect --delete-untagged`. Total time, blobs
+#    deleted per minute, peak RSS (GNU time).
+# 2. PostgreSQL + Garage: the same content at PG_MANIFESTS, moved there by `berth copy`, then
+#    `berth gc` (skipped without PG_URL / the Garage variables).
+# 3. Clients while GC runs: pushes (a config and a layer, then a manifest) and manifest pulls
+#    (wrk) for LOAD_S seconds with GC idle, then with `berth gc` in a loop over a registry of
+#    LOAD_MANIFESTS images; the ratio of the two rates.
+# Knobs: BERTH_BIN, MANIFESTS (100000), LAYERS (10), PG_MANIFESTS (2000), LOAD_MANIFESTS
+# (20000), LOAD_S (15), PG_URL (a superuser URL, e.g. from scripts/postgres.sh).
+set -euo pipefail
+shopt -s inherit_errexit
+export LC_ALL=C
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+BERTH_BIN=${BERTH_BIN:-$ROOT/target/release/berth}
+DIST_BIN=${DIST_BIN:-$(command -v docker-registry || true)}
+export MANIFESTS=${MANIFESTS:-100000} LAYERS=${LAYERS:-10}
+PG_MANIFESTS=${PG_MANIFESTS:-2000}
+LOAD_MANIFESTS=${LOAD_MANIFESTS:-20000}
+LOAD_S=${LOAD_S:-15}
+PG_URL=${PG_URL:-${BERTH_TEST_POSTGRES_URL:-}}
+
+log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+for c in curl wrk python3 /usr/bin/time; do command -v "$c" >/dev/null || die "missing command: $c"; done
+[[ -x $BERTH_BIN ]] || die "no Berth binary at $BERTH_BIN (cargo build --release)"
+
+W=$(mktemp -d "${BENCH_TMP:-/tmp}/berth-gc-bench.XXXXXX")
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+
+export BERTH_GC_GRACE_SECS=0 BERTH_TRASH_RETENTION_SECS=0 BERTH_GC_UNTAGGED_MANIFEST_SECS=0 \
+  BERTH_GC_INTERVAL_SECS=0 RUST_LOG=warn
+
+# timed NAME CMD...: runs CMD under GNU time; prints "seconds peak_rss_kib".
+timed() {
+  local name=$1; shift
+  /usr/bin/time -f '%e %M' -o "$W/time.$name" "$@" > "$W/out.$name" 2> "$W/err.$name" \
+    || die "$name failed: $(tail -5 "$W/err.$name")"
+  cat "$W/time.$name"
+}
+
+row() { # backend, seconds, rss_kib, deleted
+  local per_min
+  per_min=$(awk -v d="$4" -v s="$2" 'BEGIN { printf "%.0f", (s > 0 ? d * 60 / s : 0) }')
+  printf '| %s | %s | %s | %s | %s |\n' "$1" "$4" "$2" "$per_min" "$(( $3 / 1024 ))"
+}
+
+echo "| registry | blobs deleted | seconds | deleted per minute | peak RSS MiB |"
+echo "|---|---|---|---|---|"
+
+# --- 1a. Berth, SQLite + disk -----------------------------------------------------------------
+log "seeding Berth (SQLite + disk): $MANIFESTS manifests, $(( MANIFESTS * LAYERS )) blobs"
+"$BERTH_BIN" migrate --data-dir "$W/berth" > /dev/null 2>&1
+python3 "$HERE/gc_seed.py" berth-fs "$W/berth"
+sync
+read -r secs rss < <(timed berth "$BERTH_BIN" gc --json --data-dir "$W/berth")
+deleted=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["blobs_deleted"])' "$W/out.berth")
+row "Berth, SQLite + disk (online)" "$secs" "$rss" "$deleted"
+rm -rf "$W/berth"
+
+# --- 1b. Distribution, filesystem driver --------------------------------------------------------
+if [[ -n $DIST_BIN ]]; then
+  log "seeding Distribution: the same content"
+  python3 "$HERE/gc_seed.py" distribution "$W/dist"
+  cat > "$W/dist.yml" <<EOF
+version: 0.1
+storage:
+  filesystem:
+    rootdirectory: $W/dist
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:0
+EOF
+  sync
+  read -r secs rss < <(timed dist "$DIST_BIN" garbage-collect --delete-untagged "$W/dist.yml")
+  deleted=$(grep -c 'blob eligible for deletion' "$W/out.dist" "$W/err.dist" | awk -F: '{s+=$2} END {print s}')
+  row "Distribution $("$DIST_BIN" --version 2>/dev/null | awk '{print $NF}'), offline" "$secs" "$rss" "$deleted"
+  rm -rf "$W/dist"
+fi
+
+# --- 2. Berth, PostgreSQL + Garage ----------------------------------------------------------------
+if [[ -n $PG_URL && -n ${BERTH_TEST_S3_ENDPOINT:-} ]]; then
+  log "seeding Berth (PostgreSQL + Garage): $PG_MANIFESTS manifests through berth copy"
+  db="berth_gc_bench_$$"
+  psql -q "$PG_URL" -c "CREATE DATABASE $db" > /dev/null
+  pg=$(python3 -c 'import sys,urllib.parse as u; p=u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/"+sys.argv[2])))' "$PG_URL" "$db")
+  MANIFESTS=$PG_MANIFESTS "$BERTH_BIN" migrate --data-dir "$W/small" > /dev/null 2>&1
+  MANIFESTS=$PG_MANIFESTS python3 "$HERE/gc_seed.py" berth-fs "$W/small"
+  printf 'data_dir = "%s"\n' "$W/small" > "$W/from.toml"
+  printf 'data_dir = "%s"\nmetadata = "%s"\nstorage = "s3://%s/gc-bench-%s"\ns3_endpoint = "%s"\n' \
+    "$W/pgdata" "$pg" "$BERTH_TEST_S3_BUCKET" "$$" "$BERTH_TEST_S3_ENDPOINT" > "$W/to.toml"
+  "$BERTH_BIN" copy --from "$W/from.toml" --to "$W/to.toml" > /dev/null 2> "$W/copy.err" \
+    || die "berth copy: $(tail -5 "$W/copy.err")"
+  read -r secs rss < <(timed pg "$BERTH_BIN" gc --json --config "$W/to.toml")
+  deleted=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["blobs_deleted"])' "$W/out.pg")
+  row "Berth, PostgreSQL + Garage (online, $PG_MANIFESTS manifests)" "$secs" "$rss" "$deleted"
+  psql -q "$PG_URL" -c "DROP DATABASE $db WITH (FORCE)" > /dev/null || true
+fi
+
+# --- 3. Clients while GC runs ---------------------------------------------------------------------
+log "push and pull rates with GC idle and with GC in a loop ($LOAD_MANIFESTS images)"
+MANIFESTS=$LOAD_MANIFESTS "$BERTH_BIN" migrate --data-dir "$W/load" > /dev/null 2>&1
+MANIFESTS=$LOAD_MANIFESTS python3 "$HERE/gc_seed.py" berth-fs "$W/load"
+"$BERTH_BIN" serve --listen 127.0.0.1:0 --data-dir "$W/load" > "$W/serve.out" 2> "$W/serve.err" &
+PIDS+=($!)
+for _ in $(seq 300); do [[ -s $W/serve.out ]] && break; sleep 0.1; done
+URL=$(awk '{print $NF}' "$W/serve.out")
+[[ -n $URL ]] || die "berth did not start: $(cat "$W/serve.err")"
+# Pulls of a tagged manifest; pushes from a small Python client (keep-alive, 4 threads).
+pull_rate() {
+  wrk -t1 -c8 -d"${LOAD_S}s" -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+    "$URL/v2/bench/app0/manifests/t0" | awk '/Requests\/sec/ {print $2}'
+}
+push_rate() {
+  python3 - "$URL" "$LOAD_S" "$1" <<'PY'
+import hashlib, http.client, json, sys, threading, time, urllib.parse
+url, secs, run = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+host = urllib.parse.urlsplit(url).netloc
+done = [0]
+def worker(n):
+    c = http.client.HTTPConnection(host)
+    end, i = time.time() + secs, 0
+    while time.time() < end:
+        blobs = [f"{run} {n} {i} config".encode(), f"{run} {n} {i} layer".encode()]
+        ds = []
+        for b in blobs:
+            d = "sha256:" + hashlib.sha256(b).hexdigest()
+            c.request("POST", f"/v2/load/push/blobs/uploads/?digest={d}", body=b)
+            r = c.getresponse(); r.read()
+            ds.append((d, len(b)))
+        m = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": ds[0][0], "size": ds[0][1]},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ds[1][0], "size": ds[1][1]}]}).encode()
+        c.request("PUT", f"/v2/load/push/manifests/{run}-{n}-{i}", body=m,
+                  headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        r = c.getresponse(); r.read()
+        if r.status == 201:
+            done[0] += 1
+        i += 1
+ts = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(f"{done[0] / secs:.1f}")
+PY
+}
+idle_pull=$(pull_rate); idle_push=$(push_rate idle)
+( while true; do "$BERTH_BIN" gc --data-dir "$W/load" > /dev/null 2>&1 || true; done ) &
+GC_LOOP=$!; PIDS+=($GC_LOOP)
+sleep 1
+busy_pull=$(pull_rate); busy_push=$(push_rate busy)
+kill "$GC_LOOP" 2>/dev/null || true
+echo
+echo "| clients ($LOAD_MANIFESTS images, SQLite + disk) | GC idle | GC in a loop | ratio |"
+echo "|---|---|---|---|"
+awk -v a="$idle_pull" -v b="$busy_pull" 'BEGIN { printf "| manifest GET per second | %s | %s | %.2fx |\n", a, b, b / a }'
+awk -v a="$idle_push" -v b="$busy_push" 'BEGIN { printf "| image pushes per second | %s | %s | %.2fx |\n", a, b, b / a }'
