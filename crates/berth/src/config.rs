@@ -72,6 +72,12 @@ pub struct RawConfig {
     /// Record one manifest GET (a pull) in this many as an event; 0: none, 1: all [default: 0]
     #[arg(long, env = "BERTH_PULL_EVENTS_EVERY", value_name = "N")]
     pub pull_events_every: Option<u64>,
+    /// Integrity scrub: blob bytes re-read and hashed per second; 0 turns it off [default: 8388608]
+    #[arg(long, env = "BERTH_SCRUB_BYTES_PER_SEC", value_name = "BYTES")]
+    pub scrub_bytes_per_sec: Option<u64>,
+    /// Integrity scrub: pause between the end of one pass and the start of the next [default: 86400]
+    #[arg(long, env = "BERTH_SCRUB_INTERVAL_SECS", value_name = "SECS")]
+    pub scrub_interval_secs: Option<u64>,
     /// Largest blob accepted, in bytes [default: 68719476736]
     #[arg(long, env = "BERTH_MAX_BLOB_BYTES", value_name = "BYTES")]
     pub max_blob_bytes: Option<u64>,
@@ -603,6 +609,20 @@ impl RawConfig {
                 0,
                 1_000_000,
             )?,
+            scrub_bytes_per_sec: within(
+                "scrub_bytes_per_sec",
+                self.scrub_bytes_per_sec,
+                8 * 1024 * 1024,
+                0,
+                1 << 40,
+            )?,
+            scrub_interval: secs(
+                "scrub_interval_secs",
+                self.scrub_interval_secs,
+                DAY_SECS,
+                1,
+                365 * DAY_SECS,
+            )?,
             max_blob_bytes,
             max_connections,
             reserved_fds,
@@ -777,6 +797,10 @@ pub struct Config {
     pub max_buffered_manifest_bytes: usize,
     pub pull_events_every: u64,
     pub audit_retention_days: u64,
+    /// Integrity scrub rate; 0: no scrub.
+    pub scrub_bytes_per_sec: u64,
+    /// From the end of one scrub pass to the start of the next.
+    pub scrub_interval: Duration,
     /// Largest blob an upload may grow to.
     pub max_blob_bytes: u64,
     /// Connections served at once; the accept loop stops accepting at this many.

@@ -28,6 +28,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration::Shared(V4),
     Migration::Shared(V5),
     Migration::Shared(V6),
+    Migration::Shared(INTEGRITY),
 ];
 
 /// Key of the transaction-scoped advisory lock that serializes migrations across nodes.
@@ -386,4 +387,25 @@ CREATE TABLE event_checkpoints (
     kid       TEXT NOT NULL,
     signature TEXT NOT NULL
 );
+"#;
+
+/// Integrity scrub (see "Integrity scrub and quarantine" in ARCHITECTURE.md): blobs whose
+/// stored bytes failed a check, and the one scrub worker's lease and position. Nothing depends
+/// on this migration's number, so a merge may move it.
+const INTEGRITY: &str = r#"
+CREATE TABLE quarantined_blobs (
+    digest      {NAME} PRIMARY KEY,
+    found_at_ms {INT} NOT NULL,
+    problem     TEXT NOT NULL,
+    detail      TEXT NOT NULL
+) {WITHOUT_ROWID};
+CREATE TABLE scrub_state (
+    id                {INT} PRIMARY KEY CHECK (id = 1),
+    cursor            {NAME},
+    pass_started_ms   {INT},
+    last_pass_done_ms {INT},
+    lease_owner       TEXT,
+    lease_until_ms    {INT} NOT NULL DEFAULT 0
+);
+INSERT INTO scrub_state (id) VALUES (1);
 "#;

@@ -347,9 +347,25 @@ impl Registry {
                 "uploaded content has digest {actual}, not {digest}"
             )));
         }
-        self.blobs.commit_upload(id, digest, Some(&extent)).await?;
+        // A quarantined blob's bad bytes are replaced, not kept, and its quarantine is lifted
+        // in the transaction that links the blob. Quarantined only after this look, the blob
+        // stays quarantined (its bytes were kept): the safe side.
+        let replace = self.is_quarantined(digest).await?;
+        if replace {
+            self.blobs
+                .replace_with_upload(id, digest, Some(&extent))
+                .await?;
+        } else {
+            self.blobs.commit_upload(id, digest, Some(&extent)).await?;
+        }
         let size = extent.size;
-        self.metadata.finish_upload(repo, digest, size, id).await?;
+        self.metadata
+            .finish_upload(repo, digest, size, id, replace)
+            .await?;
+        if replace {
+            tracing::info!(blob.digest = %digest, repo.name = %repo, "quarantined blob repaired by a push");
+            self.refresh_quarantined_after_repair().await;
+        }
         self.forget_upload(id);
         drop(held);
         ctx.log_change("blob pushed", repo, digest, &[]);
