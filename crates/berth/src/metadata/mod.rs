@@ -303,22 +303,24 @@ impl Metadata {
     }
 
     /// Links the uploaded blob into `repo` and ends upload session `upload_id`, atomically.
-    /// `replaced`: the upload's bytes replaced a quarantined blob's, so the quarantine is lifted
-    /// in the same transaction.
+    /// `repaired`: the upload's bytes replaced a quarantined blob's, so the quarantine is
+    /// lifted and this event (`blob.repaired`) appended in the same transaction.
     pub async fn finish_upload(
         &self,
         repo: &RepositoryName,
         digest: &Digest,
         size: u64,
         upload_id: &str,
-        replaced: bool,
+        repaired: Option<&events::NewEvent>,
     ) -> Result<(), MetadataError> {
         self.write(|tx| {
             Box::pin(async move {
                 queries::link_blob(tx, repo, digest, size).await?;
                 queries::delete_upload(tx, upload_id).await?;
-                if replaced {
-                    integrity::release(tx, digest).await?;
+                if let Some(event) = repaired
+                    && integrity::release(tx, digest).await?
+                {
+                    events::append(tx, event).await?;
                 }
                 Ok(())
             })

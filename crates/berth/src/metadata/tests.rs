@@ -757,7 +757,7 @@ pub(crate) async fn metadata_suite(store: &Metadata) {
     assert!(matches!(failed, Err(MetadataError::MissingBlob(_))));
     assert_eq!(must(store.blob_in_repository(&a, &blob).await), None);
     assert_eq!(must(store.upload_ids().await), strings(&["u2"]));
-    must(store.finish_upload(&a, &blob, 5, "u2", false).await);
+    must(store.finish_upload(&a, &blob, 5, "u2", None).await);
     assert_eq!(must(store.blob_in_repository(&a, &blob).await), Some(5));
     assert_eq!(must(store.upload_ids().await), Vec::<String>::new());
 }
@@ -841,7 +841,7 @@ pub(crate) async fn integrity_suite(store: &Metadata) {
         owner: None,
     };
     must(store.create_upload(&s).await);
-    must(store.finish_upload(&a, &blob, 5, "q1", false).await);
+    must(store.finish_upload(&a, &blob, 5, "q1", None).await);
     assert_eq!(must(store.blob_in_repository(&a, &blob).await), None);
     must(
         store
@@ -851,7 +851,24 @@ pub(crate) async fn integrity_suite(store: &Metadata) {
             })
             .await,
     );
-    must(store.finish_upload(&a, &blob, 5, "q2", true).await);
+    let repaired = events::NewEvent {
+        kind: "blob.repaired".into(),
+        actor: "user:test".into(),
+        client_addr: None,
+        user_agent: None,
+        request_id: None,
+        repository: Some(a.as_str().into()),
+        digest: Some(blob.to_string()),
+        tags: vec![],
+        size: Some(5),
+        result: "ok".into(),
+        detail: None,
+    };
+    must(
+        store
+            .finish_upload(&a, &blob, 5, "q2", Some(&repaired))
+            .await,
+    );
     assert_eq!(must(store.blob_in_repository(&a, &blob).await), Some(5));
 
     // The lease: one holder; its position is fenced; released, another takes it and resumes.

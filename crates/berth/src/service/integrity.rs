@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
 use super::{Registry, ServiceError};
+use crate::metadata::events::{self, NewEvent};
 use crate::metadata::integrity::{self, Dangling, Problem};
 use crate::metrics::Metrics;
 use crate::storage::StorageError;
@@ -168,6 +169,29 @@ enum PassEnd {
     LostLease,
 }
 
+/// An event about a blob as a whole (no repository), by Berth's checker `by`.
+pub(super) fn blob_event(
+    kind: &str,
+    by: &str,
+    digest: &Digest,
+    size: u64,
+    detail: Option<String>,
+) -> NewEvent {
+    NewEvent {
+        kind: kind.to_string(),
+        actor: format!("system:{by}"),
+        client_addr: None,
+        user_agent: None,
+        request_id: None,
+        repository: None,
+        digest: Some(digest.to_string()),
+        tags: Vec::new(),
+        size: Some(size),
+        result: "ok".to_string(),
+        detail,
+    }
+}
+
 /// Completes once `stop` says so. (A `watch::Ref` held across an await is not `Send`.)
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -238,15 +262,29 @@ impl Registry {
 
     /// Records the blob as quarantined and says (at warn) which manifests need it. `true` if
     /// newly quarantined.
+    /// `by` names the checker (`scrub`, `fsck`) in the event log, which records the
+    /// quarantine (`blob.quarantined`) in the same transaction.
     pub async fn quarantine(
         &self,
+        by: &'static str,
         digest: &Digest,
+        size: u64,
         problem: Problem,
         detail: &str,
     ) -> Result<bool, ServiceError> {
+        let what = serde_json::json!({ "problem": problem.as_str(), "detail": detail });
+        let event = &blob_event("blob.quarantined", by, digest, size, Some(what.to_string()));
         let new = self
             .metadata
-            .write(|tx| Box::pin(integrity::quarantine(tx, digest, problem, detail)))
+            .write(|tx| {
+                Box::pin(async move {
+                    let new = integrity::quarantine(tx, digest, problem, detail).await?;
+                    if new {
+                        events::append(tx, event).await?;
+                    }
+                    Ok(new)
+                })
+            })
             .await?;
         if new {
             let needed = self.needed_by(digest).await?;
@@ -297,10 +335,24 @@ impl Registry {
     }
 
     /// Lifts the quarantine of a blob whose bytes verified again.
-    async fn release(&self, digest: &Digest) -> Result<bool, ServiceError> {
+    async fn release(
+        &self,
+        by: &'static str,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<bool, ServiceError> {
+        let event = &blob_event("blob.released", by, digest, size, None);
         let released = self
             .metadata
-            .write(|tx| Box::pin(integrity::release(tx, digest)))
+            .write(|tx| {
+                Box::pin(async move {
+                    let released = integrity::release(tx, digest).await?;
+                    if released {
+                        events::append(tx, event).await?;
+                    }
+                    Ok(released)
+                })
+            })
             .await?;
         if released {
             tracing::info!(blob.digest = %digest, "blob verified again; quarantine lifted");
@@ -313,6 +365,7 @@ impl Registry {
     /// meanwhile) and then quarantined; a quarantined blob that verified is released.
     async fn settle(
         &self,
+        by: &'static str,
         digest: &Digest,
         size: u64,
         verdict: Verdict,
@@ -321,7 +374,7 @@ impl Registry {
         match verdict {
             Verdict::Sound => {
                 if hashed && self.is_quarantined(digest).await? {
-                    self.release(digest).await?;
+                    self.release(by, digest, size).await?;
                 }
                 Ok(Verdict::Sound)
             }
@@ -329,7 +382,7 @@ impl Registry {
                 let again = self.check_blob(digest, size, hashed, None).await?;
                 if let Verdict::Bad { problem, detail } = &again {
                     self.integrity.bad.inc();
-                    self.quarantine(digest, *problem, detail).await?;
+                    self.quarantine(by, digest, size, *problem, detail).await?;
                 }
                 Ok(again)
             }
@@ -475,7 +528,9 @@ impl Registry {
                         }
                     }
                 };
-                if let Verdict::Bad { .. } = self.settle(&digest, size, verdict, true).await? {
+                if let Verdict::Bad { .. } =
+                    self.settle("scrub", &digest, size, verdict, true).await?
+                {
                     bad += 1;
                 }
                 blobs += 1;
@@ -538,7 +593,7 @@ impl Registry {
                     });
                     continue;
                 }
-                let verdict = self.settle(&digest, size, verdict, hash).await?;
+                let verdict = self.settle("fsck", &digest, size, verdict, hash).await?;
                 match &verdict {
                     Verdict::Sound if was => report.released += 1,
                     Verdict::Bad { .. } if !was => report.quarantined += 1,

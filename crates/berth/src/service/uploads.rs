@@ -359,8 +359,10 @@ impl Registry {
             self.blobs.commit_upload(id, digest, Some(&extent)).await?;
         }
         let size = extent.size;
+        let repaired =
+            replace.then(|| ctx.event("blob.repaired", repo, Some(digest), &[], Some(size)));
         self.metadata
-            .finish_upload(repo, digest, size, id, replace)
+            .finish_upload(repo, digest, size, id, repaired.as_ref())
             .await?;
         if replace {
             tracing::info!(blob.digest = %digest, repo.name = %repo, "quarantined blob repaired by a push");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::clients::three_layer_image;
 use crate::support::clients::{Tools, pseudo_random};
 use crate::support::{
-    TestApp, assert_error, blob_file, clean_command, output_within, push_blob, push_image,
+    TestApp, assert_error, blob_file, clean_command, output_within, push_blob, push_image, send,
 };
 
 /// The sum of the samples of metric `name` (a counter's `_total` included in `name`).
@@ -148,6 +148,31 @@ fn scrub_quarantines_a_flipped_byte_and_a_skopeo_push_repairs_it() {
     let (out, report) = fsck(app.data_dir(), &[], &[]);
     assert!(out.status.success(), "fsck after the repair:\n{report}");
     assert!(report.contains("0 problems"), "{report}");
+
+    // The event log has both: who found it, who repaired it.
+    let mut cmd = clean_command(app.data_dir());
+    cmd.args(["audit", "export", "--since", "0", "--data-dir"])
+        .arg(app.data_dir());
+    let out = output_within(cmd, "berth audit export");
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("event JSON"))
+        .filter(|e: &serde_json::Value| e["digest"] == layer.as_str())
+        .collect();
+    let kinds: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap_or_default(),
+                e["actor"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert!(
+        kinds.contains(&("blob.quarantined", "system:scrub")),
+        "{kinds:?}"
+    );
+    assert!(kinds.iter().any(|k| k.0 == "blob.repaired"), "{kinds:?}");
 }
 
 #[test]
@@ -172,6 +197,15 @@ fn fsck_reports_a_missing_blob_file_with_the_manifests_that_need_it() {
         assert!(report.contains("1 problems"), "{report}");
     }
     assert_quarantined(&app, "fsck/missing", &layer);
+    // Nor can it be mounted, from its repository or without one: the client must upload it.
+    for query in [
+        format!("mount={layer}&from=fsck/missing"),
+        format!("mount={layer}"),
+    ] {
+        let url = app.url(&format!("/v2/fsck/other/blobs/uploads/?{query}"));
+        let r = send(app.client().post(url));
+        assert_eq!(r.status, 202, "mount {query}: {}", r.describe());
+    }
 
     // A monolithic push of the blob repairs it.
     let bytes = b"layer bytes for fsck-missing".to_vec();
