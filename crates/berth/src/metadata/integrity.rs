@@ -140,20 +140,38 @@ pub async fn quarantined_count(tx: &mut Tx<'_>) -> Result<u64, MetadataError> {
     }
 }
 
+/// A blob as the scrub walks them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlob {
+    pub digest: Digest,
+    /// The size recorded when it was pushed.
+    pub size: u64,
+    pub quarantined: bool,
+}
+
 /// Up to `limit` live blobs after `after` in digest order, with their recorded sizes.
 pub async fn blobs_after(
     tx: &mut Tx<'_>,
     after: Option<&str>,
     limit: i64,
-) -> Result<Vec<(Digest, u64)>, MetadataError> {
+) -> Result<Vec<StoredBlob>, MetadataError> {
     tx.query(
-        "SELECT digest, size FROM blobs WHERE digest > ?1 AND state = 'live'
-         ORDER BY digest LIMIT ?2",
+        "SELECT b.digest, b.size,
+                CASE WHEN EXISTS (SELECT 1 FROM quarantined_blobs q WHERE q.digest = b.digest)
+                     THEN 1 ELSE 0 END
+         FROM blobs b WHERE b.digest > ?1 AND b.state = 'live'
+         ORDER BY b.digest LIMIT ?2",
         &[after.unwrap_or("").into(), limit.into()],
     )
     .await?
     .iter()
-    .map(|r| Ok((r.digest(0)?, r.u64(1)?)))
+    .map(|r| {
+        Ok(StoredBlob {
+            digest: r.digest(0)?,
+            size: r.u64(1)?,
+            quarantined: r.i64(2)? != 0,
+        })
+    })
     .collect()
 }
 

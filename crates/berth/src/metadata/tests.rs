@@ -819,9 +819,10 @@ pub(crate) async fn integrity_suite(store: &Metadata) {
             .await,
     );
     assert_eq!(
-        first.iter().map(|b| &b.0).collect::<Vec<_>>(),
+        first.iter().map(|b| &b.digest).collect::<Vec<_>>(),
         vec![&all[0]]
     );
+    assert_eq!(first[0].quarantined, all[0] == blob);
     let after = all[0].to_string();
     let rest = must(
         store
@@ -831,7 +832,7 @@ pub(crate) async fn integrity_suite(store: &Metadata) {
             })
             .await,
     );
-    assert!(rest.iter().any(|b| b.0 == all[1]) && !rest.iter().any(|b| b.0 == all[0]));
+    assert!(rest.iter().any(|b| b.digest == all[1]) && !rest.iter().any(|b| b.digest == all[0]));
 
     // An upload finished without replacing keeps the quarantine; one that replaced lifts it.
     let s = UploadSession {

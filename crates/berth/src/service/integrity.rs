@@ -31,6 +31,11 @@ const SAVE_EVERY: Duration = Duration::from_secs(1);
 const PAGE: i64 = 256;
 /// Wait after a failed step (backend unavailable) before trying again.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// Tries at reading one blob before the scrub skips it for this pass.
+const CHECK_ATTEMPTS: u32 = 3;
+/// Longest wait for the next chunk of a blob being checked: a stream that stalls is an
+/// error, not a scrub stuck for ever while it renews its lease.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The scrub's metrics, registered once with the registry's [`Metrics`].
 #[derive(Default, Clone)]
@@ -38,6 +43,7 @@ pub struct IntegrityMetrics {
     bytes: Counter,
     blobs: Counter,
     bad: Counter,
+    unreadable: Counter,
     passes: Counter,
     quarantined: Gauge,
     pass_blobs: Gauge,
@@ -61,6 +67,11 @@ impl IntegrityMetrics {
             "berth_scrub_mismatches",
             "Blobs the scrub found bad (bytes that hash to another digest, missing, or of another size)",
             self.bad.clone(),
+        );
+        metrics.register(
+            "berth_scrub_unreadable",
+            "Blobs the scrub skipped after repeated read failures (the store failed, not the bytes)",
+            self.unreadable.clone(),
         );
         metrics.register(
             "berth_scrub_passes",
@@ -235,8 +246,18 @@ impl Registry {
         };
         let mut hasher = Hasher::new(digest.algorithm());
         let mut read = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(StorageError::Io)?;
+        loop {
+            let next = tokio::time::timeout(CHUNK_TIMEOUT, stream.next()).await;
+            let chunk = match next {
+                Ok(Some(chunk)) => chunk.map_err(StorageError::Io)?,
+                Ok(None) => break,
+                Err(_) => {
+                    return Err(ServiceError::Unavailable(format!(
+                        "reading {digest}: no bytes for {} s",
+                        CHUNK_TIMEOUT.as_secs()
+                    )));
+                }
+            };
             hasher.update(&chunk);
             read += chunk.len() as u64;
             self.integrity.bytes.inc_by(chunk.len() as u64);
@@ -370,10 +391,11 @@ impl Registry {
         size: u64,
         verdict: Verdict,
         hashed: bool,
+        quarantined: bool,
     ) -> Result<Verdict, ServiceError> {
         match verdict {
             Verdict::Sound => {
-                if hashed && self.is_quarantined(digest).await? {
+                if hashed && quarantined {
                     self.release(by, digest, size).await?;
                 }
                 Ok(Verdict::Sound)
@@ -510,26 +532,55 @@ impl Registry {
             if page.is_empty() {
                 break;
             }
-            for (digest, size) in page {
-                let check = self.check_blob(&digest, size, true, Some(pacer));
-                tokio::pin!(check);
+            for blob in page {
+                let (digest, size) = (&blob.digest, blob.size);
+                let mut attempt = 1;
                 let verdict = loop {
-                    tokio::select! {
-                        v = &mut check => break v?,
-                        _ = stopped(stop) => {
-                            save(cursor.clone()).await?;
-                            return Ok(PassEnd::Stopped);
-                        }
-                        _ = tick.tick() => {
-                            if !save(cursor.clone()).await? {
-                                tracing::info!("scrub: another node took the lease over");
-                                return Ok(PassEnd::LostLease);
+                    let check = self.check_blob(digest, size, true, Some(&mut *pacer));
+                    tokio::pin!(check);
+                    let checked = loop {
+                        tokio::select! {
+                            v = &mut check => break v,
+                            _ = stopped(stop) => {
+                                save(cursor.clone()).await?;
+                                return Ok(PassEnd::Stopped);
                             }
+                            _ = tick.tick() => {
+                                if !save(cursor.clone()).await? {
+                                    tracing::info!("scrub: another node took the lease over");
+                                    return Ok(PassEnd::LostLease);
+                                }
+                            }
+                        }
+                    };
+                    match checked {
+                        Ok(v) => break Some(v),
+                        // One blob that cannot be read (a bad sector, an object the store
+                        // keeps failing) must not stop the pass: after a few tries it is
+                        // skipped, counted and logged. A store that is down fails them all,
+                        // and each is logged: the operator sees it.
+                        Err(e) if attempt < CHECK_ATTEMPTS => {
+                            tracing::warn!(blob.digest = %digest, error = %e, attempt, "scrub: reading a blob failed; trying again");
+                            attempt += 1;
+                            tokio::select! {
+                                _ = tokio::time::sleep(RETRY_AFTER) => {}
+                                _ = stopped(stop) => {
+                                    save(cursor.clone()).await?;
+                                    return Ok(PassEnd::Stopped);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(blob.digest = %digest, error = %e, "scrub: blob unreadable; skipped in this pass");
+                            self.integrity.unreadable.inc();
+                            break None;
                         }
                     }
                 };
-                if let Verdict::Bad { .. } =
-                    self.settle("scrub", &digest, size, verdict, true).await?
+                if let Some(verdict) = verdict
+                    && let Verdict::Bad { .. } = self
+                        .settle("scrub", digest, size, verdict, true, blob.quarantined)
+                        .await?
                 {
                     bad += 1;
                 }
@@ -537,7 +588,7 @@ impl Registry {
                 bytes += size;
                 self.integrity.blobs.inc();
                 self.integrity.pass_blobs.inc();
-                cursor = Some(digest.to_string());
+                cursor = Some(blob.digest.to_string());
             }
         }
         let finished = self
@@ -577,12 +628,24 @@ impl Registry {
             if page.is_empty() {
                 break;
             }
-            for (digest, size) in page {
-                let was = self.is_quarantined(&digest).await?;
-                let verdict = self.check_blob(&digest, size, hash, None).await?;
+            for blob in page {
+                let (digest, size, was) = (blob.digest, blob.size, blob.quarantined);
                 report.blobs += 1;
                 report.bytes += size;
                 cursor = Some(digest.to_string());
+                let verdict = match self.check_blob(&digest, size, hash, None).await {
+                    Ok(v) => v,
+                    // The store failed, not necessarily the bytes: reported, not quarantined.
+                    Err(e) => {
+                        report.problems.push(FsckProblem {
+                            affected: self.needed_by(&digest).await?,
+                            digest,
+                            kind: "unreadable",
+                            detail: e.to_string(),
+                        });
+                        continue;
+                    }
+                };
                 if was && !hash && verdict == Verdict::Sound {
                     // Present and of the right size, but only a re-hash could clear it.
                     report.problems.push(FsckProblem {
@@ -593,7 +656,9 @@ impl Registry {
                     });
                     continue;
                 }
-                let verdict = self.settle("fsck", &digest, size, verdict, hash).await?;
+                let verdict = self
+                    .settle("fsck", &digest, size, verdict, hash, was)
+                    .await?;
                 match &verdict {
                     Verdict::Sound if was => report.released += 1,
                     Verdict::Bad { .. } if !was => report.quarantined += 1,
