@@ -43,6 +43,8 @@ fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
 
 /// `berth fsck` on the app's data directory (while it serves), with `extra` arguments.
 fn fsck(data_dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> (Output, String) {
+    // A node on S3 and PostgreSQL may never have created its data directory.
+    std::fs::create_dir_all(data_dir).expect("data dir");
     let mut cmd = clean_command(data_dir);
     cmd.arg("fsck").arg("--data-dir").arg(data_dir).args(extra);
     for (k, v) in envs {
@@ -305,4 +307,85 @@ fn fsck_on_s3_reports_a_deleted_object() {
     push_blob(&app, "fsck/s3", b"layer bytes for fsck-s3");
     let (out, report) = fsck(app.data_dir(), &["--storage", &storage], &envs);
     assert!(out.status.success(), "fsck after the repair:\n{report}");
+}
+
+/// Two nodes on one PostgreSQL database and one bucket: one scrubs (the lease), finds an
+/// object overwritten with other bytes of the same size, and the quarantine it records is what
+/// the other node serves; a push through the other node replaces the object.
+#[test]
+fn two_nodes_scrub_once_and_share_the_quarantine_on_s3() {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let db = crate::multinode::Database::create();
+    let endpoint = crate::s3::endpoint();
+    let storage = crate::s3::storage_url("scrub-two");
+    let node = || {
+        crate::s3::s3_app(&storage, &endpoint)
+            .arg("--metadata")
+            .arg(&db.url)
+            .arg("--scrub-bytes-per-sec")
+            .arg("104857600")
+            .arg("--scrub-interval-secs")
+            .arg("1")
+            .start()
+    };
+    let (a, b) = (node(), node());
+    let (mdigest, manifest) = push_image(&a, "scrub/two", "v1", "scrub-two");
+    let layer = layer_of(&manifest);
+    let good = b"layer bytes for scrub-two".to_vec();
+    let mut bad = good.clone();
+    bad[3] ^= 0x01;
+    let (bucket, prefix) = storage
+        .strip_prefix("s3://")
+        .and_then(|s| s.split_once('/'))
+        .expect("s3://BUCKET/PREFIX");
+    let key = object_store::path::Path::from(format!(
+        "{prefix}/blobs/sha256/{}",
+        layer.strip_prefix("sha256:").expect("sha256")
+    ));
+    let store = object_store::aws::AmazonS3Builder::from_env()
+        .with_endpoint(&endpoint)
+        .with_bucket_name(bucket)
+        .with_allow_http(true)
+        .build()
+        .expect("S3 client");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime
+        .block_on(store.put(&key, PutPayload::from(bad)))
+        .expect("overwrite the layer's object");
+
+    let path = format!("/v2/scrub/two/blobs/{layer}");
+    wait_for("a scrub finds the object", Duration::from_secs(30), || {
+        b.head(&path).status == 404
+    });
+    assert_quarantined(&a, "scrub/two", &layer);
+    let passes = (
+        metric(&a, "berth_scrub_passes_total"),
+        metric(&b, "berth_scrub_passes_total"),
+    );
+    assert!(
+        (passes.0 == 0.0) != (passes.1 == 0.0),
+        "exactly one node scrubs: passes {passes:?}"
+    );
+    let (out, report) = fsck(
+        a.data_dir(),
+        &["--storage", &storage, "--metadata", &db.url],
+        &[("BERTH_S3_ENDPOINT", endpoint.as_str())],
+    );
+    assert!(!out.status.success(), "fsck passed:\n{report}");
+    assert!(report.contains(&format!("scrub/two@{mdigest}")), "{report}");
+
+    assert_eq!(push_blob(&b, "scrub/two", &good), layer);
+    let got = a.get(&path);
+    got.assert_status(200);
+    assert!(
+        got.body == good,
+        "node a serves other bytes after the repair"
+    );
+    let stored = runtime
+        .block_on(async { store.get(&key).await?.bytes().await })
+        .expect("read the object");
+    assert_eq!(stored.as_ref(), good.as_slice());
 }
