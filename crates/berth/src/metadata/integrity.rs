@@ -140,6 +140,24 @@ pub async fn quarantined_count(tx: &mut Tx<'_>) -> Result<u64, MetadataError> {
     }
 }
 
+/// Live blobs, and how many of them sort after `after` (what a pass resumed there has left).
+pub async fn blob_counts(
+    tx: &mut Tx<'_>,
+    after: Option<&str>,
+) -> Result<(u64, u64), MetadataError> {
+    match tx
+        .query_opt(
+            "SELECT COUNT(*), COUNT(CASE WHEN digest > ?1 THEN 1 END) FROM blobs
+             WHERE state = 'live'",
+            &[after.unwrap_or("").into()],
+        )
+        .await?
+    {
+        Some(row) => Ok((row.u64(0)?, row.u64(1)?)),
+        None => Ok((0, 0)),
+    }
+}
+
 /// A blob as the scrub walks them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredBlob {

@@ -824,6 +824,15 @@ pub(crate) async fn integrity_suite(store: &Metadata) {
     );
     assert_eq!(first[0].quarantined, all[0] == blob);
     let after = all[0].to_string();
+    let counts = must(
+        store
+            .read(|tx| {
+                let after = after.clone();
+                Box::pin(async move { integrity::blob_counts(tx, Some(&after)).await })
+            })
+            .await,
+    );
+    assert_eq!(counts, (2, 1));
     let rest = must(
         store
             .read(|tx| {

@@ -47,6 +47,7 @@ pub struct IntegrityMetrics {
     passes: Counter,
     quarantined: Gauge,
     pass_blobs: Gauge,
+    pass_left: Gauge,
     last_pass_blobs: Gauge,
     last_pass_done: Gauge,
 }
@@ -87,6 +88,11 @@ impl IntegrityMetrics {
             "berth_scrub_pass_blobs",
             "Blobs this process checked in the scrub pass in progress",
             self.pass_blobs.clone(),
+        );
+        metrics.register(
+            "berth_scrub_pass_blobs_to_check",
+            "Blobs the scrub pass in progress had left to check when this process began it (progress: berth_scrub_pass_blobs over this)",
+            self.pass_left.clone(),
         );
         metrics.register(
             "berth_scrub_last_pass_blobs",
@@ -492,8 +498,14 @@ impl Registry {
         let mut cursor = state.cursor;
         let (mut blobs, mut bytes, mut bad) = (0u64, 0u64, 0u64);
         let clock = Instant::now();
+        let (total, left) = self
+            .metadata
+            .read(|tx| Box::pin(integrity::blob_counts(tx, cursor.as_deref())))
+            .await?;
         tracing::info!(
             resumed_after = cursor.as_deref().unwrap_or(""),
+            blobs = total,
+            blobs_left = left,
             "scrub pass {}",
             if cursor.is_some() {
                 "resumed"
@@ -502,6 +514,9 @@ impl Registry {
             }
         );
         self.integrity.pass_blobs.set(0);
+        self.integrity
+            .pass_left
+            .set(i64::try_from(left).unwrap_or(i64::MAX));
         let save = |cursor: Option<String>| async move {
             self.metadata
                 .write(|tx| {

@@ -254,6 +254,11 @@ fn a_restarted_scrub_continues_from_its_stored_position() {
         metric(&app, "berth_scrub_passes_total") >= 1.0
     });
     let checked = metric(&app, "berth_scrub_last_pass_blobs");
+    assert_eq!(
+        metric(&app, "berth_scrub_pass_blobs_to_check"),
+        checked,
+        "the resumed pass did not check what it had left"
+    );
     assert!(
         (1.0..=(BLOBS - 3) as f64).contains(&checked),
         "the resumed pass checked {checked} of {BLOBS} blobs"
