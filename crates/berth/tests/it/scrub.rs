@@ -310,6 +310,8 @@ fn fsck_on_s3_reports_a_deleted_object() {
     assert_quarantined(&app, "fsck/s3", &layer);
 
     push_blob(&app, "fsck/s3", b"layer bytes for fsck-s3");
+    app.get(&format!("/v2/fsck/s3/blobs/{layer}"))
+        .assert_status(200);
     let (out, report) = fsck(app.data_dir(), &["--storage", &storage], &envs);
     assert!(out.status.success(), "fsck after the repair:\n{report}");
 }
