@@ -340,8 +340,15 @@ pub async fn run(
     access_watch.abort();
     // It stops on the signal by itself, within one delivery timeout.
     let _ = webhooks.await;
-    // It stores its position and gives up its lease on the signal (a read in flight is dropped).
-    let _ = scrub.await;
+    // It stores its position and gives up its lease on the signal (a read in flight is
+    // dropped); a re-check of a bad blob is not waited for long: the lease then expires.
+    let abort = scrub.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(5), scrub)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
     if let Some(operators) = operators {
         operators.abort();
     }
