@@ -86,6 +86,12 @@ pub struct RawConfig {
     /// serve runs GC this often (one node at a time); 0: only `berth gc` [default: 3600]
     #[arg(long, env = "BERTH_GC_INTERVAL_SECS", value_name = "SECS")]
     pub gc_interval_secs: Option<u64>,
+    /// Integrity scrub: blob bytes re-read and hashed per second; 0 turns it off [default: 8388608]
+    #[arg(long, env = "BERTH_SCRUB_BYTES_PER_SEC", value_name = "BYTES")]
+    pub scrub_bytes_per_sec: Option<u64>,
+    /// Integrity scrub: pause between the end of one pass and the start of the next [default: 86400]
+    #[arg(long, env = "BERTH_SCRUB_INTERVAL_SECS", value_name = "SECS")]
+    pub scrub_interval_secs: Option<u64>,
     /// Largest blob accepted, in bytes [default: 68719476736]
     #[arg(long, env = "BERTH_MAX_BLOB_BYTES", value_name = "BYTES")]
     pub max_blob_bytes: Option<u64>,
@@ -646,6 +652,20 @@ impl RawConfig {
                 0,
                 7 * DAY_SECS,
             )?,
+            scrub_bytes_per_sec: within(
+                "scrub_bytes_per_sec",
+                self.scrub_bytes_per_sec,
+                8 * 1024 * 1024,
+                0,
+                1 << 40,
+            )?,
+            scrub_interval: secs(
+                "scrub_interval_secs",
+                self.scrub_interval_secs,
+                DAY_SECS,
+                1,
+                365 * DAY_SECS,
+            )?,
             max_blob_bytes,
             max_connections,
             reserved_fds,
@@ -824,6 +844,10 @@ pub struct Config {
     pub lifecycle: Lifecycle,
     /// How often `serve` runs GC; zero: never (only `berth gc`).
     pub gc_interval: Duration,
+    /// Integrity scrub rate; 0: no scrub.
+    pub scrub_bytes_per_sec: u64,
+    /// From the end of one scrub pass to the start of the next.
+    pub scrub_interval: Duration,
     /// Largest blob an upload may grow to.
     pub max_blob_bytes: u64,
     /// Connections served at once; the accept loop stops accepting at this many.

@@ -31,6 +31,10 @@ enum Command {
     /// Apply pending metadata schema migrations, then exit. `serve` applies them too; this is
     /// for upgrading the database before starting new nodes.
     Migrate(ConfigArgs),
+    /// Check every stored blob against its digest and every metadata reference against its
+    /// rows, while `serve` runs or not. Bad blobs are quarantined as the scrub does it (not
+    /// served until pushed again). Prints one line per problem, then totals; exits 1 if any.
+    Fsck(FsckArgs),
     /// Copy a whole registry from one configuration to another (for example from the embedded
     /// defaults to PostgreSQL + S3), verifying every blob's digest on the way. Re-running it
     /// skips what the target already holds, so an interrupted copy resumes.
@@ -409,6 +413,15 @@ enum KeyCommand {
 }
 
 #[derive(clap::Args)]
+struct FsckArgs {
+    /// Check only that each blob's bytes exist with the recorded size, without re-hashing.
+    #[arg(long)]
+    no_hash: bool,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(clap::Args)]
 struct CopyArgs {
     /// TOML config of the source registry (its data_dir, storage, metadata and s3_* keys).
     #[arg(long)]
@@ -508,6 +521,38 @@ async fn migrate(args: ConfigArgs) -> anyhow::Result<()> {
     init_logging(config.log_format);
     server::open_metadata(&config, false).await?;
     tracing::info!("metadata schema is up to date");
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+async fn fsck(args: FsckArgs) -> anyhow::Result<()> {
+    let config = load_config(args.config)?;
+    init_logging(config.log_format);
+    let registry = server::open_registry(&config).await?;
+    let report = registry
+        .fsck(!args.no_hash)
+        .await
+        .context("checking the registry")?;
+    for p in &report.problems {
+        let affected = if p.affected.is_empty() {
+            "no manifest references it".to_string()
+        } else {
+            format!("needed by {}", p.affected.join(", "))
+        };
+        println!("{}: {} ({}); {affected}", p.kind, p.digest, p.detail);
+    }
+    println!(
+        "checked {} blobs ({} bytes{}): {} problems, {} blobs newly quarantined, {} released",
+        report.blobs,
+        report.bytes,
+        if args.no_hash { ", not re-hashed" } else { "" },
+        report.problems.len(),
+        report.quarantined,
+        report.released
+    );
+    if !report.problems.is_empty() {
+        anyhow::bail!("fsck found {} problems", report.problems.len());
+    }
     Ok(())
 }
 
@@ -1130,6 +1175,7 @@ fn main() -> anyhow::Result<()> {
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Migrate(args) => runtime.block_on(migrate(args)),
+        Command::Fsck(args) => runtime.block_on(fsck(args)),
         Command::Copy(args) => runtime.block_on(copy(args)),
         Command::User(c) => runtime.block_on(user(c)),
         Command::Namespace(c) => runtime.block_on(namespace(c)),

@@ -4,7 +4,7 @@
 //! (which also reaps idle keep-alive connections), and silence inside a request body. With TLS
 //! configured, each connection's handshake runs on its own task, bounded like the headers, and
 //! ALPN picks HTTP/2 or HTTP/1.1 for it (see [`TlsServer`]). Beside it run the background
-//! workers: upload expiry, the access-generation watch, and webhook delivery.
+//! workers: upload expiry, the access-generation watch, webhook delivery and the integrity scrub.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,7 +30,7 @@ use crate::auth::Auth;
 use crate::config::{Config, MetadataConfig, StorageConfig};
 use crate::metadata::{Metadata, PoolOptions};
 use crate::metrics::Metrics;
-use crate::service::{Registry, RegistryOptions};
+use crate::service::{Registry, RegistryOptions, ScrubOptions};
 use crate::storage::{BlobStore, FsBlobStore, ObservedStore, S3BlobStore};
 use crate::tls::{self, Tls, TlsError};
 use crate::webhooks::worker::{Worker, WorkerOptions};
@@ -131,6 +131,8 @@ pub struct ServeOptions {
     pub gc_interval: Duration,
     /// The access log, metrics and health endpoints.
     pub observe: ObserveSettings,
+    /// The integrity scrub worker.
+    pub scrub: ScrubOptions,
 }
 
 impl ServeOptions {
@@ -145,6 +147,10 @@ impl ServeOptions {
             max_connections: config.max_connections,
             tls: config.tls.as_ref().map(Tls::load).transpose()?,
             audit_retention_days: config.audit_retention_days,
+            scrub: ScrubOptions {
+                bytes_per_sec: config.scrub_bytes_per_sec,
+                interval: config.scrub_interval,
+            },
             webhooks: WorkerOptions {
                 max_attempts: config.webhooks.max_attempts,
                 timeout: config.webhooks.timeout,
@@ -215,6 +221,7 @@ pub async fn run(
         .map_err(std::io::Error::other)?;
     webhooks.register_metrics(registry.metrics());
     let webhooks = tokio::spawn(Arc::new(webhooks).run(stop_rx.clone()));
+    let scrub = tokio::spawn(registry.clone().scrub_until(options.scrub, stop_rx.clone()));
     if options.audit_retention_days > 0 {
         tokio::spawn(crate::audit::keep_days(
             registry.auth().metadata().clone(),
@@ -348,6 +355,15 @@ pub async fn run(
     }
     // It stops on the signal by itself, within one delivery timeout.
     let _ = webhooks.await;
+    // It stores its position and gives up its lease on the signal (a read in flight is
+    // dropped); a re-check of a bad blob is not waited for long: the lease then expires.
+    let abort = scrub.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(5), scrub)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
     if let Some(operators) = operators {
         operators.abort();
     }

@@ -192,7 +192,9 @@ impl From<ServiceError> for ApiError {
         use ErrorCode::*;
         let detail = e.to_string();
         let code = match &e {
-            ServiceError::BlobUnknown => BlobUnknown,
+            // 404 rather than 5xx: a pushing client's HEAD then sends the blob again, which
+            // repairs it.
+            ServiceError::BlobUnknown | ServiceError::BlobQuarantined(_) => BlobUnknown,
             ServiceError::ManifestUnknown => ManifestUnknown,
             ServiceError::NameUnknown => NameUnknown,
             ServiceError::UploadUnknown => BlobUploadUnknown,

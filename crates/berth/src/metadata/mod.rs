@@ -14,6 +14,7 @@ pub mod access;
 pub mod db;
 pub mod events;
 pub mod gc;
+pub mod integrity;
 pub mod queries;
 pub mod retention;
 pub mod schema;
@@ -285,7 +286,17 @@ impl Metadata {
             .await
     }
 
-    /// The blob's size if `repo` may read it.
+    /// The blob as linked into `repo`, with its quarantine flag (one statement: the pull path).
+    pub async fn linked_blob(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<Option<queries::LinkedBlob>, MetadataError> {
+        self.read(|tx| Box::pin(queries::linked_blob(tx, repo, digest)))
+            .await
+    }
+
+    /// The blob's size if `repo` may read it (linked and not quarantined).
     pub async fn blob_in_repository(
         &self,
         repo: &RepositoryName,
@@ -326,17 +337,25 @@ impl Metadata {
     }
 
     /// Links the uploaded blob into `repo` and ends upload session `upload_id`, atomically.
+    /// `repaired`: the upload's bytes replaced a quarantined blob's, so the quarantine is
+    /// lifted and this event (`blob.repaired`) appended in the same transaction.
     pub async fn finish_upload(
         &self,
         repo: &RepositoryName,
         digest: &Digest,
         size: u64,
         upload_id: &str,
+        repaired: Option<&events::NewEvent>,
     ) -> Result<(), MetadataError> {
         self.write(|tx| {
             Box::pin(async move {
                 queries::link_blob(tx, repo, digest, size).await?;
                 queries::delete_upload(tx, upload_id).await?;
+                if let Some(event) = repaired
+                    && integrity::release(tx, digest).await?
+                {
+                    events::append(tx, event).await?;
+                }
                 Ok(())
             })
         })

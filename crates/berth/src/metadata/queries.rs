@@ -46,7 +46,11 @@ fn limit(page: Page<'_>) -> i64 {
 }
 
 /// The statements on the pull path, kept stable (see `hot_statements_are_never_re_prepared`).
-const BLOB_IN_REPOSITORY: &str = "SELECT b.size FROM repositories r
+/// The quarantine flag costs one primary-key probe of a table that is almost always empty.
+const BLOB_IN_REPOSITORY: &str = "SELECT b.size,
+         CASE WHEN EXISTS (SELECT 1 FROM quarantined_blobs q WHERE q.digest = b.digest)
+              THEN 1 ELSE 0 END
+         FROM repositories r
          JOIN repository_blobs rb ON rb.repository_id = r.id
          JOIN blobs b ON b.digest = rb.digest
          WHERE r.name = ?1 AND rb.digest = ?2";
@@ -132,20 +136,45 @@ pub async fn stored_blob_bytes(tx: &mut Tx<'_>) -> Result<u64, MetadataError> {
     }
 }
 
-/// The blob's size if `repo` may read it.
-pub async fn blob_in_repository(
+/// A blob linked into a repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkedBlob {
+    pub size: u64,
+    /// Its stored bytes failed an integrity check: it is not served until pushed again.
+    pub quarantined: bool,
+}
+
+/// The blob as linked into `repo`, quarantined or not.
+pub async fn linked_blob(
     tx: &mut Tx<'_>,
     repo: &RepositoryName,
     digest: &Digest,
-) -> Result<Option<u64>, MetadataError> {
+) -> Result<Option<LinkedBlob>, MetadataError> {
     let digest = digest.to_string();
     tx.query_opt(
         BLOB_IN_REPOSITORY,
         &[repo.as_str().into(), (&digest).into()],
     )
     .await?
-    .map(|r| r.u64(0))
+    .map(|r| {
+        Ok(LinkedBlob {
+            size: r.u64(0)?,
+            quarantined: r.i64(1)? != 0,
+        })
+    })
     .transpose()
+}
+
+/// The blob's size if `repo` may read it (linked, and not quarantined).
+pub async fn blob_in_repository(
+    tx: &mut Tx<'_>,
+    repo: &RepositoryName,
+    digest: &Digest,
+) -> Result<Option<u64>, MetadataError> {
+    Ok(linked_blob(tx, repo, digest)
+        .await?
+        .filter(|b| !b.quarantined)
+        .map(|b| b.size))
 }
 
 /// Lets `repo` read a committed blob (creating the repository if needed), and marks the blob

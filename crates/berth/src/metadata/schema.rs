@@ -29,6 +29,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration::Shared(V5),
     Migration::Shared(V6),
     Migration::Shared(V7),
+    Migration::Shared(INTEGRITY),
 ];
 
 /// Key of the transaction-scoped advisory lock that serializes migrations across nodes.
@@ -433,4 +434,25 @@ CREATE TABLE retention_policies (
     untagged_days {INT},
     created_at    {INT} NOT NULL
 );
+"#;
+
+/// Integrity scrub (see "Integrity scrub and quarantine" in ARCHITECTURE.md): blobs whose
+/// stored bytes failed a check, and the one scrub worker's lease and position. Nothing depends
+/// on this migration's number, so a merge may move it.
+const INTEGRITY: &str = r#"
+CREATE TABLE quarantined_blobs (
+    digest      {NAME} PRIMARY KEY,
+    found_at_ms {INT} NOT NULL,
+    problem     TEXT NOT NULL,
+    detail      TEXT NOT NULL
+) {WITHOUT_ROWID};
+CREATE TABLE scrub_state (
+    id                {INT} PRIMARY KEY CHECK (id = 1),
+    cursor            {NAME},
+    pass_started_ms   {INT},
+    last_pass_done_ms {INT},
+    lease_owner       TEXT,
+    lease_until_ms    {INT} NOT NULL DEFAULT 0
+);
+INSERT INTO scrub_state (id) VALUES (1);
 "#;

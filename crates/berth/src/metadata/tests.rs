@@ -757,9 +757,182 @@ pub(crate) async fn metadata_suite(store: &Metadata) {
     assert!(matches!(failed, Err(MetadataError::MissingBlob(_))));
     assert_eq!(must(store.blob_in_repository(&a, &blob).await), None);
     assert_eq!(must(store.upload_ids().await), strings(&["u2"]));
-    must(store.finish_upload(&a, &blob, 5, "u2").await);
+    must(store.finish_upload(&a, &blob, 5, "u2", None).await);
     assert_eq!(must(store.blob_in_repository(&a, &blob).await), Some(5));
     assert_eq!(must(store.upload_ids().await), Vec::<String>::new());
+}
+
+/// Quarantine and the scrub's lease: a quarantined blob is linked but not readable, a repair
+/// (an upload finished with `replaced`) lifts it in its own transaction, the lease is one
+/// node's at a time and every position it stores is fenced by it.
+pub(crate) async fn integrity_suite(store: &Metadata) {
+    use integrity::Problem;
+    let (a, blob, other) = (
+        name("scrub/a"),
+        Digest::sha256_of(b"bytes"),
+        Digest::sha256_of(b"b2"),
+    );
+    must(store.link_blob(&a, &blob, 5).await);
+    must(store.link_blob(&a, &other, 2).await);
+    let q = |d: &Digest, p: Problem| {
+        let d = d.clone();
+        async move {
+            store
+                .write(|tx| {
+                    let d = d.clone();
+                    Box::pin(async move { integrity::quarantine(tx, &d, p, "found bad").await })
+                })
+                .await
+        }
+    };
+    assert!(must(q(&blob, Problem::Mismatch).await));
+    assert!(!must(q(&blob, Problem::Missing).await), "quarantined twice");
+    // A blob the registry does not hold is not quarantined.
+    assert!(!must(
+        q(&Digest::sha256_of(b"none"), Problem::Missing).await
+    ));
+    assert_eq!(
+        must(store.linked_blob(&a, &blob).await),
+        Some(queries::LinkedBlob {
+            size: 5,
+            quarantined: true
+        })
+    );
+    assert_eq!(must(store.blob_in_repository(&a, &blob).await), None);
+    assert_eq!(must(store.blob_in_repository(&a, &other).await), Some(2));
+    let listed = must(store.read(|tx| Box::pin(integrity::quarantined(tx))).await);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (
+            &listed[0].digest,
+            listed[0].problem,
+            listed[0].detail.as_str()
+        ),
+        (&blob, Problem::Mismatch, "found bad")
+    );
+    // Blobs in digest order, after a cursor.
+    let mut all = [blob.clone(), other.clone()];
+    all.sort_by_key(|d| d.to_string());
+    let first = must(
+        store
+            .read(|tx| Box::pin(integrity::blobs_after(tx, None, 1)))
+            .await,
+    );
+    assert_eq!(
+        first.iter().map(|b| &b.digest).collect::<Vec<_>>(),
+        vec![&all[0]]
+    );
+    assert_eq!(first[0].quarantined, all[0] == blob);
+    let after = all[0].to_string();
+    let counts = must(
+        store
+            .read(|tx| {
+                let after = after.clone();
+                Box::pin(async move { integrity::blob_counts(tx, Some(&after)).await })
+            })
+            .await,
+    );
+    assert_eq!(counts, (2, 1));
+    let rest = must(
+        store
+            .read(|tx| {
+                let after = after.clone();
+                Box::pin(async move { integrity::blobs_after(tx, Some(&after), 10).await })
+            })
+            .await,
+    );
+    assert!(rest.iter().any(|b| b.digest == all[1]) && !rest.iter().any(|b| b.digest == all[0]));
+
+    // An upload finished without replacing keeps the quarantine; one that replaced lifts it.
+    let s = UploadSession {
+        id: "q1".into(),
+        repository: a.clone(),
+        updated_at: 1,
+        owner: None,
+    };
+    must(store.create_upload(&s).await);
+    must(store.finish_upload(&a, &blob, 5, "q1", None).await);
+    assert_eq!(must(store.blob_in_repository(&a, &blob).await), None);
+    must(
+        store
+            .create_upload(&UploadSession {
+                id: "q2".into(),
+                ..s
+            })
+            .await,
+    );
+    let repaired = events::NewEvent {
+        kind: "blob.repaired".into(),
+        actor: "user:test".into(),
+        client_addr: None,
+        user_agent: None,
+        request_id: None,
+        repository: Some(a.as_str().into()),
+        digest: Some(blob.to_string()),
+        tags: vec![],
+        size: Some(5),
+        result: "ok".into(),
+        detail: None,
+    };
+    must(
+        store
+            .finish_upload(&a, &blob, 5, "q2", Some(&repaired))
+            .await,
+    );
+    assert_eq!(must(store.blob_in_repository(&a, &blob).await), Some(5));
+
+    // The lease: one holder; its position is fenced; released, another takes it and resumes.
+    let lease = |owner: &'static str| async move {
+        store
+            .write(|tx| Box::pin(integrity::take_scrub_lease(tx, owner, 60_000)))
+            .await
+    };
+    let state = must(lease("n1").await).unwrap_or_else(|| panic!("n1 got no lease"));
+    assert_eq!((state.cursor, state.pass_started_ms), (None, None));
+    assert!(must(lease("n2").await).is_none(), "two holders");
+    let save = |owner: &'static str| async move {
+        store
+            .write(|tx| {
+                Box::pin(integrity::save_scrub_position(
+                    tx,
+                    owner,
+                    Some("sha256:ab"),
+                    7,
+                    60_000,
+                ))
+            })
+            .await
+    };
+    assert!(!must(save("n2").await), "a non-holder moved the position");
+    assert!(must(save("n1").await));
+    must(
+        store
+            .write(|tx| Box::pin(integrity::release_scrub_lease(tx, "n1")))
+            .await,
+    );
+    let state = must(lease("n2").await).unwrap_or_else(|| panic!("n2 got no lease"));
+    assert_eq!(
+        (state.cursor.as_deref(), state.pass_started_ms),
+        (Some("sha256:ab"), Some(7))
+    );
+    assert!(must(
+        store
+            .write(|tx| Box::pin(integrity::finish_scrub_pass(tx, "n2")))
+            .await
+    ));
+    let state = must(lease("n2").await).unwrap_or_else(|| panic!("n2 lost its lease"));
+    assert_eq!((state.cursor, state.pass_started_ms), (None, None));
+    assert!(state.last_pass_done_ms.is_some());
+    // An expired lease is taken over.
+    must(
+        store
+            .write(|tx| Box::pin(integrity::take_scrub_lease(tx, "n2", -1)))
+            .await,
+    );
+    assert!(
+        must(lease("n3").await).is_some(),
+        "an expired lease was not taken over"
+    );
 }
 
 /// Checks a database written by version 1 of the schema (see `write_v1_data`) after migration.
@@ -830,6 +1003,12 @@ mod sqlite {
     async fn passes_the_webhooks_suite() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         webhooks_suite(&open(&dir.path().join("m.db")).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_integrity_suite() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        integrity_suite(&open(&dir.path().join("m.db")).await).await;
     }
 
     #[tokio::test]
@@ -1043,6 +1222,13 @@ mod postgres {
     async fn passes_the_webhooks_suite() {
         let db = TestDb::create().await;
         webhooks_suite(&db.store().await).await;
+        db.drop_database().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_integrity_suite() {
+        let db = TestDb::create().await;
+        integrity_suite(&db.store().await).await;
         db.drop_database().await;
     }
 

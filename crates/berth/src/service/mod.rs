@@ -8,6 +8,7 @@
 mod context;
 mod copy;
 pub mod gc;
+mod integrity;
 pub mod retention;
 mod uploads;
 
@@ -26,6 +27,7 @@ use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
 
 pub use context::{Actor, RequestContext, RequestId};
 pub use copy::{CopyError, CopyReport};
+pub use integrity::{FsckProblem, FsckReport, Pacer, ScrubOptions, Verdict};
 pub use uploads::{BodyStream, Chunk, UploadState};
 use uploads::{HashState, UploadLocks};
 
@@ -33,6 +35,11 @@ use uploads::{HashState, UploadLocks};
 pub enum ServiceError {
     #[error("blob unknown to registry")]
     BlobUnknown,
+    /// The repository has the blob, but its stored bytes failed an integrity check.
+    #[error(
+        "the stored bytes of blob {0} failed an integrity check and are not served; pushing the blob again repairs it"
+    )]
+    BlobQuarantined(Digest),
     #[error("manifest unknown to registry")]
     ManifestUnknown,
     #[error("repository name not known to registry")]
@@ -147,6 +154,8 @@ pub struct Registry {
     manifest_buffer: Arc<tokio::sync::Semaphore>,
     /// Manifest GETs so far, for sampling pull events.
     pulls: std::sync::atomic::AtomicU64,
+    /// The integrity scrub's counters and gauges.
+    integrity: integrity::IntegrityMetrics,
 }
 
 /// A blob ready to stream: its total size, the part being sent, and the bytes.
@@ -265,7 +274,10 @@ impl Registry {
                 .max_buffered_manifest_bytes
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
         ));
+        let integrity = integrity::IntegrityMetrics::default();
+        integrity.register(&options.metrics);
         Registry {
+            integrity,
             auth,
             manifest_buffer,
             blobs,
@@ -348,10 +360,11 @@ impl Registry {
         repo: &RepositoryName,
         digest: &Digest,
     ) -> Result<u64, ServiceError> {
-        self.metadata
-            .blob_in_repository(repo, digest)
-            .await?
-            .ok_or(ServiceError::BlobUnknown)
+        match self.metadata.linked_blob(repo, digest).await? {
+            None => Err(ServiceError::BlobUnknown),
+            Some(b) if b.quarantined => Err(ServiceError::BlobQuarantined(digest.clone())),
+            Some(b) => Ok(b.size),
+        }
     }
 
     /// Where to send a client for the blob's bytes instead of serving them (a presigned URL),
@@ -487,6 +500,10 @@ impl Registry {
             if !holders.iter().any(|r| ctx.may(r, Action::Pull)) {
                 return Ok(None);
             }
+        }
+        // A quarantined blob's bytes are not proof of anything: the client must push it.
+        if self.is_quarantined(digest).await? {
+            return Ok(None);
         }
         let Some(size) = self.blobs.stat(digest).await? else {
             return Ok(None);

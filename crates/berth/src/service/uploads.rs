@@ -19,7 +19,7 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use oci::{Algorithm, Digest, Hasher, RepositoryName};
 
 use super::{Registry, RequestContext, ServiceError, now_secs};
-use crate::metadata::{UploadSession, queries};
+use crate::metadata::{UploadSession, events, integrity, queries};
 use crate::storage::{StorageError, UploadExtent, WriteGuard};
 
 /// A request body as the service consumes it.
@@ -347,18 +347,39 @@ impl Registry {
                 "uploaded content has digest {actual}, not {digest}"
             )));
         }
-        self.blobs.commit_upload(id, digest, Some(&extent)).await?;
+        // A quarantined blob's bad bytes are replaced, not kept, and its quarantine is lifted
+        // in the transaction that links the blob. Quarantined only after this look, the blob
+        // stays quarantined (its bytes were kept): the safe side.
+        let replace = self.is_quarantined(digest).await?;
+        if replace {
+            self.blobs
+                .replace_with_upload(id, digest, Some(&extent))
+                .await?;
+        } else {
+            self.blobs.commit_upload(id, digest, Some(&extent)).await?;
+        }
         let size = extent.size;
-        let blobs = &*self.blobs;
+        let repaired =
+            replace.then(|| ctx.event("blob.repaired", repo, Some(digest), &[], Some(size)));
+        let (blobs, repaired_ref) = (&*self.blobs, repaired.as_ref());
         self.metadata
             .write(|tx| {
                 Box::pin(async move {
                     super::link_confirmed(tx, blobs, repo, digest, size).await?;
                     queries::delete_upload(tx, id).await?;
+                    if let Some(event) = repaired_ref
+                        && integrity::release(tx, digest).await?
+                    {
+                        events::append(tx, event).await?;
+                    }
                     Ok(())
                 })
             })
             .await?;
+        if replace {
+            tracing::info!(blob.digest = %digest, repo.name = %repo, "quarantined blob repaired by a push");
+            self.refresh_quarantined_after_repair().await;
+        }
         self.forget_upload(id);
         drop(held);
         ctx.log_change("blob pushed", repo, digest, &[]);

@@ -56,6 +56,59 @@ impl FsBlobStore {
         })
     }
 
+    /// Renames a verified upload to `digest`'s path. `replace`: even over a blob of the same
+    /// size (whose bytes failed an integrity check); otherwise such a blob is kept.
+    async fn commit(
+        &self,
+        id: &str,
+        digest: &Digest,
+        extent: Option<&UploadExtent>,
+        replace: bool,
+    ) -> Result<(), StorageError> {
+        let from = self.upload_path(id);
+        let to = self.blob_path(digest);
+        let expected = extent.map(|e| e.size);
+        blocking(move || {
+            let upload = File::open(&from)?;
+            let upload_len = upload.metadata()?.len();
+            // One file, appended only under the upload's lock: it cannot have changed since it
+            // was hashed, and if it somehow has, it is not the bytes of `digest`.
+            if expected.is_some_and(|size| size != upload_len) {
+                return Err(io::Error::other(format!(
+                    "upload holds {upload_len} bytes, not the {expected:?} that were hashed"
+                )));
+            }
+            // Content-addressed: the same digest is the same bytes, so an existing blob of the
+            // right size is kept, unless asked to replace it (its bytes failed a check). One
+            // of another size cannot hold these bytes (it was damaged after it was written);
+            // the verified upload replaces it. The rename swaps the file atomically: a reader
+            // that opened the old one keeps reading it, later ones get the new.
+            if !replace
+                && not_found_as_none(fs::metadata(&to))?.is_some_and(|m| m.len() == upload_len)
+            {
+                return not_found_as_none(fs::remove_file(&from)).map(|_| ());
+            }
+            upload.sync_all()?;
+            drop(upload);
+            let dir = to
+                .parent()
+                .ok_or_else(|| io::Error::other("blob path has no parent"))?;
+            if !dir.exists() {
+                fs::create_dir_all(dir)?;
+                if let Some(parent) = dir.parent() {
+                    fsync_dir(parent)?;
+                }
+            }
+            fs::rename(&from, &to)?;
+            fsync_dir(dir)?;
+            if let Some(uploads) = from.parent() {
+                fsync_dir(uploads)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     fn blob_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
         self.root
@@ -295,44 +348,16 @@ impl BlobStore for FsBlobStore {
         digest: &Digest,
         extent: Option<&UploadExtent>,
     ) -> Result<(), StorageError> {
-        let from = self.upload_path(id);
-        let to = self.blob_path(digest);
-        let expected = extent.map(|e| e.size);
-        blocking(move || {
-            let upload = File::open(&from)?;
-            let upload_len = upload.metadata()?.len();
-            // One file, appended only under the upload's lock: it cannot have changed since it
-            // was hashed, and if it somehow has, it is not the bytes of `digest`.
-            if expected.is_some_and(|size| size != upload_len) {
-                return Err(io::Error::other(format!(
-                    "upload holds {upload_len} bytes, not the {expected:?} that were hashed"
-                )));
-            }
-            // Content-addressed: the same digest is the same bytes, so an existing blob of the
-            // right size is kept. One of another size cannot hold these bytes (it was damaged
-            // after it was written); the verified upload replaces it.
-            if not_found_as_none(fs::metadata(&to))?.is_some_and(|m| m.len() == upload_len) {
-                return not_found_as_none(fs::remove_file(&from)).map(|_| ());
-            }
-            upload.sync_all()?;
-            drop(upload);
-            let dir = to
-                .parent()
-                .ok_or_else(|| io::Error::other("blob path has no parent"))?;
-            if !dir.exists() {
-                fs::create_dir_all(dir)?;
-                if let Some(parent) = dir.parent() {
-                    fsync_dir(parent)?;
-                }
-            }
-            fs::rename(&from, &to)?;
-            fsync_dir(dir)?;
-            if let Some(uploads) = from.parent() {
-                fsync_dir(uploads)?;
-            }
-            Ok(())
-        })
-        .await
+        self.commit(id, digest, extent, false).await
+    }
+
+    async fn replace_with_upload(
+        &self,
+        id: &str,
+        digest: &Digest,
+        extent: Option<&UploadExtent>,
+    ) -> Result<(), StorageError> {
+        self.commit(id, digest, extent, true).await
     }
 
     async fn delete_upload(&self, id: &str) -> Result<(), StorageError> {

@@ -174,6 +174,16 @@ pub trait BlobStore: Send + Sync + 'static {
         digest: &Digest,
         extent: Option<&UploadExtent>,
     ) -> Result<(), StorageError>;
+    /// Like [`BlobStore::commit_upload`], but the upload's bytes replace a blob already stored
+    /// under `digest`: the service calls it for a blob whose stored bytes failed an integrity
+    /// check, which `commit_upload` would keep. Atomic like a commit: a reader sees the old
+    /// bytes or the new ones, never a mix, and the new ones are durable before it returns.
+    async fn replace_with_upload(
+        &self,
+        id: &str,
+        digest: &Digest,
+        extent: Option<&UploadExtent>,
+    ) -> Result<(), StorageError>;
     async fn delete_upload(&self, id: &str) -> Result<(), StorageError>;
     /// Every upload the store holds bytes for, so that uploads whose session was never
     /// recorded (a crash between the two) can be found and reclaimed.
@@ -289,6 +299,42 @@ pub(crate) mod tests {
         ok(store.commit_upload("u2", &digest, None).await);
         assert_eq!(ok(store.upload_size("u2").await), None);
         assert_eq!(collect(ok(store.read(&digest, None).await)).await, data);
+
+        // A blob whose stored bytes went bad (same size, one byte flipped): a commit keeps them,
+        // a replace puts the upload's bytes in their place.
+        let small = b"small blob, soon damaged".to_vec();
+        let small_digest = Digest::sha256_of(&small);
+        let mut damaged = small.clone();
+        damaged[3] ^= 0x20;
+        upload(store, "r1", &[&damaged]).await;
+        // Committed under the wrong digest on purpose, as a flipped bit on disk would leave it.
+        ok(store.commit_upload("r1", &small_digest, None).await);
+        upload(store, "r2", &[&small]).await;
+        ok(store.commit_upload("r2", &small_digest, None).await);
+        assert_eq!(
+            collect(ok(store.read(&small_digest, None).await)).await,
+            damaged,
+            "commit_upload replaced an existing blob"
+        );
+        upload(store, "r3", &[&small]).await;
+        let (_, extent) = ok(store.read_upload("r3").await);
+        ok(store
+            .replace_with_upload("r3", &small_digest, Some(&extent))
+            .await);
+        assert_eq!(ok(store.upload_size("r3").await), None);
+        assert_eq!(
+            collect(ok(store.read(&small_digest, None).await)).await,
+            small
+        );
+        // Replacing a blob that is not there stores it.
+        ok(store.delete(&small_digest).await);
+        upload(store, "r4", &[&small]).await;
+        ok(store.replace_with_upload("r4", &small_digest, None).await);
+        assert_eq!(
+            ok(store.stat(&small_digest).await),
+            Some(small.len() as u64)
+        );
+        ok(store.delete(&small_digest).await);
 
         // A writer dropped before `finish` keeps the guard until its bytes have landed, and
         // whatever it wrote is a prefix of what was sent: never bytes past the upload's end.

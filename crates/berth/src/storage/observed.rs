@@ -162,6 +162,16 @@ impl BlobStore for ObservedStore {
         self.call(BackendOp::StorageCommitUpload, None, call).await
     }
 
+    async fn replace_with_upload(
+        &self,
+        id: &str,
+        digest: &Digest,
+        extent: Option<&UploadExtent>,
+    ) -> Result<(), StorageError> {
+        let call = self.inner.replace_with_upload(id, digest, extent);
+        self.call(BackendOp::StorageCommitUpload, None, call).await
+    }
+
     async fn delete_upload(&self, id: &str) -> Result<(), StorageError> {
         let budget = Some(self.operation);
         let call = self.inner.delete_upload(id);

@@ -383,6 +383,46 @@ impl S3BlobStore {
         }
     }
 
+    /// Joins exactly the hashed parts into the blob's object. `replace`: even over an object
+    /// already there (its bytes failed an integrity check); otherwise such an object is kept.
+    async fn commit(
+        &self,
+        id: &str,
+        digest: &Digest,
+        extent: Option<&UploadExtent>,
+        replace: bool,
+    ) -> Result<(), StorageError> {
+        // Exactly the parts that were hashed: a part another node added since is not joined
+        // (it is left for upload expiry), and one that is gone makes the copy fail.
+        let parts = match extent {
+            Some(extent) => parts_of(extent),
+            None => self.recent_parts(id).await?.parts,
+        };
+        let to = self.blob_key(digest);
+        // Content-addressed: the same digest is the same bytes, so an existing blob stays. The
+        // HEAD costs a request on every push, but saves a copy (or a whole re-upload, for
+        // several parts) whenever the blob is already stored, which is every push of a shared
+        // base layer to another repository. A replace overwrites: an object PUT or copy is
+        // atomic, so readers see the old object or the new one.
+        if replace || self.stat(digest).await?.is_none() {
+            let data: Vec<Part> = parts.iter().filter(|p| p.size > 0).cloned().collect();
+            let total: u64 = data.iter().map(|p| p.size).sum();
+            match data.as_slice() {
+                [only] if only.size <= MAX_COPY_BYTES => {
+                    self.store
+                        .copy(&only.path, &to)
+                        .await
+                        .map_err(storage_error)?;
+                }
+                // Also the empty blob: one empty PUT.
+                _ if total <= PART_SIZE as u64 => self.join_small(&data, &to).await?,
+                _ => self.concatenate(&data, &to).await?,
+            }
+        }
+        self.delete_objects(parts.into_iter().map(|p| p.path).collect())
+            .await
+    }
+
     fn blob_key(&self, digest: &Digest) -> Path {
         self.key(&format!(
             "blobs/{}/{}",
@@ -594,34 +634,16 @@ impl BlobStore for S3BlobStore {
         digest: &Digest,
         extent: Option<&UploadExtent>,
     ) -> Result<(), StorageError> {
-        // Exactly the parts that were hashed: a part another node added since is not joined
-        // (it is left for upload expiry), and one that is gone makes the copy fail.
-        let parts = match extent {
-            Some(extent) => parts_of(extent),
-            None => self.recent_parts(id).await?.parts,
-        };
-        let to = self.blob_key(digest);
-        // Content-addressed: the same digest is the same bytes, so an existing blob stays. The
-        // HEAD costs a request on every push, but saves a copy (or a whole re-upload, for
-        // several parts) whenever the blob is already stored, which is every push of a shared
-        // base layer to another repository.
-        if self.stat(digest).await?.is_none() {
-            let data: Vec<Part> = parts.iter().filter(|p| p.size > 0).cloned().collect();
-            let total: u64 = data.iter().map(|p| p.size).sum();
-            match data.as_slice() {
-                [only] if only.size <= MAX_COPY_BYTES => {
-                    self.store
-                        .copy(&only.path, &to)
-                        .await
-                        .map_err(storage_error)?;
-                }
-                // Also the empty blob: one empty PUT.
-                _ if total <= PART_SIZE as u64 => self.join_small(&data, &to).await?,
-                _ => self.concatenate(&data, &to).await?,
-            }
-        }
-        self.delete_objects(parts.into_iter().map(|p| p.path).collect())
-            .await
+        self.commit(id, digest, extent, false).await
+    }
+
+    async fn replace_with_upload(
+        &self,
+        id: &str,
+        digest: &Digest,
+        extent: Option<&UploadExtent>,
+    ) -> Result<(), StorageError> {
+        self.commit(id, digest, extent, true).await
     }
 
     async fn delete_upload(&self, id: &str) -> Result<(), StorageError> {

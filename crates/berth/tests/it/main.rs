@@ -28,5 +28,6 @@ mod oras;
 mod postgres;
 mod resources;
 mod s3;
+mod scrub;
 mod tls;
 mod webhooks;
