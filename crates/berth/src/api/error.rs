@@ -222,6 +222,7 @@ impl From<ServiceError> for ApiError {
                     .status(StatusCode::CONFLICT)
                     .detail(detail);
             }
+            ServiceError::TagImmutable(_) | ServiceError::QuotaExceeded(_) => Denied,
             ServiceError::ManifestInvalid(_) => ManifestInvalid,
             ServiceError::ManifestTooLarge { .. } => {
                 return ApiError::new(SizeInvalid)

@@ -572,6 +572,240 @@ pub(crate) async fn webhooks_suite(store: &Metadata) {
     assert!(must(store.read(|tx| Box::pin(hooks::list(tx))).await).is_empty());
 }
 
+async fn usage_of(store: &Metadata, ns: &str) -> u64 {
+    must(store.read(|tx| Box::pin(quotas::quota_of(tx, ns))).await).usage_bytes
+}
+
+/// Reconciles without fixing and asserts nothing drifted.
+async fn assert_no_drift(store: &Metadata) {
+    let checks = must(
+        store
+            .write(|tx| Box::pin(quotas::reconcile(tx, false)))
+            .await,
+    );
+    let drifted: Vec<_> = checks.iter().filter(|c| c.drifted()).collect();
+    assert!(drifted.is_empty(), "drift: {drifted:?}");
+}
+
+/// Usage per namespace: shared blobs count once per namespace whatever shares them, manifests
+/// count their bytes, and only manifest rows being added or removed change it. The limit check
+/// rolls a push back whole.
+pub(crate) async fn quota_suite(store: &Metadata) {
+    let (a, b, other) = (name("acct/a"), name("acct/b"), name("other/c"));
+    let blob = |s: &str| Digest::sha256_of(s.as_bytes());
+    let (base, l1, l2, l3, c1, c2, c3) = (
+        blob("base"),
+        blob("l1"),
+        blob("l2"),
+        blob("l3"),
+        blob("c1"),
+        blob("c2"),
+        blob("c3"),
+    );
+    for (repo, digest, size) in [
+        (&a, &base, 1000),
+        (&a, &l1, 100),
+        (&a, &l2, 200),
+        (&a, &c1, 1),
+        (&a, &c2, 2),
+        (&b, &base, 1000),
+        (&b, &l3, 300),
+        (&b, &c3, 3),
+        (&other, &base, 1000),
+    ] {
+        must(store.link_blob(repo, digest, size).await);
+    }
+    // Linked but unreferenced blobs are not charged.
+    assert_eq!(usage_of(store, "acct").await, 0);
+    assert_no_drift(store).await;
+
+    let m1 = manifest("q1", vec![c1.clone(), base.clone(), l1.clone()], None);
+    let m2 = manifest("q2", vec![c2.clone(), base.clone(), l2.clone()], None);
+    let m3 = manifest("q3", vec![c3.clone(), base.clone(), l3.clone()], None);
+    let len = |m: &NewManifest| m.bytes.len() as u64;
+    let put = |repo: &'static str, m: NewManifest| async move {
+        let repo = name(repo);
+        must(
+            store
+                .write(|tx| Box::pin(queries::put_manifest(tx, &repo, &m, &[])))
+                .await,
+        )
+    };
+    assert_eq!(put("acct/a", m1.clone()).await, 1101 + len(&m1));
+    // Two images in one repository share the base: charged once.
+    assert_eq!(put("acct/a", m2.clone()).await, 202 + len(&m2));
+    // A third in another repository of the namespace: still once.
+    assert_eq!(put("acct/b", m3.clone()).await, 303 + len(&m3));
+    // Pushed again: nothing more.
+    assert_eq!(put("acct/a", m1.clone()).await, 0);
+    let all = 1000 + 101 + 202 + 303 + len(&m1) + len(&m2) + len(&m3);
+    assert_eq!(usage_of(store, "acct").await, all);
+    // Another namespace pays for the base too.
+    let m4 = manifest("q4", vec![base.clone()], None);
+    assert_eq!(put("other/c", m4.clone()).await, 1000 + len(&m4));
+    assert_eq!(usage_of(store, "acct").await, all);
+    assert_no_drift(store).await;
+
+    // Deleting one image keeps the shared base charged; deleting all frees it.
+    assert!(must(store.delete_manifest(&a, &m1.digest).await));
+    assert_eq!(usage_of(store, "acct").await, all - 101 - len(&m1));
+    assert_no_drift(store).await;
+    assert!(must(store.delete_manifest(&a, &m2.digest).await));
+    assert_eq!(usage_of(store, "acct").await, 1000 + 303 + len(&m3));
+    assert!(must(store.delete_manifest(&b, &m3.digest).await));
+    assert_eq!(usage_of(store, "acct").await, 0);
+    assert_no_drift(store).await;
+
+    // Over the limit: refused with the numbers, and nothing stays charged.
+    must(
+        store
+            .write(|tx| Box::pin(quotas::set_limit(tx, "acct", Some(1300))))
+            .await,
+    );
+    assert_eq!(put("acct/a", m1.clone()).await, 1101 + len(&m1));
+    let before = usage_of(store, "acct").await;
+    let refused = store
+        .write(|tx| {
+            let (repo, m) = (&a, &m2);
+            Box::pin(async move {
+                let charged = queries::put_manifest(tx, repo, m, &[tag("big")]).await?;
+                quotas::check_limit(tx, "acct", charged).await
+            })
+        })
+        .await;
+    match refused {
+        Err(MetadataError::QuotaExceeded {
+            namespace,
+            usage,
+            limit: 1300,
+            needed,
+        }) => {
+            assert_eq!((namespace.as_str(), usage), ("acct", before));
+            assert_eq!(needed, 202 + len(&m2));
+        }
+        other => panic!("expected QuotaExceeded, got {other:?}"),
+    }
+    assert_eq!(usage_of(store, "acct").await, before);
+    assert!(must(store.manifest_by_tag(&a, &tag("big")).await).is_none());
+    assert_no_drift(store).await;
+    // A blob that can never fit is refused before it is charged; one charged already fits.
+    let fits = |digest: Digest, size: u64| async move {
+        let d = digest.to_string();
+        store
+            .read(|tx| Box::pin(async move { quotas::check_blob_fits(tx, "acct", &d, size).await }))
+            .await
+    };
+    assert!(matches!(
+        fits(l2.clone(), 1300).await,
+        Err(MetadataError::QuotaExceeded { needed: 1300, .. })
+    ));
+    must(fits(base.clone(), 1000).await);
+    must(fits(l2.clone(), 1300 - before).await);
+
+    // Drift is found and fixed.
+    must(
+        store
+            .write(|tx| {
+                Box::pin(async move {
+                    tx.execute(
+                        "UPDATE namespace_quotas SET usage_bytes = 7 WHERE namespace = 'acct'",
+                        &[],
+                    )
+                    .await
+                })
+            })
+            .await,
+    );
+    let checks = must(
+        store
+            .write(|tx| Box::pin(quotas::reconcile(tx, true)))
+            .await,
+    );
+    let acct = checks.iter().find(|c| c.namespace == "acct");
+    assert_eq!(
+        acct.map(|c| (c.stored_bytes, c.actual_bytes)),
+        Some((7, before))
+    );
+    assert_eq!(usage_of(store, "acct").await, before);
+    assert_no_drift(store).await;
+}
+
+/// Immutability rules hold inside the statements: a protected tag is created and pushed again
+/// with its digest, but never moved or deleted, by tag or with its manifest.
+pub(crate) async fn immutability_suite(store: &Metadata) {
+    use super::immutability;
+    let repo = name("imm/app");
+    let layer = Digest::sha256_of(b"imm layer");
+    must(store.link_blob(&repo, &layer, 10).await);
+    let (m1, m2) = (
+        manifest("imm1", vec![layer.clone()], None),
+        manifest("imm2", vec![layer.clone()], None),
+    );
+    must(
+        store
+            .write(|tx| Box::pin(immutability::add_rule(tx, "imm", "v*", 1, "test")))
+            .await,
+    );
+    must(store.put_manifest(&repo, &m1, Some(&tag("v1"))).await);
+    must(store.put_manifest(&repo, &m1, Some(&tag("v1"))).await);
+    match store.put_manifest(&repo, &m2, Some(&tag("v1"))).await {
+        Err(MetadataError::TagImmutable {
+            tag,
+            namespace,
+            pattern,
+        }) => assert_eq!((&*tag, &*namespace, &*pattern), ("v1", "imm", "v*")),
+        other => panic!("expected TagImmutable, got {other:?}"),
+    }
+    // The refused put left nothing: m2 was not stored either.
+    assert_eq!(
+        must(store.manifest_by_digest(&repo, &m2.digest).await).map(|m| m.digest),
+        None
+    );
+    let v1 = must(store.manifest_by_tag(&repo, &tag("v1")).await).map(|m| m.digest);
+    assert_eq!(v1, Some(m1.digest.clone()));
+    // Mutable tags and digest-derived tags move.
+    for t in ["latest", "sha256-abc.sig"] {
+        must(store.put_manifest(&repo, &m2, Some(&tag(t))).await);
+        must(store.put_manifest(&repo, &m1, Some(&tag(t))).await);
+    }
+    assert!(matches!(
+        store.delete_tag(&repo, &tag("v1")).await,
+        Err(MetadataError::TagImmutable { .. })
+    ));
+    assert!(!must(store.delete_tag(&repo, &tag("v9")).await));
+    assert!(matches!(
+        store.delete_manifest(&repo, &m1.digest).await,
+        Err(MetadataError::TagImmutable { .. })
+    ));
+    let rule = |t: &'static str| {
+        let repo = repo.clone();
+        async move {
+            let t = tag(t);
+            must(
+                store
+                    .read(|tx| {
+                        Box::pin(async move { queries::protecting_rule(tx, &repo, &t).await })
+                    })
+                    .await,
+            )
+            .map(|r| r.pattern)
+        }
+    };
+    assert_eq!(rule("v1").await.as_deref(), Some("v*"));
+    assert_eq!(rule("latest").await, None);
+    assert_eq!(rule("sha256-abc.sig").await, None);
+    // Removing the rule lifts it.
+    assert!(must(
+        store
+            .write(|tx| Box::pin(immutability::remove_rule(tx, "imm", "v*")))
+            .await
+    ));
+    must(store.put_manifest(&repo, &m2, Some(&tag("v1"))).await);
+    assert!(must(store.delete_tag(&repo, &tag("v1")).await));
+    assert!(must(store.delete_manifest(&repo, &m1.digest).await));
+    assert_no_drift(store).await;
+}
+
 pub(crate) async fn metadata_suite(store: &Metadata) {
     let (a, b) = (name("team/a"), name("team/b"));
     let blob = Digest::sha256_of(b"layer");
@@ -768,6 +1002,9 @@ async fn check_migrated_v1(store: &Metadata) {
     let got = must(store.manifest_by_tag(&repo, &tag("v1")).await);
     assert_eq!(got.map(|m| m.bytes), Some(V1_MANIFEST.as_bytes().to_vec()));
     assert_eq!(must(store.blob_in_repository(&repo, &blob).await), Some(5));
+    // The quota migration charged what was there: the layer and the manifest.
+    assert_eq!(usage_of(store, "old").await, 5 + V1_MANIFEST.len() as u64);
+    assert_no_drift(store).await;
     assert!(matches!(
         store.unlink_blob(&repo, &blob).await,
         Err(MetadataError::BlobReferenced { .. })
@@ -824,6 +1061,18 @@ mod sqlite {
     async fn passes_the_events_suite() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         events_suite(&open(&dir.path().join("m.db")).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_quota_suite() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        quota_suite(&open(&dir.path().join("m.db")).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_immutability_suite() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        immutability_suite(&open(&dir.path().join("m.db")).await).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -1036,6 +1285,20 @@ mod postgres {
     async fn passes_the_events_suite() {
         let db = TestDb::create().await;
         events_suite(&db.store().await).await;
+        db.drop_database().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_quota_suite() {
+        let db = TestDb::create().await;
+        quota_suite(&db.store().await).await;
+        db.drop_database().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_immutability_suite() {
+        let db = TestDb::create().await;
+        immutability_suite(&db.store().await).await;
         db.drop_database().await;
     }
 

@@ -19,7 +19,7 @@ use oci::{Digest, Reference, RepositoryName, Tag};
 use crate::auth::Auth;
 use crate::auth::rights::{Action, Rights};
 use crate::metadata::{Metadata, MetadataError, NewManifest, Page, Referrer, StoredManifest};
-use crate::metadata::{events, queries};
+use crate::metadata::{events, queries, quotas};
 use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
 
 pub use context::{Actor, RequestContext, RequestId};
@@ -65,6 +65,12 @@ pub enum ServiceError {
     /// A manifest delete refused because an index of the repository still lists it.
     #[error("manifest is listed by index {by}; delete that index first")]
     ManifestReferenced { by: Digest },
+    /// An immutability rule protects the tag (the message names the rule).
+    #[error("{0}")]
+    TagImmutable(String),
+    /// The push would take the namespace over its quota (the message says by how much).
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// Berth itself is at a configured limit; the client should retry shortly.
     #[error("{0}")]
     Busy(String),
@@ -96,6 +102,8 @@ impl From<MetadataError> for ServiceError {
             MetadataError::BlobReferenced { by } => ServiceError::BlobReferenced { by },
             MetadataError::ManifestReferenced { by } => ServiceError::ManifestReferenced { by },
             e @ MetadataError::SizeMismatch { .. } => ServiceError::ManifestInvalid(e.to_string()),
+            e @ MetadataError::TagImmutable { .. } => ServiceError::TagImmutable(e.to_string()),
+            e @ MetadataError::QuotaExceeded { .. } => ServiceError::QuotaExceeded(e.to_string()),
             e @ (MetadataError::BlobDeleting(_) | MetadataError::Unavailable(_)) => {
                 ServiceError::Unavailable(e.to_string())
             }
@@ -556,7 +564,9 @@ impl Registry {
         self.metadata
             .write(|tx| {
                 Box::pin(async move {
-                    queries::put_manifest(tx, repo, record_ref, tags_ref).await?;
+                    let charged = queries::put_manifest(tx, repo, record_ref, tags_ref).await?;
+                    // After the charge, whose update locked the namespace's usage row: exact.
+                    quotas::check_limit(tx, repo.namespace(), charged).await?;
                     events::append(tx, event).await?;
                     Ok(())
                 })
