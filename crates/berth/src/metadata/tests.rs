@@ -1387,6 +1387,136 @@ mod postgres {
         db.drop_database().await;
     }
 
+    /// Two nodes pushing and deleting manifests that share a layer, the same manifest on both
+    /// at once, and pushes racing for the last bytes of a quota or for a new protected tag:
+    /// usage stays exact, and only one racer wins each race.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_nodes_racing_keep_usage_exact_and_rules_whole() {
+        use super::super::immutability;
+        const ROUNDS: usize = 16;
+        let db = TestDb::create().await;
+        let nodes = [Arc::new(db.store().await), Arc::new(db.store().await)];
+        let base = Digest::sha256_of(b"qrace base");
+        let own = |r: usize, n: usize| Digest::sha256_of(format!("qrace {r} {n}").as_bytes());
+        let image = |r: usize, n: usize| {
+            manifest(
+                &format!("qrace {r} {n}"),
+                vec![base.clone(), own(r, n)],
+                None,
+            )
+        };
+        let same = |r: usize| manifest(&format!("qrace same {r}"), vec![base.clone()], None);
+        let mut tasks = tokio::task::JoinSet::new();
+        for round in 0..ROUNDS {
+            for (n, node) in nodes.iter().enumerate() {
+                let (node, base, own, m, same) = (
+                    node.clone(),
+                    base.clone(),
+                    own(round, n),
+                    image(round, n),
+                    same(round),
+                );
+                tasks.spawn(async move {
+                    let repo = name(&format!("qrace/r{}", round % 3));
+                    node.link_blob(&repo, &base, 1000).await?;
+                    node.link_blob(&repo, &own, 10 + n as u64).await?;
+                    node.put_manifest(&repo, &m, None).await?;
+                    node.put_manifest(&repo, &same, None).await?;
+                    // Every other round each node deletes the image it pushed.
+                    if round % 2 == 1 {
+                        node.delete_manifest(&repo, &m.digest).await?;
+                    }
+                    Ok::<(), MetadataError>(())
+                });
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => panic!("a racing write failed: {e}"),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // Kept: the even rounds' images (own layers of 10 and 11 bytes), every `same` (one row
+        // in its repository), the base once.
+        let mut want = 1000;
+        for round in 0..ROUNDS {
+            if round % 2 == 0 {
+                want += 21 + (image(round, 0).bytes.len() + image(round, 1).bytes.len()) as u64;
+            }
+            want += same(round).bytes.len() as u64;
+        }
+        assert_eq!(usage_of(&nodes[0], "qrace").await, want);
+        assert_no_drift(&nodes[1]).await;
+
+        // The last bytes of a quota: of two pushes that each fit alone, one wins.
+        let repo = name("qlimit/app");
+        for (n, node) in nodes.iter().enumerate() {
+            must(node.link_blob(&repo, &own(100, n), 600).await);
+        }
+        must(
+            nodes[0]
+                .write(|tx| Box::pin(quotas::set_limit(tx, "qlimit", Some(1000))))
+                .await,
+        );
+        let racers = nodes.iter().enumerate().map(|(n, node)| {
+            let m = manifest(&format!("qlimit {n}"), vec![own(100, n)], None);
+            let (node, repo) = (node.clone(), repo.clone());
+            async move {
+                node.write(|tx| {
+                    let (m, repo) = (&m, &repo);
+                    Box::pin(async move {
+                        let charged = queries::put_manifest(tx, repo, m, &[]).await?;
+                        quotas::check_limit(tx, "qlimit", charged).await
+                    })
+                })
+                .await
+            }
+        });
+        let results = futures_util::future::join_all(racers).await;
+        let won = results.iter().filter(|r| r.is_ok()).count();
+        let refused = results
+            .iter()
+            .filter(|r| matches!(r, Err(MetadataError::QuotaExceeded { .. })))
+            .count();
+        assert_eq!((won, refused), (1, 1), "{results:?}");
+        assert!(usage_of(&nodes[0], "qlimit").await <= 1000);
+        assert_no_drift(&nodes[0]).await;
+
+        // A new protected tag: of two different images, one wins and the tag stays on it.
+        let repo = name("qimm/app");
+        must(nodes[0].link_blob(&repo, &base, 1000).await);
+        must(
+            nodes[0]
+                .write(|tx| Box::pin(immutability::add_rule(tx, "qimm", "v*", 1, "test")))
+                .await,
+        );
+        for round in 0..ROUNDS {
+            let t = tag(&format!("v{round}"));
+            let racers = nodes.iter().enumerate().map(|(n, node)| {
+                let m = manifest(&format!("qimm {round} {n}"), vec![base.clone()], None);
+                let (node, repo, t) = (node.clone(), repo.clone(), t.clone());
+                async move {
+                    node.put_manifest(&repo, &m, Some(&t))
+                        .await
+                        .map(|()| m.digest)
+                }
+            });
+            let results = futures_util::future::join_all(racers).await;
+            let winners: Vec<&Digest> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+            let refused = results
+                .iter()
+                .filter(|r| matches!(r, Err(MetadataError::TagImmutable { .. })))
+                .count();
+            assert_eq!((winners.len(), refused), (1, 1), "{results:?}");
+            let got = must(nodes[1].manifest_by_tag(&repo, &t).await).map(|m| m.digest);
+            assert_eq!(got.as_ref(), Some(winners[0]));
+        }
+        assert_no_drift(&nodes[0]).await;
+        drop(nodes);
+        db.drop_database().await;
+    }
+
     /// Two stores over one database are two nodes: they create the same repositories, push
     /// the same manifest and move the same tag at the same time, and none of it may fail.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
