@@ -1484,6 +1484,8 @@ mod postgres {
         assert_no_drift(&nodes[0]).await;
 
         // A new protected tag: of two different images, one wins and the tag stays on it.
+        // The images are there already: a new manifest row takes the namespace's usage row,
+        // which would order the two pushes by itself.
         let repo = name("qimm/app");
         must(nodes[0].link_blob(&repo, &base, 1000).await);
         must(
@@ -1491,10 +1493,18 @@ mod postgres {
                 .write(|tx| Box::pin(immutability::add_rule(tx, "qimm", "v*", 1, "test")))
                 .await,
         );
+        let image = |round: usize, n: usize| {
+            manifest(&format!("qimm {round} {n}"), vec![base.clone()], None)
+        };
+        for round in 0..ROUNDS {
+            for n in 0..2 {
+                must(nodes[0].put_manifest(&repo, &image(round, n), None).await);
+            }
+        }
         for round in 0..ROUNDS {
             let t = tag(&format!("v{round}"));
             let racers = nodes.iter().enumerate().map(|(n, node)| {
-                let m = manifest(&format!("qimm {round} {n}"), vec![base.clone()], None);
+                let m = image(round, n);
                 let (node, repo, t) = (node.clone(), repo.clone(), t.clone());
                 async move {
                     node.put_manifest(&repo, &m, Some(&t))
