@@ -56,16 +56,35 @@ fn assert_denied(reply: &Reply, words: &[&str]) {
     }
 }
 
+fn berth(args: &[&str], where_: &[String]) -> std::process::Output {
+    Command::new(berth_bin())
+        .args(args)
+        .args(where_)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run berth")
+}
+
+/// Runs one statement on the PostgreSQL database at `url`.
+fn admin_sql_on(url: &str, sql: &str) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(async {
+            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            client.batch_execute(sql).await.expect(sql);
+        });
+}
+
 /// `berth quota reconcile` against the server's metadata (`where_` are the flags naming it):
 /// asserts it exits 0 and reports no drift.
 #[track_caller]
 fn assert_no_drift(where_: &[String]) {
-    let out = Command::new(berth_bin())
-        .args(["quota", "reconcile"])
-        .args(where_)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run berth quota reconcile");
+    let out = berth(&["quota", "reconcile"], where_);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("no drift"),
@@ -366,7 +385,27 @@ fn quotas_count_shared_layers_once_and_refuse_what_does_not_fit_on_postgres() {
     let db = format!("berth_it_{}", uuid::Uuid::new_v4().simple());
     let url = with_database(&admin_sql(&format!("CREATE DATABASE {db}")), &db);
     let app = TestApp::builder().arg("--metadata").arg(&url).start();
-    quota_accounting(&app, &["--metadata".to_string(), url.clone()]);
+    let where_ = ["--metadata".to_string(), url.clone()];
+    quota_accounting(&app, &where_);
+
+    // Drift is reported (exit 1, the numbers per namespace) until `--fix` stores the truth.
+    let stored = usage(&app, "quota");
+    admin_sql_on(
+        &url,
+        "UPDATE namespace_quotas SET usage_bytes = usage_bytes + 5 WHERE namespace = 'quota'",
+    );
+    let out = berth(&["quota", "reconcile"], &where_);
+    assert!(!out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = format!("quota\t{}\t{stored}\t5\t0", stored + 5);
+    assert!(stdout.contains(&line), "{line:?} not in {stdout}");
+    assert!(
+        berth(&["quota", "reconcile", "--fix"], &where_)
+            .status
+            .success()
+    );
+    assert_no_drift(&where_);
+    assert_eq!(usage(&app, "quota"), stored);
     drop(app);
     admin_sql(&format!("DROP DATABASE {db} WITH (FORCE)"));
 }
@@ -392,4 +431,53 @@ fn skopeo_copy_over_an_immutable_tag_fails_naming_the_rule() {
         got.header("docker-content-digest"),
         Some(layout.manifest_digest("one").as_str())
     );
+}
+
+#[test]
+fn the_command_line_manages_rules_and_quotas_of_a_running_registry() {
+    let app = TestApp::start();
+    let where_ = [
+        "--data-dir".to_string(),
+        app.data_dir().display().to_string(),
+    ];
+    let m1 = app.image_manifest("cli/app", "one", json!({}));
+    let m2 = app.image_manifest("cli/app", "two", json!({}));
+    app.push_manifest("cli/app", "v1", OCI_MANIFEST, &m1);
+    let run = |args: &[&str]| {
+        let out = berth(args, &where_);
+        assert!(out.status.success(), "berth {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["immutable", "add", "cli", "v*"]);
+    assert!(run(&["immutable", "list", "cli"]).starts_with("v*\t"));
+    assert_denied(
+        &app.put_manifest("cli/app", "v1", OCI_MANIFEST, &m2),
+        &["v*"],
+    );
+    run(&["immutable", "rm", "cli", "v*"]);
+    app.push_manifest("cli/app", "v1", OCI_MANIFEST, &m2);
+
+    let used = usage(&app, "cli");
+    assert_eq!(
+        run(&["quota", "set", "cli", "1000000"]),
+        format!("cli\t{used}\t1000000\n")
+    );
+    assert_eq!(
+        run(&["quota", "get", "cli"]),
+        format!("cli\t{used}\t1000000\n")
+    );
+    let reply = manage(&app, "GET", "/api/v1/namespaces/cli/quota", None);
+    assert_eq!(
+        reply.json(),
+        json!({"namespace": "cli", "usage_bytes": used, "limit_bytes": 1_000_000})
+    );
+    run(&["quota", "rm", "cli"]);
+    assert_eq!(run(&["quota", "get", "cli"]), format!("cli\t{used}\t-\n"));
+    assert!(!berth(&["quota", "rm", "cli"], &where_).status.success());
+    assert!(
+        !berth(&["immutable", "add", "cli", "v/1"], &where_)
+            .status
+            .success()
+    );
+    assert_no_drift(&where_);
 }
