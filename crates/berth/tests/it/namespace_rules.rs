@@ -480,4 +480,13 @@ fn the_command_line_manages_rules_and_quotas_of_a_running_registry() {
             .success()
     );
     assert_no_drift(&where_);
+    let events = manage(&app, "GET", "/api/v1/audit?namespace=cli", None).text();
+    for kind in [
+        "immutability.rule_added",
+        "immutability.rule_removed",
+        "quota.limit_set",
+        "quota.limit_removed",
+    ] {
+        assert!(events.contains(kind), "no {kind} in {events}");
+    }
 }
