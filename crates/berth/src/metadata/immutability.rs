@@ -161,25 +161,24 @@ pub async fn protecting_rule(
     repo: &RepositoryName,
     tag: &Tag,
 ) -> Result<Option<ImmutabilityRule>, MetadataError> {
-    Ok(first_protecting(
-        rules(tx, repo.namespace()).await?,
-        tag.as_str(),
-    ))
+    let rules = rules(tx, repo.namespace()).await?;
+    Ok(first_protecting(&rules, tag.as_str()).cloned())
 }
 
-pub(crate) fn first_protecting(
-    rules: Vec<ImmutabilityRule>,
+/// The first of `rules` that protects `tag`.
+pub(crate) fn first_protecting<'r>(
+    rules: &'r [ImmutabilityRule],
     tag: &str,
-) -> Option<ImmutabilityRule> {
-    rules.into_iter().find(|r| protects(&r.pattern, tag))
+) -> Option<&'r ImmutabilityRule> {
+    rules.iter().find(|r| protects(&r.pattern, tag))
 }
 
 /// The refusal of a change to `tag` that `rule` protects.
-pub(crate) fn refusal(rule: ImmutabilityRule, tag: &str) -> MetadataError {
+pub(crate) fn refusal(rule: &ImmutabilityRule, tag: &str) -> MetadataError {
     MetadataError::TagImmutable {
         tag: tag.to_string(),
-        namespace: rule.namespace,
-        pattern: rule.pattern,
+        namespace: rule.namespace.clone(),
+        pattern: rule.pattern.clone(),
     }
 }
 

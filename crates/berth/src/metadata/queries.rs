@@ -411,7 +411,7 @@ pub async fn put_manifest(
             manifest_id.into(),
             now.into(),
         ];
-        match immutability::first_protecting(rules.clone(), tag.as_str()) {
+        match immutability::first_protecting(&rules, tag.as_str()) {
             None => {
                 tx.execute(PUT_TAG, &params).await?;
             }
@@ -591,7 +591,7 @@ pub async fn delete_manifest(
     if !tags.is_empty() {
         let rules = immutability::rules(tx, repo.namespace()).await?;
         for tag in &tags {
-            if let Some(rule) = immutability::first_protecting(rules.clone(), tag) {
+            if let Some(rule) = immutability::first_protecting(&rules, tag) {
                 return Err(immutability::refusal(rule, tag));
             }
         }
@@ -646,7 +646,7 @@ pub async fn delete_tag(
             .await?
             .is_some();
         return match exists {
-            true => Err(immutability::refusal(rule, tag.as_str())),
+            true => Err(immutability::refusal(&rule, tag.as_str())),
             false => Ok(false),
         };
     }
