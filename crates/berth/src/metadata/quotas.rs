@@ -62,7 +62,7 @@ pub(crate) async fn charge(
             added = added.saturating_add(size);
         }
     }
-    add_usage(tx, namespace, added as i64).await?;
+    add_usage(tx, namespace, i64::try_from(added).unwrap_or(i64::MAX)).await?;
     Ok(added)
 }
 
