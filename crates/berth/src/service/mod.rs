@@ -294,6 +294,18 @@ impl Registry {
         Ok(self.metadata.stored_blob_bytes().await?)
     }
 
+    /// Each namespace's usage in bytes, as quotas count it (one row per namespace).
+    pub async fn namespace_usage(&self) -> Result<Vec<(String, u64)>, ServiceError> {
+        let quotas = self
+            .metadata
+            .read(|tx| Box::pin(quotas::quotas(tx)))
+            .await?;
+        Ok(quotas
+            .into_iter()
+            .map(|q| (q.namespace, q.usage_bytes))
+            .collect())
+    }
+
     pub fn max_manifest_bytes(&self) -> usize {
         self.options.max_manifest_bytes
     }

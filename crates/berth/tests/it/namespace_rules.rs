@@ -371,6 +371,14 @@ fn quota_accounting(app: &TestApp, where_: &[String]) {
     .expect("push c");
     assert_eq!(usage(app, "quota"), expected_bytes(&layout, &["c"]));
     assert_no_drift(where_);
+
+    // The first scrape reads every namespace's usage.
+    let text = app.get("/metrics").text();
+    let want = format!(
+        "berth_namespace_usage_bytes{{namespace=\"quota\"}} {}",
+        expected_bytes(&layout, &["c"])
+    );
+    assert!(text.lines().any(|l| l == want), "no {want:?} in {text}");
 }
 
 #[test]
