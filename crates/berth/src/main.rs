@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use berth::auth::manage::{self, By};
+use berth::auth::namespace_rules;
 use berth::auth::rights::{Grant, Role};
 use berth::config::{Config, LogFormat, RawConfig};
 use berth::server::{self, ServeOptions};
@@ -80,6 +81,13 @@ enum Command {
     /// Retention policies: what GC keeps of the repositories a pattern matches.
     #[command(subcommand)]
     Retention(RetentionCommand),
+    /// Tag immutability rules: tags of a namespace matching a pattern can be pushed once and
+    /// never moved or deleted.
+    #[command(subcommand)]
+    Immutable(ImmutableCommand),
+    /// Storage quotas per namespace, and their accounting.
+    #[command(subcommand)]
+    Quota(QuotaCommand),
 }
 
 #[derive(Subcommand)]
@@ -118,6 +126,31 @@ enum RetentionCommand {
     },
     /// Exactly what the policies would delete now (what the next GC run does).
     Plan {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImmutableCommand {
+    /// Protect tags of NAMESPACE matching PATTERN (`*` any run of characters, `?` one; tags
+    /// starting with `sha256-` only by a pattern starting with `sha256-`).
+    Add {
+        namespace: String,
+        pattern: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List a namespace's rules.
+    List {
+        namespace: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Remove a rule.
+    Rm {
+        namespace: String,
+        pattern: String,
         #[command(flatten)]
         config: ConfigArgs,
     },
@@ -179,6 +212,43 @@ impl TrashFilterArgs {
             ..Default::default()
         })
     }
+}
+
+#[derive(Subcommand)]
+enum QuotaCommand {
+    /// Limit a namespace to BYTES of storage.
+    Set {
+        namespace: String,
+        bytes: u64,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Show a namespace's usage and limit.
+    Get {
+        namespace: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Every namespace's usage and limit.
+    List {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Remove a namespace's limit (usage is still counted).
+    Rm {
+        namespace: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Recompute every namespace's usage from its manifests and compare it with the stored
+    /// usage; exits non-zero if any differs.
+    Reconcile {
+        /// Store the recomputed usage (run it while no pushes or deletes are in flight).
+        #[arg(long)]
+        fix: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1167,6 +1237,104 @@ async fn retention(command: RetentionCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[allow(clippy::print_stdout)]
+async fn immutable(command: ImmutableCommand) -> anyhow::Result<()> {
+    match command {
+        ImmutableCommand::Add {
+            namespace,
+            pattern,
+            config,
+        } => {
+            let md = admin_metadata(config).await?;
+            namespace_rules::add_rule(&md, &By::cli(), &namespace, &pattern).await?;
+            println!("tags of {namespace} matching {pattern} are immutable");
+        }
+        ImmutableCommand::List { namespace, config } => {
+            let md = admin_metadata(config).await?;
+            for rule in namespace_rules::rules(&md, &namespace).await? {
+                println!(
+                    "{}\t{}\t{}",
+                    rule.pattern,
+                    when(Some(rule.created_at)),
+                    rule.created_by
+                );
+            }
+        }
+        ImmutableCommand::Rm {
+            namespace,
+            pattern,
+            config,
+        } => {
+            let md = admin_metadata(config).await?;
+            namespace_rules::remove_rule(&md, &By::cli(), &namespace, &pattern).await?;
+            println!("removed rule {pattern} of {namespace}");
+        }
+    }
+    Ok(())
+}
+
+fn quota_line(q: &berth::metadata::quotas::Quota) -> String {
+    let limit = q
+        .limit_bytes
+        .map_or_else(|| "-".to_string(), |l| l.to_string());
+    format!("{}\t{}\t{limit}", q.namespace, q.usage_bytes)
+}
+
+#[allow(clippy::print_stdout)]
+async fn quota(command: QuotaCommand) -> anyhow::Result<()> {
+    match command {
+        QuotaCommand::Set {
+            namespace,
+            bytes,
+            config,
+        } => {
+            let md = admin_metadata(config).await?;
+            let q = namespace_rules::set_limit(&md, &By::cli(), &namespace, Some(bytes)).await?;
+            println!("{}", quota_line(&q));
+        }
+        QuotaCommand::Get { namespace, config } => {
+            let md = admin_metadata(config).await?;
+            println!(
+                "{}",
+                quota_line(&namespace_rules::quota(&md, &namespace).await?)
+            );
+        }
+        QuotaCommand::List { config } => {
+            let md = admin_metadata(config).await?;
+            for q in namespace_rules::all_quotas(&md).await? {
+                println!("{}", quota_line(&q));
+            }
+        }
+        QuotaCommand::Rm { namespace, config } => {
+            let md = admin_metadata(config).await?;
+            namespace_rules::set_limit(&md, &By::cli(), &namespace, None).await?;
+            println!("removed the quota of {namespace}");
+        }
+        QuotaCommand::Reconcile { fix, config } => {
+            let md = admin_metadata(config).await?;
+            let checks = namespace_rules::reconcile(&md, &By::cli(), fix).await?;
+            println!("namespace\tstored\tactual\tdrift\twrong_counts");
+            for c in &checks {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    c.namespace,
+                    c.stored_bytes,
+                    c.actual_bytes,
+                    c.drift(),
+                    c.wrong_counts
+                );
+            }
+            let drifted = checks.iter().filter(|c| c.drifted()).count();
+            match (drifted, fix) {
+                (0, _) => println!("no drift"),
+                (n, true) => println!("fixed {n} namespaces"),
+                (n, false) => anyhow::bail!("{n} namespaces drifted; run with --fix"),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1191,6 +1359,8 @@ fn main() -> anyhow::Result<()> {
         } => runtime.block_on(gc(dry_run, json, config)),
         Command::Trash(c) => runtime.block_on(trash(c)),
         Command::Retention(c) => runtime.block_on(retention(c)),
+        Command::Immutable(c) => runtime.block_on(immutable(c)),
+        Command::Quota(c) => runtime.block_on(quota(c)),
     };
     // Access log lines still buffered (see berth::logging).
     berth::logging::STDERR.flush();

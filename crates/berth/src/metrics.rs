@@ -261,6 +261,9 @@ pub struct Metrics {
     data_dir_free_bytes: Gauge,
     data_dir_size_bytes: Gauge,
     storage_used_bytes: Gauge,
+    /// By namespace: namespaces are few (an administrator creates each, or a repository's
+    /// first segment), unlike repositories.
+    namespace_usage_bytes: Family<[(&'static str, String); 1], Gauge>,
 
     /// Garbage collection and the trash (see [`GcMetrics`]).
     gc: GcMetrics,
@@ -447,6 +450,13 @@ impl Metrics {
         );
         let gc = GcMetrics::default();
         gc.register(&mut registry);
+        let namespace_usage_bytes = Family::<[(&'static str, String); 1], Gauge>::default();
+        registry.register(
+            "berth_namespace_usage_bytes",
+            "Bytes a namespace's manifests use (each blob once per namespace, as quotas count \
+             them), as of the last refresh",
+            namespace_usage_bytes.clone(),
+        );
         Metrics {
             gc,
             registry: Mutex::new(registry),
@@ -470,6 +480,7 @@ impl Metrics {
             data_dir_free_bytes,
             data_dir_size_bytes,
             storage_used_bytes,
+            namespace_usage_bytes,
         }
     }
 
@@ -622,6 +633,15 @@ impl Metrics {
 
     pub fn set_storage_used(&self, bytes: u64) {
         self.storage_used_bytes.set(gauge_value(bytes));
+    }
+
+    /// Each namespace's usage (a namespace once counted keeps its row, so none goes stale).
+    pub fn set_namespace_usage(&self, usage: &[(String, u64)]) {
+        for (namespace, bytes) in usage {
+            self.namespace_usage_bytes
+                .get_or_create(&[("namespace", namespace.clone())])
+                .set(gauge_value(*bytes));
+        }
     }
 
     /// The OpenMetrics text exposition of every metric.

@@ -68,6 +68,12 @@ impl RepositoryName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Its first path component: the namespace that owns it (`team` of `team/app/web`, `alpine`
+    /// of `alpine`).
+    pub fn namespace(&self) -> &str {
+        self.0.split_once('/').map_or(&self.0, |(ns, _)| ns)
+    }
 }
 
 impl fmt::Display for RepositoryName {

@@ -148,6 +148,9 @@ pub struct ApiError {
     pub detail: Option<String>,
     /// A second error reported in the same body, after the first.
     pub also: Option<ErrorCode>,
+    /// The message in place of the code's usual one: for refusals whose reason the user must
+    /// see, since clients (skopeo, podman, docker) print the message and drop the detail.
+    pub message: Option<String>,
     /// Extra headers, e.g. `Range` on a 416. Few and rare, so a Vec keeps the error small.
     pub headers: Vec<(HeaderName, HeaderValue)>,
 }
@@ -159,6 +162,7 @@ impl ApiError {
             status: code.describe().1,
             detail: None,
             also: None,
+            message: None,
             headers: Vec::new(),
         }
     }
@@ -223,6 +227,11 @@ impl From<ServiceError> for ApiError {
                 return ApiError::new(Denied)
                     .status(StatusCode::CONFLICT)
                     .detail(detail);
+            }
+            ServiceError::TagImmutable(_) | ServiceError::QuotaExceeded(_) => {
+                let mut error = ApiError::new(Denied).detail(detail.clone());
+                error.message = Some(detail);
+                return error;
             }
             ServiceError::ManifestInvalid(_) => ManifestInvalid,
             ServiceError::InvalidRequest(_) => Invalid,
@@ -290,7 +299,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (code, _, message) = self.code.describe();
+        let (code, _, usual) = self.code.describe();
+        let message = self.message.as_deref().unwrap_or(usual);
         let detail = match (&self.code, self.detail) {
             // Backend and internal details name hosts, buckets, paths or queries: they are
             // logged above, and the client gets only the code and message.

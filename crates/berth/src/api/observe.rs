@@ -284,7 +284,7 @@ impl Observer {
     }
 
     /// The gauges read at scrape time: the data directory's filesystem, and the blob total
-    /// (reused for a minute: it is a scan of the blob table).
+    /// (reused for a minute: it is a scan of the blob table) with each namespace's usage.
     async fn refresh_gauges(&self, registry: &Registry) {
         if let Ok(fs) = rustix::fs::statvfs(&self.settings.data_dir) {
             let block = fs.f_frsize;
@@ -305,6 +305,11 @@ impl Observer {
                 // The scrape still answers, with the last known total.
                 Ok(Err(e)) => tracing::debug!(error = %e, "cannot total the stored blobs"),
                 Err(_) => tracing::debug!("totalling the stored blobs timed out"),
+            }
+            match tokio::time::timeout(budget, registry.namespace_usage()).await {
+                Ok(Ok(usage)) => self.metrics.set_namespace_usage(&usage),
+                Ok(Err(e)) => tracing::debug!(error = %e, "cannot read the namespaces' usage"),
+                Err(_) => tracing::debug!("reading the namespaces' usage timed out"),
             }
         }
     }

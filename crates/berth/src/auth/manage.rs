@@ -56,7 +56,12 @@ impl By {
 
     /// The event of a change: its kind, the namespace it concerns if any (stored as the
     /// event's repository, so a namespace's owners find it), and what it changed.
-    fn event(&self, kind: &str, namespace: Option<&str>, detail: serde_json::Value) -> NewEvent {
+    pub(crate) fn event(
+        &self,
+        kind: &str,
+        namespace: Option<&str>,
+        detail: serde_json::Value,
+    ) -> NewEvent {
         NewEvent {
             kind: kind.to_string(),
             actor: self.actor.clone(),

@@ -27,6 +27,7 @@ pub mod federation;
 pub mod jwks;
 pub mod limits;
 pub mod manage;
+pub mod namespace_rules;
 pub mod policy;
 pub mod rights;
 pub mod scope;

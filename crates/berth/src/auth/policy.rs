@@ -3,8 +3,9 @@
 //! to do, with the facts a rule needs already looked up). No IO.
 //!
 //! - Administrators may do everything; so may everyone when access control is off.
-//! - A namespace's owners may see it, manage its members, robots and webhooks, and list,
-//!   create and revoke the secrets of its robots. Global webhooks are for administrators.
+//! - A namespace's owners may see it, manage its members, robots, webhooks and tag
+//!   immutability rules, read its quota, and list, create and revoke the secrets of its
+//!   robots. Global webhooks and setting quotas are for administrators.
 //! - A user may see its own account, change its own password (giving the old one: see
 //!   [`needs_old_password`]) and list, create and revoke its own personal access tokens.
 //! - Everything else is refused. Robots, federated CI identities, personal access tokens
@@ -144,6 +145,12 @@ pub enum Op<'a> {
     Retention(Option<&'a str>),
     /// Listing retention policies: each caller sees those it may manage.
     ListRetention,
+    /// Listing, adding or removing a namespace's tag immutability rules.
+    Immutability(&'a str),
+    /// Reading a namespace's quota and usage.
+    ReadQuota(&'a str),
+    /// Setting or removing a namespace's quota.
+    SetQuota(&'a str),
 }
 
 /// The rules. See the module doc.
@@ -158,7 +165,11 @@ pub fn permits(who: &Authority, op: &Op<'_>) -> bool {
         }
         Op::Webhooks(Some(ns)) | Op::Trash(Some(ns)) | Op::Retention(Some(ns)) => who.owns(ns),
         Op::ReadUser(name) | Op::SetPassword(name) => who.is_user(name),
-        Op::ReadNamespace(ns) | Op::ManageNamespace(ns) | Op::ReadAudit(Some(ns)) => who.owns(ns),
+        Op::ReadNamespace(ns)
+        | Op::ManageNamespace(ns)
+        | Op::ReadAudit(Some(ns))
+        | Op::Immutability(ns)
+        | Op::ReadQuota(ns) => who.owns(ns),
         Op::Secrets(Some(holder)) => {
             who.is_user(holder.account) || holder.robot_of.is_some_and(|ns| who.owns(ns))
         }
@@ -168,6 +179,7 @@ pub fn permits(who: &Authority, op: &Op<'_>) -> bool {
         | Op::DeleteUser(_)
         | Op::CreateNamespace
         | Op::ChangeNamespace(_)
+        | Op::SetQuota(_)
         | Op::Webhooks(None)
         | Op::RotateKeys
         | Op::ReadAudit(None)
@@ -361,6 +373,11 @@ mod tests {
             (Op::RunGc, [true, false, false, false]),
             (Op::Retention(Some("team")), [true, true, false, false]),
             (Op::Retention(None), [true, false, false, false]),
+            (Op::Immutability("team"), [true, true, false, false]),
+            (Op::Immutability("lib"), [true, false, false, false]),
+            (Op::ReadQuota("team"), [true, true, false, false]),
+            (Op::ReadQuota("lib"), [true, false, false, false]),
+            (Op::SetQuota("team"), [true, false, false, false]),
         ];
         for (op, expected) in table {
             for (who, want) in [&admin, &alice, &bob, &robot].iter().zip(expected) {

@@ -71,6 +71,8 @@ pub const TOKENS: &[(&str, &str, &str)] = &[
     // Names compare bytewise whatever the database's locale, as SQLite's BINARY does.
     ("NAME", "TEXT", "TEXT COLLATE \"C\""),
     ("WITHOUT_ROWID", "WITHOUT ROWID", ""),
+    // Position of a substring (1-based, 0 when absent): `{STRPOS}(haystack, needle)`.
+    ("STRPOS", "instr", "strpos"),
     (
         "NOW",
         "unixepoch()",

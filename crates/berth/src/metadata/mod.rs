@@ -14,8 +14,10 @@ pub mod access;
 pub mod db;
 pub mod events;
 pub mod gc;
+pub mod immutability;
 pub mod integrity;
 pub mod queries;
+pub mod quotas;
 pub mod retention;
 pub mod schema;
 pub mod trash;
@@ -56,6 +58,24 @@ pub enum MetadataError {
         digest: Digest,
         declared: u64,
         stored: u64,
+    },
+    /// A tag an immutability rule protects may not be moved or deleted.
+    #[error("tag {tag} is immutable: namespace {namespace} protects tags matching {pattern:?}")]
+    TagImmutable {
+        tag: String,
+        namespace: String,
+        pattern: String,
+    },
+    /// A push would take the namespace over its quota.
+    #[error(
+        "namespace {namespace} would exceed its quota: {usage} of {limit} bytes used, \
+         this push needs {needed} more"
+    )]
+    QuotaExceeded {
+        namespace: String,
+        usage: u64,
+        limit: u64,
+        needed: u64,
     },
     /// Garbage collection is deleting this blob's bytes; it must be uploaded again once done.
     #[error("blob {0} is being garbage collected")]
@@ -422,6 +442,7 @@ impl Metadata {
     ) -> Result<(), MetadataError> {
         self.write(|tx| Box::pin(queries::put_manifest(tx, repo, manifest, tags)))
             .await
+            .map(drop)
     }
 
     pub async fn manifest_by_digest(

@@ -15,12 +15,14 @@
 //! delete removes its row *first* (waiting for any put holding that lock) and only then looks
 //! for references, in a new statement that sees what the put committed, rolling back if any.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use oci::{Digest, RepositoryName, Tag};
 
 use super::db::{Param, Row, Tx};
+pub use super::immutability::protecting_rule;
 use super::{MetadataError, NewManifest, Page, Referrer, StoredManifest, UploadSession};
+use super::{immutability, quotas};
 
 /// A manifest put refreshes its blobs' `last_referenced_at` only when it is at least this old,
 /// so concurrent pushes sharing a base layer do not all write (and on PostgreSQL lock) its row.
@@ -352,17 +354,22 @@ const MANIFEST_ID: &str =
 
 /// Stores a manifest with a row per reference and, with it, points every tag in `tags` at it.
 /// Refused without changing anything if a referenced blob or child manifest is missing from
-/// the repository, or the size stored under a digest differs from the size the manifest
-/// declares for it.
+/// the repository, the size stored under a digest differs from the size the manifest declares
+/// for it, or a tag that an immutability rule protects points at another manifest
+/// ([`MetadataError::TagImmutable`]). A new manifest row is charged to its namespace's usage
+/// (see [`quotas`]); returns the bytes charged (0 if the manifest was there already). The
+/// quota's limit is not checked here: the push path calls [`quotas::check_limit`].
 pub async fn put_manifest(
     tx: &mut Tx<'_>,
     repo: &RepositoryName,
     m: &NewManifest,
     tags: &[Tag],
-) -> Result<(), MetadataError> {
+) -> Result<u64, MetadataError> {
     let repo_id = ensure_repository(tx, repo).await?;
     let now = now_secs();
     let declared: HashMap<&Digest, u64> = m.declared_sizes.iter().map(|(d, s)| (d, *s)).collect();
+    // Distinct, sorted: the order the accounting rows are locked in.
+    let mut sizes = BTreeMap::new();
     let mut seen = HashSet::new();
     for blob in m.blobs.iter().filter(|b| seen.insert(*b)) {
         let d = blob.to_string();
@@ -377,6 +384,7 @@ pub async fn put_manifest(
             .ok_or_else(|| MetadataError::MissingBlob(blob.clone()))?
             .u64(0)?;
         check_size(&declared, blob, stored)?;
+        sizes.insert(d, stored);
     }
     for child in &m.children {
         let d = child.to_string();
@@ -396,9 +404,15 @@ pub async fn put_manifest(
     let existing = tx
         .query_opt(MANIFEST_ID, &[repo_id.into(), (&digest).into()])
         .await?;
-    let manifest_id = match existing {
-        Some(row) => row.i64(0)?,
-        None => insert_manifest(tx, repo_id, m, &digest, now).await?,
+    let (manifest_id, charged) = match existing {
+        Some(row) => (row.i64(0)?, 0),
+        None => match insert_manifest(tx, repo_id, m, &digest, now).await? {
+            Inserted::New(id) => {
+                let len = m.bytes.len() as u64;
+                (id, quotas::charge(tx, repo.namespace(), &sizes, len).await?)
+            }
+            Inserted::Existing(id) => (id, 0),
+        },
     };
     let stale = now - REFERENCE_REFRESH_SECS;
     tx.execute(
@@ -415,22 +429,43 @@ pub async fn put_manifest(
         &[now.into(), stale.into(), manifest_id.into()],
     )
     .await?;
+    let rules = match tags {
+        [] => Vec::new(),
+        _ => immutability::rules(tx, repo.namespace()).await?,
+    };
     for tag in tags {
-        tx.execute(
-            "INSERT INTO tags (repository_id, name, manifest_id, updated_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (repository_id, name)
-             DO UPDATE SET manifest_id = excluded.manifest_id, updated_at = excluded.updated_at",
-            &[
-                repo_id.into(),
-                tag.as_str().into(),
-                manifest_id.into(),
-                now.into(),
-            ],
-        )
-        .await?;
+        let params = [
+            repo_id.into(),
+            tag.as_str().into(),
+            manifest_id.into(),
+            now.into(),
+        ];
+        match immutability::first_protecting(&rules, tag.as_str()) {
+            None => {
+                tx.execute(PUT_TAG, &params).await?;
+            }
+            // The upsert changes a protected tag only where it already points at this
+            // manifest; on PostgreSQL it locks the row and judges its latest committed
+            // version, so a tag another node just created is seen.
+            Some(rule) => {
+                if tx.query_opt(PUT_PROTECTED_TAG, &params).await?.is_none() {
+                    return Err(immutability::refusal(rule, tag.as_str()));
+                }
+            }
+        }
     }
-    Ok(())
+    Ok(charged)
 }
+
+const PUT_TAG: &str = "INSERT INTO tags (repository_id, name, manifest_id, updated_at)
+     VALUES (?1, ?2, ?3, ?4)
+     ON CONFLICT (repository_id, name)
+     DO UPDATE SET manifest_id = excluded.manifest_id, updated_at = excluded.updated_at";
+const PUT_PROTECTED_TAG: &str = "INSERT INTO tags (repository_id, name, manifest_id, updated_at)
+     VALUES (?1, ?2, ?3, ?4)
+     ON CONFLICT (repository_id, name)
+     DO UPDATE SET updated_at = excluded.updated_at WHERE tags.manifest_id = excluded.manifest_id
+     RETURNING manifest_id";
 
 /// A manifest's descriptor for `digest` must declare the size stored under it.
 fn check_size(
@@ -448,13 +483,19 @@ fn check_size(
     }
 }
 
+enum Inserted {
+    New(i64),
+    /// Another transaction inserted it first.
+    Existing(i64),
+}
+
 async fn insert_manifest(
     tx: &mut Tx<'_>,
     repo_id: i64,
     m: &NewManifest,
     digest: &str,
     now: i64,
-) -> Result<i64, MetadataError> {
+) -> Result<Inserted, MetadataError> {
     let annotations = m
         .annotations
         .as_ref()
@@ -482,12 +523,13 @@ async fn insert_manifest(
         .await?;
     let Some(row) = inserted else {
         // Another node inserted the same manifest since our SELECT and has committed (the
-        // insert waited for it): take its row, whose references it recorded.
+        // insert waited for it): take its row, whose references (and charge) it recorded.
         return tx
             .query_opt(MANIFEST_ID, &[repo_id.into(), digest.into()])
             .await?
             .ok_or_else(|| MetadataError::internal("a manifest vanished while inserted"))?
-            .i64(0);
+            .i64(0)
+            .map(Inserted::Existing);
     };
     let id = row.i64(0)?;
     for blob in &m.blobs {
@@ -506,7 +548,7 @@ async fn insert_manifest(
         )
         .await?;
     }
-    Ok(id)
+    Ok(Inserted::New(id))
 }
 
 fn stored_manifest(mut row: Row) -> Result<StoredManifest, MetadataError> {
@@ -545,12 +587,53 @@ pub async fn manifest_by_tag(
 
 /// Removes the manifest, its reference rows and every tag pointing at it; false if it was not
 /// there. Refused with [`MetadataError::ManifestReferenced`] (and rolled back) while an index
-/// of the same repository lists it. Referrers (manifests whose subject it is) do not block it.
+/// of the same repository lists it, and with [`MetadataError::TagImmutable`] while a tag an
+/// immutability rule protects points at it. Referrers (manifests whose subject it is) do not
+/// block it. Its bytes and the blobs only it referenced leave its namespace's usage.
 pub async fn delete_manifest(
     tx: &mut Tx<'_>,
     repo: &RepositoryName,
     digest: &Digest,
 ) -> Result<bool, MetadataError> {
+    let d = digest.to_string();
+    // Locked first: a put holding the row (to tag it, or to list it in an index) commits
+    // before this goes on, and the statements below see what it wrote.
+    let Some(row) = tx
+        .query_opt(
+            "SELECT id, length(content) FROM manifests
+             WHERE repository_id = (SELECT id FROM repositories WHERE name = ?1) AND digest = ?2
+             {FOR_UPDATE}",
+            &[repo.as_str().into(), (&d).into()],
+        )
+        .await?
+    else {
+        return Ok(false);
+    };
+    let (id, len) = (row.i64(0)?, row.u64(1)?);
+    let tags = texts(
+        tx.query(
+            "SELECT name FROM tags WHERE manifest_id = ?1 ORDER BY name",
+            &[id.into()],
+        )
+        .await?,
+    )?;
+    if !tags.is_empty() {
+        let rules = immutability::rules(tx, repo.namespace()).await?;
+        for tag in &tags {
+            if let Some(rule) = immutability::first_protecting(&rules, tag) {
+                return Err(immutability::refusal(rule, tag));
+            }
+        }
+    }
+    let blobs: BTreeSet<String> = texts(
+        tx.query(
+            "SELECT digest FROM manifest_blobs WHERE manifest_id = ?1",
+            &[id.into()],
+        )
+        .await?,
+    )?
+    .into_iter()
+    .collect();
     let by = delete_unless_referenced(
         tx,
         repo,
@@ -564,23 +647,43 @@ pub async fn delete_manifest(
     )
     .await?;
     match by {
-        Deleted::Gone => Ok(true),
+        Deleted::Gone => {
+            quotas::uncharge(tx, repo.namespace(), &blobs, len).await?;
+            Ok(true)
+        }
         Deleted::NotThere => Ok(false),
         Deleted::Refused(by) => Err(MetadataError::ManifestReferenced { by }),
     }
 }
 
-/// False if the tag was not there.
+/// False if the tag was not there. Refused with [`MetadataError::TagImmutable`] if an
+/// immutability rule protects it.
 pub async fn delete_tag(
     tx: &mut Tx<'_>,
     repo: &RepositoryName,
     tag: &Tag,
 ) -> Result<bool, MetadataError> {
+    let params = [repo.as_str().into(), tag.as_str().into()];
+    if let Some(rule) = protecting_rule(tx, repo, tag).await? {
+        let exists = tx
+            .query_opt(
+                "SELECT 1 FROM tags
+                 WHERE repository_id = (SELECT id FROM repositories WHERE name = ?1)
+                 AND name = ?2",
+                &params,
+            )
+            .await?
+            .is_some();
+        return match exists {
+            true => Err(immutability::refusal(&rule, tag.as_str())),
+            false => Ok(false),
+        };
+    }
     Ok(tx
         .execute(
             "DELETE FROM tags
              WHERE repository_id = (SELECT id FROM repositories WHERE name = ?1) AND name = ?2",
-            &[repo.as_str().into(), tag.as_str().into()],
+            &params,
         )
         .await?
         > 0)

@@ -30,6 +30,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration::Shared(V6),
     Migration::Shared(V7),
     Migration::Shared(INTEGRITY),
+    Migration::Shared(TAG_RULES_AND_QUOTAS),
 ];
 
 /// Key of the transaction-scoped advisory lock that serializes migrations across nodes.
@@ -455,4 +456,51 @@ CREATE TABLE scrub_state (
     lease_until_ms    {INT} NOT NULL DEFAULT 0
 );
 INSERT INTO scrub_state (id) VALUES (1);
+"#;
+
+/// Tag immutability rules and namespace quotas (see "Immutability and quotas" in
+/// ARCHITECTURE.md). `namespace_blobs` counts, per namespace, the manifests that reference each
+/// blob (a blob is charged once per namespace while its count is above zero);
+/// `namespace_quotas` holds each namespace's usage (charged blobs plus manifest bytes) and its
+/// limit, if any. Both start from what the registry already holds. Nothing may depend on this
+/// migration's position in [`MIGRATIONS`].
+const TAG_RULES_AND_QUOTAS: &str = r#"
+CREATE TABLE immutability_rules (
+    namespace  {NAME} NOT NULL,
+    pattern    {NAME} NOT NULL,
+    created_at {INT} NOT NULL,
+    created_by TEXT NOT NULL,
+    PRIMARY KEY (namespace, pattern)
+) {WITHOUT_ROWID};
+CREATE TABLE namespace_blobs (
+    namespace {NAME} NOT NULL,
+    digest    {NAME} NOT NULL,
+    size      {INT} NOT NULL,
+    refs      {INT} NOT NULL CHECK (refs >= 0),
+    PRIMARY KEY (namespace, digest)
+) {WITHOUT_ROWID};
+CREATE TABLE namespace_quotas (
+    namespace   {NAME} PRIMARY KEY,
+    usage_bytes {INT} NOT NULL DEFAULT 0,
+    limit_bytes {INT}
+) {WITHOUT_ROWID};
+INSERT INTO namespace_blobs (namespace, digest, size, refs)
+SELECT x.namespace, x.digest, b.size, x.refs FROM (
+    SELECT CASE WHEN {STRPOS}(r.name, '/') > 0
+                THEN substr(r.name, 1, {STRPOS}(r.name, '/') - 1) ELSE r.name END AS namespace,
+           mb.digest AS digest, COUNT(*) AS refs
+    FROM manifest_blobs mb
+    JOIN manifests m ON m.id = mb.manifest_id
+    JOIN repositories r ON r.id = m.repository_id
+    GROUP BY 1, 2
+) x JOIN blobs b ON b.digest = x.digest;
+INSERT INTO namespace_quotas (namespace, usage_bytes)
+SELECT namespace, CAST(SUM(bytes) AS BIGINT) FROM (
+    SELECT namespace, size AS bytes FROM namespace_blobs
+    UNION ALL
+    SELECT CASE WHEN {STRPOS}(r.name, '/') > 0
+                THEN substr(r.name, 1, {STRPOS}(r.name, '/') - 1) ELSE r.name END,
+           length(m.content)
+    FROM manifests m JOIN repositories r ON r.id = m.repository_id
+) u GROUP BY namespace;
 "#;

@@ -572,6 +572,240 @@ pub(crate) async fn webhooks_suite(store: &Metadata) {
     assert!(must(store.read(|tx| Box::pin(hooks::list(tx))).await).is_empty());
 }
 
+async fn usage_of(store: &Metadata, ns: &str) -> u64 {
+    must(store.read(|tx| Box::pin(quotas::quota_of(tx, ns))).await).usage_bytes
+}
+
+/// Reconciles without fixing and asserts nothing drifted.
+async fn assert_no_drift(store: &Metadata) {
+    let checks = must(
+        store
+            .write(|tx| Box::pin(quotas::reconcile(tx, false)))
+            .await,
+    );
+    let drifted: Vec<_> = checks.iter().filter(|c| c.drifted()).collect();
+    assert!(drifted.is_empty(), "drift: {drifted:?}");
+}
+
+/// Usage per namespace: shared blobs count once per namespace whatever shares them, manifests
+/// count their bytes, and only manifest rows being added or removed change it. The limit check
+/// rolls a push back whole.
+pub(crate) async fn quota_suite(store: &Metadata) {
+    let (a, b, other) = (name("acct/a"), name("acct/b"), name("other/c"));
+    let blob = |s: &str| Digest::sha256_of(s.as_bytes());
+    let (base, l1, l2, l3, c1, c2, c3) = (
+        blob("base"),
+        blob("l1"),
+        blob("l2"),
+        blob("l3"),
+        blob("c1"),
+        blob("c2"),
+        blob("c3"),
+    );
+    for (repo, digest, size) in [
+        (&a, &base, 1000),
+        (&a, &l1, 100),
+        (&a, &l2, 200),
+        (&a, &c1, 1),
+        (&a, &c2, 2),
+        (&b, &base, 1000),
+        (&b, &l3, 300),
+        (&b, &c3, 3),
+        (&other, &base, 1000),
+    ] {
+        must(store.link_blob(repo, digest, size).await);
+    }
+    // Linked but unreferenced blobs are not charged.
+    assert_eq!(usage_of(store, "acct").await, 0);
+    assert_no_drift(store).await;
+
+    let m1 = manifest("q1", vec![c1.clone(), base.clone(), l1.clone()], None);
+    let m2 = manifest("q2", vec![c2.clone(), base.clone(), l2.clone()], None);
+    let m3 = manifest("q3", vec![c3.clone(), base.clone(), l3.clone()], None);
+    let len = |m: &NewManifest| m.bytes.len() as u64;
+    let put = |repo: &'static str, m: NewManifest| async move {
+        let repo = name(repo);
+        must(
+            store
+                .write(|tx| Box::pin(queries::put_manifest(tx, &repo, &m, &[])))
+                .await,
+        )
+    };
+    assert_eq!(put("acct/a", m1.clone()).await, 1101 + len(&m1));
+    // Two images in one repository share the base: charged once.
+    assert_eq!(put("acct/a", m2.clone()).await, 202 + len(&m2));
+    // A third in another repository of the namespace: still once.
+    assert_eq!(put("acct/b", m3.clone()).await, 303 + len(&m3));
+    // Pushed again: nothing more.
+    assert_eq!(put("acct/a", m1.clone()).await, 0);
+    let all = 1000 + 101 + 202 + 303 + len(&m1) + len(&m2) + len(&m3);
+    assert_eq!(usage_of(store, "acct").await, all);
+    // Another namespace pays for the base too.
+    let m4 = manifest("q4", vec![base.clone()], None);
+    assert_eq!(put("other/c", m4.clone()).await, 1000 + len(&m4));
+    assert_eq!(usage_of(store, "acct").await, all);
+    assert_no_drift(store).await;
+
+    // Deleting one image keeps the shared base charged; deleting all frees it.
+    assert!(must(store.delete_manifest(&a, &m1.digest).await));
+    assert_eq!(usage_of(store, "acct").await, all - 101 - len(&m1));
+    assert_no_drift(store).await;
+    assert!(must(store.delete_manifest(&a, &m2.digest).await));
+    assert_eq!(usage_of(store, "acct").await, 1000 + 303 + len(&m3));
+    assert!(must(store.delete_manifest(&b, &m3.digest).await));
+    assert_eq!(usage_of(store, "acct").await, 0);
+    assert_no_drift(store).await;
+
+    // Over the limit: refused with the numbers, and nothing stays charged.
+    must(
+        store
+            .write(|tx| Box::pin(quotas::set_limit(tx, "acct", Some(1300))))
+            .await,
+    );
+    assert_eq!(put("acct/a", m1.clone()).await, 1101 + len(&m1));
+    let before = usage_of(store, "acct").await;
+    let refused = store
+        .write(|tx| {
+            let (repo, m) = (&a, &m2);
+            Box::pin(async move {
+                let charged = queries::put_manifest(tx, repo, m, &[tag("big")]).await?;
+                quotas::check_limit(tx, "acct", charged).await
+            })
+        })
+        .await;
+    match refused {
+        Err(MetadataError::QuotaExceeded {
+            namespace,
+            usage,
+            limit: 1300,
+            needed,
+        }) => {
+            assert_eq!((namespace.as_str(), usage), ("acct", before));
+            assert_eq!(needed, 202 + len(&m2));
+        }
+        other => panic!("expected QuotaExceeded, got {other:?}"),
+    }
+    assert_eq!(usage_of(store, "acct").await, before);
+    assert!(must(store.manifest_by_tag(&a, &tag("big")).await).is_none());
+    assert_no_drift(store).await;
+    // A blob that can never fit is refused before it is charged; one charged already fits.
+    let fits = |digest: Digest, size: u64| async move {
+        let d = digest.to_string();
+        store
+            .read(|tx| Box::pin(async move { quotas::check_blob_fits(tx, "acct", &d, size).await }))
+            .await
+    };
+    assert!(matches!(
+        fits(l2.clone(), 1300).await,
+        Err(MetadataError::QuotaExceeded { needed: 1300, .. })
+    ));
+    must(fits(base.clone(), 1000).await);
+    must(fits(l2.clone(), 1300 - before).await);
+
+    // Drift is found and fixed.
+    must(
+        store
+            .write(|tx| {
+                Box::pin(async move {
+                    tx.execute(
+                        "UPDATE namespace_quotas SET usage_bytes = 7 WHERE namespace = 'acct'",
+                        &[],
+                    )
+                    .await
+                })
+            })
+            .await,
+    );
+    let checks = must(
+        store
+            .write(|tx| Box::pin(quotas::reconcile(tx, true)))
+            .await,
+    );
+    let acct = checks.iter().find(|c| c.namespace == "acct");
+    assert_eq!(
+        acct.map(|c| (c.stored_bytes, c.actual_bytes)),
+        Some((7, before))
+    );
+    assert_eq!(usage_of(store, "acct").await, before);
+    assert_no_drift(store).await;
+}
+
+/// Immutability rules hold inside the statements: a protected tag is created and pushed again
+/// with its digest, but never moved or deleted, by tag or with its manifest.
+pub(crate) async fn immutability_suite(store: &Metadata) {
+    use super::immutability;
+    let repo = name("imm/app");
+    let layer = Digest::sha256_of(b"imm layer");
+    must(store.link_blob(&repo, &layer, 10).await);
+    let (m1, m2) = (
+        manifest("imm1", vec![layer.clone()], None),
+        manifest("imm2", vec![layer.clone()], None),
+    );
+    must(
+        store
+            .write(|tx| Box::pin(immutability::add_rule(tx, "imm", "v*", 1, "test")))
+            .await,
+    );
+    must(store.put_manifest(&repo, &m1, Some(&tag("v1"))).await);
+    must(store.put_manifest(&repo, &m1, Some(&tag("v1"))).await);
+    match store.put_manifest(&repo, &m2, Some(&tag("v1"))).await {
+        Err(MetadataError::TagImmutable {
+            tag,
+            namespace,
+            pattern,
+        }) => assert_eq!((&*tag, &*namespace, &*pattern), ("v1", "imm", "v*")),
+        other => panic!("expected TagImmutable, got {other:?}"),
+    }
+    // The refused put left nothing: m2 was not stored either.
+    assert_eq!(
+        must(store.manifest_by_digest(&repo, &m2.digest).await).map(|m| m.digest),
+        None
+    );
+    let v1 = must(store.manifest_by_tag(&repo, &tag("v1")).await).map(|m| m.digest);
+    assert_eq!(v1, Some(m1.digest.clone()));
+    // Mutable tags and digest-derived tags move.
+    for t in ["latest", "sha256-abc.sig"] {
+        must(store.put_manifest(&repo, &m2, Some(&tag(t))).await);
+        must(store.put_manifest(&repo, &m1, Some(&tag(t))).await);
+    }
+    assert!(matches!(
+        store.delete_tag(&repo, &tag("v1")).await,
+        Err(MetadataError::TagImmutable { .. })
+    ));
+    assert!(!must(store.delete_tag(&repo, &tag("v9")).await));
+    assert!(matches!(
+        store.delete_manifest(&repo, &m1.digest).await,
+        Err(MetadataError::TagImmutable { .. })
+    ));
+    let rule = |t: &'static str| {
+        let repo = repo.clone();
+        async move {
+            let t = tag(t);
+            must(
+                store
+                    .read(|tx| {
+                        Box::pin(async move { queries::protecting_rule(tx, &repo, &t).await })
+                    })
+                    .await,
+            )
+            .map(|r| r.pattern)
+        }
+    };
+    assert_eq!(rule("v1").await.as_deref(), Some("v*"));
+    assert_eq!(rule("latest").await, None);
+    assert_eq!(rule("sha256-abc.sig").await, None);
+    // Removing the rule lifts it.
+    assert!(must(
+        store
+            .write(|tx| Box::pin(immutability::remove_rule(tx, "imm", "v*")))
+            .await
+    ));
+    must(store.put_manifest(&repo, &m2, Some(&tag("v1"))).await);
+    assert!(must(store.delete_tag(&repo, &tag("v1")).await));
+    assert!(must(store.delete_manifest(&repo, &m1.digest).await));
+    assert_no_drift(store).await;
+}
+
 pub(crate) async fn metadata_suite(store: &Metadata) {
     let (a, b) = (name("team/a"), name("team/b"));
     let blob = Digest::sha256_of(b"layer");
@@ -941,6 +1175,9 @@ async fn check_migrated_v1(store: &Metadata) {
     let got = must(store.manifest_by_tag(&repo, &tag("v1")).await);
     assert_eq!(got.map(|m| m.bytes), Some(V1_MANIFEST.as_bytes().to_vec()));
     assert_eq!(must(store.blob_in_repository(&repo, &blob).await), Some(5));
+    // The quota migration charged what was there: the layer and the manifest.
+    assert_eq!(usage_of(store, "old").await, 5 + V1_MANIFEST.len() as u64);
+    assert_no_drift(store).await;
     assert!(matches!(
         store.unlink_blob(&repo, &blob).await,
         Err(MetadataError::BlobReferenced { .. })
@@ -997,6 +1234,18 @@ mod sqlite {
     async fn passes_the_events_suite() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         events_suite(&open(&dir.path().join("m.db")).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_quota_suite() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        quota_suite(&open(&dir.path().join("m.db")).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_immutability_suite() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        immutability_suite(&open(&dir.path().join("m.db")).await).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -1219,6 +1468,20 @@ mod postgres {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_quota_suite() {
+        let db = TestDb::create().await;
+        quota_suite(&db.store().await).await;
+        db.drop_database().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_immutability_suite() {
+        let db = TestDb::create().await;
+        immutability_suite(&db.store().await).await;
+        db.drop_database().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn passes_the_webhooks_suite() {
         let db = TestDb::create().await;
         webhooks_suite(&db.store().await).await;
@@ -1307,6 +1570,146 @@ mod postgres {
             (1..=schema::MIGRATIONS.len() as i32).collect::<Vec<_>>()
         );
         drop(client);
+        db.drop_database().await;
+    }
+
+    /// Two nodes pushing and deleting manifests that share a layer, the same manifest on both
+    /// at once, and pushes racing for the last bytes of a quota or for a new protected tag:
+    /// usage stays exact, and only one racer wins each race.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_nodes_racing_keep_usage_exact_and_rules_whole() {
+        use super::super::immutability;
+        const ROUNDS: usize = 16;
+        let db = TestDb::create().await;
+        let nodes = [Arc::new(db.store().await), Arc::new(db.store().await)];
+        let base = Digest::sha256_of(b"qrace base");
+        let own = |r: usize, n: usize| Digest::sha256_of(format!("qrace {r} {n}").as_bytes());
+        let image = |r: usize, n: usize| {
+            manifest(
+                &format!("qrace {r} {n}"),
+                vec![base.clone(), own(r, n)],
+                None,
+            )
+        };
+        let same = |r: usize| manifest(&format!("qrace same {r}"), vec![base.clone()], None);
+        let mut tasks = tokio::task::JoinSet::new();
+        for round in 0..ROUNDS {
+            for (n, node) in nodes.iter().enumerate() {
+                let (node, base, own, m, same) = (
+                    node.clone(),
+                    base.clone(),
+                    own(round, n),
+                    image(round, n),
+                    same(round),
+                );
+                tasks.spawn(async move {
+                    let repo = name(&format!("qrace/r{}", round % 3));
+                    node.link_blob(&repo, &base, 1000).await?;
+                    node.link_blob(&repo, &own, 10 + n as u64).await?;
+                    node.put_manifest(&repo, &m, None).await?;
+                    node.put_manifest(&repo, &same, None).await?;
+                    // Every other round each node deletes the image it pushed.
+                    if round % 2 == 1 {
+                        node.delete_manifest(&repo, &m.digest).await?;
+                    }
+                    Ok::<(), MetadataError>(())
+                });
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => panic!("a racing write failed: {e}"),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // Kept: the even rounds' images (own layers of 10 and 11 bytes), every `same` (one row
+        // in its repository), the base once.
+        let mut want = 1000;
+        for round in 0..ROUNDS {
+            if round % 2 == 0 {
+                want += 21 + (image(round, 0).bytes.len() + image(round, 1).bytes.len()) as u64;
+            }
+            want += same(round).bytes.len() as u64;
+        }
+        assert_eq!(usage_of(&nodes[0], "qrace").await, want);
+        assert_no_drift(&nodes[1]).await;
+
+        // The last bytes of a quota: of two pushes that each fit alone, one wins.
+        let repo = name("qlimit/app");
+        for (n, node) in nodes.iter().enumerate() {
+            must(node.link_blob(&repo, &own(100, n), 600).await);
+        }
+        must(
+            nodes[0]
+                .write(|tx| Box::pin(quotas::set_limit(tx, "qlimit", Some(1000))))
+                .await,
+        );
+        let racers = nodes.iter().enumerate().map(|(n, node)| {
+            let m = manifest(&format!("qlimit {n}"), vec![own(100, n)], None);
+            let (node, repo) = (node.clone(), repo.clone());
+            async move {
+                node.write(|tx| {
+                    let (m, repo) = (&m, &repo);
+                    Box::pin(async move {
+                        let charged = queries::put_manifest(tx, repo, m, &[]).await?;
+                        quotas::check_limit(tx, "qlimit", charged).await
+                    })
+                })
+                .await
+            }
+        });
+        let results = futures_util::future::join_all(racers).await;
+        let won = results.iter().filter(|r| r.is_ok()).count();
+        let refused = results
+            .iter()
+            .filter(|r| matches!(r, Err(MetadataError::QuotaExceeded { .. })))
+            .count();
+        assert_eq!((won, refused), (1, 1), "{results:?}");
+        assert!(usage_of(&nodes[0], "qlimit").await <= 1000);
+        assert_no_drift(&nodes[0]).await;
+
+        // A new protected tag: of two different images, one wins and the tag stays on it.
+        // The images are there already: a new manifest row takes the namespace's usage row,
+        // which would order the two pushes by itself.
+        let repo = name("qimm/app");
+        must(nodes[0].link_blob(&repo, &base, 1000).await);
+        must(
+            nodes[0]
+                .write(|tx| Box::pin(immutability::add_rule(tx, "qimm", "v*", 1, "test")))
+                .await,
+        );
+        let image = |round: usize, n: usize| {
+            manifest(&format!("qimm {round} {n}"), vec![base.clone()], None)
+        };
+        for round in 0..ROUNDS {
+            for n in 0..2 {
+                must(nodes[0].put_manifest(&repo, &image(round, n), None).await);
+            }
+        }
+        for round in 0..ROUNDS {
+            let t = tag(&format!("v{round}"));
+            let racers = nodes.iter().enumerate().map(|(n, node)| {
+                let m = image(round, n);
+                let (node, repo, t) = (node.clone(), repo.clone(), t.clone());
+                async move {
+                    node.put_manifest(&repo, &m, Some(&t))
+                        .await
+                        .map(|()| m.digest)
+                }
+            });
+            let results = futures_util::future::join_all(racers).await;
+            let winners: Vec<&Digest> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+            let refused = results
+                .iter()
+                .filter(|r| matches!(r, Err(MetadataError::TagImmutable { .. })))
+                .count();
+            assert_eq!((winners.len(), refused), (1, 1), "{results:?}");
+            let got = must(nodes[1].manifest_by_tag(&repo, &t).await).map(|m| m.digest);
+            assert_eq!(got.as_ref(), Some(winners[0]));
+        }
+        assert_no_drift(&nodes[0]).await;
+        drop(nodes);
         db.drop_database().await;
     }
 

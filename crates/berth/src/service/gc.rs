@@ -288,8 +288,12 @@ impl Registry {
                     .await;
                 match trashed {
                     Ok(n) => report.manifests_trashed += n as u64,
-                    // An index listing it was pushed since the candidate was read.
-                    Err(MetadataError::ManifestReferenced { .. }) => {}
+                    // An index listing it was pushed since the candidate was read, or a
+                    // referrer that would follow it carries an immutable tag.
+                    Err(
+                        MetadataError::ManifestReferenced { .. }
+                        | MetadataError::TagImmutable { .. },
+                    ) => {}
                     Err(e) => return Err(e.into()),
                 }
             }

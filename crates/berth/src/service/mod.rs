@@ -22,7 +22,7 @@ use oci::{Digest, Reference, RepositoryName, Tag};
 use crate::auth::Auth;
 use crate::auth::rights::{Action, Rights};
 use crate::metadata::{Metadata, MetadataError, NewManifest, Page, Referrer, StoredManifest};
-use crate::metadata::{events, queries};
+use crate::metadata::{events, queries, quotas};
 use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
 
 pub use context::{Actor, RequestContext, RequestId};
@@ -77,6 +77,12 @@ pub enum ServiceError {
     /// A manifest delete refused because an index of the repository still lists it.
     #[error("manifest is listed by index {by}; delete that index first")]
     ManifestReferenced { by: Digest },
+    /// An immutability rule protects the tag (the message names the rule).
+    #[error("{0}")]
+    TagImmutable(String),
+    /// The push would take the namespace over its quota (the message says by how much).
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// Berth itself is at a configured limit; the client should retry shortly.
     #[error("{0}")]
     Busy(String),
@@ -108,6 +114,8 @@ impl From<MetadataError> for ServiceError {
             MetadataError::BlobReferenced { by } => ServiceError::BlobReferenced { by },
             MetadataError::ManifestReferenced { by } => ServiceError::ManifestReferenced { by },
             e @ MetadataError::SizeMismatch { .. } => ServiceError::ManifestInvalid(e.to_string()),
+            e @ MetadataError::TagImmutable { .. } => ServiceError::TagImmutable(e.to_string()),
+            e @ MetadataError::QuotaExceeded { .. } => ServiceError::QuotaExceeded(e.to_string()),
             e @ (MetadataError::BlobDeleting(_) | MetadataError::Unavailable(_)) => {
                 ServiceError::Unavailable(e.to_string())
             }
@@ -324,6 +332,18 @@ impl Registry {
     /// Bytes of every blob held, each counted once (a full scan: cache it).
     pub async fn stored_blob_bytes(&self) -> Result<u64, ServiceError> {
         Ok(self.metadata.stored_blob_bytes().await?)
+    }
+
+    /// Each namespace's usage in bytes, as quotas count it (one row per namespace).
+    pub async fn namespace_usage(&self) -> Result<Vec<(String, u64)>, ServiceError> {
+        let quotas = self
+            .metadata
+            .read(|tx| Box::pin(quotas::quotas(tx)))
+            .await?;
+        Ok(quotas
+            .into_iter()
+            .map(|q| (q.namespace, q.usage_bytes))
+            .collect())
     }
 
     pub fn max_manifest_bytes(&self) -> usize {
@@ -601,7 +621,9 @@ impl Registry {
         self.metadata
             .write(|tx| {
                 Box::pin(async move {
-                    queries::put_manifest(tx, repo, record_ref, tags_ref).await?;
+                    let charged = queries::put_manifest(tx, repo, record_ref, tags_ref).await?;
+                    // After the charge, whose update locked the namespace's usage row: exact.
+                    quotas::check_limit(tx, repo.namespace(), charged).await?;
                     events::append(tx, event).await?;
                     Ok(())
                 })

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::gc::{GcReport, hold};
 use super::{Registry, RequestContext, ServiceError, now_secs};
 use crate::auth::conditions::glob_match;
+use crate::metadata::immutability;
 use crate::metadata::retention::{self, Policy, TagRow};
 use crate::metadata::trash::{self, Reason};
 use crate::metadata::{MetadataError, events, queries};
@@ -170,10 +171,21 @@ impl Registry {
                 continue;
             }
             let repo_ref = repository.as_str();
-            let tags = self
+            let namespace = repository.split('/').next().unwrap_or(&repository);
+            let (tags, rules) = self
                 .metadata
-                .read(|tx| Box::pin(retention::tags(tx, repo_ref)))
+                .read(|tx| {
+                    Box::pin(async move {
+                        let tags = retention::tags(tx, repo_ref).await?;
+                        Ok((tags, immutability::rules(tx, namespace).await?))
+                    })
+                })
                 .await?;
+            // An immutable tag is never a policy's to delete.
+            let tags: Vec<TagRow> = tags
+                .into_iter()
+                .filter(|t| immutability::first_protecting(&rules, &t.name).is_none())
+                .collect();
             for tag in plan_repository(&applicable, &tags, now) {
                 plan.tags.push(PlannedTag {
                     repository: repository.clone(),
@@ -262,8 +274,11 @@ impl Registry {
                     report.retention_tags += 1;
                     report.manifests_trashed += n - 1;
                 }
-                // An index listing the manifest was pushed meanwhile: the tag went, it stays.
-                Err(MetadataError::ManifestReferenced { .. }) => {}
+                // An index listing the manifest was pushed meanwhile (the tag went, it stays),
+                // or a rule made the tag or a referrer's tag immutable since the plan.
+                Err(
+                    MetadataError::ManifestReferenced { .. } | MetadataError::TagImmutable { .. },
+                ) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -289,7 +304,9 @@ impl Registry {
                 .await;
             match removed {
                 Ok(n) => report.manifests_trashed += n,
-                Err(MetadataError::ManifestReferenced { .. }) => {}
+                Err(
+                    MetadataError::ManifestReferenced { .. } | MetadataError::TagImmutable { .. },
+                ) => {}
                 Err(e) => return Err(e.into()),
             }
         }

@@ -19,7 +19,7 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use oci::{Algorithm, Digest, Hasher, RepositoryName};
 
 use super::{Registry, RequestContext, ServiceError, now_secs};
-use crate::metadata::{UploadSession, events, integrity, queries};
+use crate::metadata::{MetadataError, UploadSession, events, integrity, queries, quotas};
 use crate::storage::{StorageError, UploadExtent, WriteGuard};
 
 /// A request body as the service consumes it.
@@ -347,6 +347,19 @@ impl Registry {
                 "uploaded content has digest {actual}, not {digest}"
             )));
         }
+        // A blob that can never fit its namespace's quota is refused before it is stored (the
+        // exact check is at the manifest, which charges it).
+        let namespace = repo.namespace();
+        let d = digest.to_string();
+        let fits = self
+            .metadata
+            .read(|tx| Box::pin(quotas::check_blob_fits(tx, namespace, &d, extent.size)))
+            .await;
+        if let Err(e @ MetadataError::QuotaExceeded { .. }) = fits {
+            self.discard_upload(id).await?;
+            return Err(e.into());
+        }
+        fits?;
         // A quarantined blob's bad bytes are replaced, not kept, and its quarantine is lifted
         // in the transaction that links the blob. Quarantined only after this look, the blob
         // stays quarantined (its bytes were kept): the safe side.

@@ -791,3 +791,33 @@ fn retention_policy_plans_exactly_what_gc_then_trashes_and_restore_undoes_it() {
         .assert_status(200);
     assert_every_tag_is_complete(&app);
 }
+
+#[test]
+fn retention_never_deletes_an_immutable_tag() {
+    let app = app_with(3600, &[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    for (i, tag) in ["rel-1", "x-1", "x-2"].iter().enumerate() {
+        push_image(&app, "team/app", tag, &format!("immutable? {tag}"));
+        set_pushed_at(&app, tag, now - (3 - i) as i64 * 86_400);
+    }
+    let (ok, out) = berth(&app, &["immutable", "add", "team", "rel-*"], &[]);
+    assert!(ok, "{out}");
+    let (ok, out) = berth(
+        &app,
+        &["retention", "add", "team/*", "--keep-last", "1"],
+        &[],
+    );
+    assert!(ok, "{out}");
+    let (_, plan) = berth(&app, &["retention", "plan"], &[]);
+    let planned: Vec<&str> = plan.lines().filter(|l| l.starts_with("tag ")).collect();
+    assert_eq!(planned.len(), 1, "{plan}");
+    assert!(planned[0].starts_with("tag team/app:x-1 "), "{plan}");
+    let report = gc_report(&app, false, &[]);
+    assert_eq!(report["retention_tags"], 1, "{report}");
+    app.get("/v2/team/app/manifests/rel-1").assert_status(200);
+    app.get("/v2/team/app/manifests/x-2").assert_status(200);
+    app.get("/v2/team/app/manifests/x-1").assert_status(404);
+}

@@ -23,6 +23,7 @@ mod integrity;
 mod lifecycle;
 mod manage_api;
 mod multinode;
+mod namespace_rules;
 mod observability;
 mod oras;
 mod postgres;

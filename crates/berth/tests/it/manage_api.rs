@@ -416,6 +416,49 @@ fn every_endpoint_answers_every_kind_of_caller_as_the_rules_say() {
         ),
         ("DELETE", "/api/v1/retention/999999", None, admins(404)),
         ("GET", "/api/v1/retention/plan", None, admins(200)),
+        (
+            "GET",
+            "/api/v1/namespaces/team/immutability",
+            None,
+            owners(200),
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/team/immutability",
+            Some(json!({"pattern": "p-{k}-*"})),
+            owners(201),
+        ),
+        (
+            "DELETE",
+            "/api/v1/namespaces/team/immutability/p-{k}-*",
+            None,
+            owners(204),
+        ),
+        (
+            "DELETE",
+            "/api/v1/namespaces/team/immutability/none-{k}",
+            None,
+            owners(404),
+        ),
+        ("GET", "/api/v1/namespaces/team/quota", None, owners(200)),
+        (
+            "PUT",
+            "/api/v1/namespaces/q-{k}/quota",
+            Some(json!({"limit_bytes": 1000})),
+            admins(200),
+        ),
+        (
+            "DELETE",
+            "/api/v1/namespaces/q-{k}/quota",
+            None,
+            admins(204),
+        ),
+        (
+            "DELETE",
+            "/api/v1/namespaces/noquota/quota",
+            None,
+            admins(404),
+        ),
         ("DELETE", "/api/v1/users/u-{k}", None, admins(204)),
     ];
     let fill = |s: &str, vars: &HashMap<&str, String>| {

@@ -1,5 +1,5 @@
 //! The management API under `/api/v1`: users, namespaces, members, robots, secrets, signing
-//! keys and webhooks as JSON resources, doing over HTTP what `berth user|namespace|robot|token|key` does on
+//! keys, webhooks, tag immutability rules and quotas as JSON resources, doing over HTTP what `berth user|namespace|robot|token|key` does on
 //! the command line. HTTP only: each handler asks [`policy`] whether the caller may, then calls
 //! the same [`crate::auth::manage`] function the command line calls.
 //!
@@ -16,6 +16,7 @@
 
 mod accounts;
 mod audit;
+mod namespace_rules;
 mod namespaces;
 mod retention;
 mod trash;
@@ -90,6 +91,12 @@ pub enum Endpoint {
     AddRetention,
     RemoveRetention,
     RetentionPlan,
+    ListImmutability,
+    AddImmutability,
+    RemoveImmutability,
+    GetQuota,
+    SetQuota,
+    RemoveQuota,
 }
 
 /// One route: a method and a path template whose `{name}` segments are parameters.
@@ -221,6 +228,36 @@ pub static ROUTES: &[RouteSpec] = &[
         Method::GET,
         "/api/v1/retention/plan",
         Endpoint::RetentionPlan,
+    ),
+    route(
+        Method::GET,
+        "/api/v1/namespaces/{namespace}/immutability",
+        Endpoint::ListImmutability,
+    ),
+    route(
+        Method::POST,
+        "/api/v1/namespaces/{namespace}/immutability",
+        Endpoint::AddImmutability,
+    ),
+    route(
+        Method::DELETE,
+        "/api/v1/namespaces/{namespace}/immutability/{pattern}",
+        Endpoint::RemoveImmutability,
+    ),
+    route(
+        Method::GET,
+        "/api/v1/namespaces/{namespace}/quota",
+        Endpoint::GetQuota,
+    ),
+    route(
+        Method::PUT,
+        "/api/v1/namespaces/{namespace}/quota",
+        Endpoint::SetQuota,
+    ),
+    route(
+        Method::DELETE,
+        "/api/v1/namespaces/{namespace}/quota",
+        Endpoint::RemoveQuota,
     ),
 ];
 
@@ -387,6 +424,12 @@ async fn dispatch(
         AddRetention => retention::add(&ctx, body).await,
         RemoveRetention => retention::remove(&ctx).await,
         RetentionPlan => retention::plan(&ctx).await,
+        ListImmutability => namespace_rules::list_rules(&ctx).await,
+        AddImmutability => namespace_rules::add_rule(&ctx, body).await,
+        RemoveImmutability => namespace_rules::remove_rule(&ctx).await,
+        GetQuota => namespace_rules::quota(&ctx).await,
+        SetQuota => namespace_rules::set_quota(&ctx, body).await,
+        RemoveQuota => namespace_rules::remove_quota(&ctx).await,
     }
 }
 
