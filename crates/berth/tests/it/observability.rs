@@ -591,10 +591,14 @@ fn a_frozen_postgres_gives_503_within_the_bound_and_recovers() {
         "postgres.sh",
         &[("BERTH_PG_DIR", dir), ("BERTH_PG_PORT", "54341")],
     );
-    let url = exports
+    let server = exports
         .get("BERTH_TEST_POSTGRES_URL")
         .expect("postgres.sh printed no URL")
         .clone();
+    // A database of this run's own: the cluster outlives runs (and builds of other schemas).
+    let db = format!("frozen_{}", uuid::Uuid::new_v4().simple());
+    crate::postgres::admin_sql_at(&server, &format!("CREATE DATABASE {db}"));
+    let url = crate::postgres::with_database(&server, &db);
     let app = TestApp::builder().arg("--metadata").arg(&url).start();
     let postmaster = std::fs::read_to_string(Path::new(dir).join("postmaster.pid"))
         .expect("postmaster.pid")

@@ -29,10 +29,16 @@ pub(crate) fn admin_sql(sql: &str) -> String {
              superuser URL such as postgres://postgres@127.0.0.1:54329/postgres"
         )
     });
+    admin_sql_at(&url, sql);
+    url
+}
+
+/// Runs SQL as a superuser at `url`.
+pub(crate) fn admin_sql_at(url: &str, sql: &str) {
     block_on(async {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
             .await
-            .unwrap_or_else(|e| panic!("connecting to BERTH_TEST_POSTGRES_URL: {e:?}"));
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e:?}"));
         tokio::spawn(conn);
         // CREATE DATABASE copies template1 and fails while another session is copying it
         // ("source database is being accessed by other users"): tests create databases in
@@ -49,7 +55,6 @@ pub(crate) fn admin_sql(sql: &str) -> String {
             }
         }
     });
-    url
 }
 
 /// `url` with its database name replaced.
