@@ -215,6 +215,25 @@ fn doomed(rows: Vec<Row>) -> Result<Vec<Doomed>, MetadataError> {
         .collect()
 }
 
+/// The last of the next `limit` blob digests after `after`: a page of the scan, whose position
+/// moves past every blob looked at, marked or not. `None` at the end.
+async fn page_end(
+    tx: &mut Tx<'_>,
+    after: &str,
+    limit: i64,
+) -> Result<Option<String>, MetadataError> {
+    let candidates = tx
+        .query(
+            "SELECT digest FROM blobs WHERE digest > ?1 ORDER BY digest LIMIT ?2",
+            &[after.into(), limit.into()],
+        )
+        .await?;
+    candidates
+        .last()
+        .map(|row| row.text(0).map(str::to_owned))
+        .transpose()
+}
+
 /// Marks `deleting` up to `limit` live blobs (after `after` in digest order) that no
 /// repository links and that were not referenced since `before`, and returns them. A link
 /// (upload, mount) upserts the blob row, so on PostgreSQL a mark racing it either commits
@@ -226,17 +245,9 @@ pub async fn mark_unreferenced(
     after: &str,
     limit: i64,
 ) -> Result<(Vec<Doomed>, Option<String>), MetadataError> {
-    // The scan's position is the last candidate looked at, marked or not.
-    let candidates = tx
-        .query(
-            "SELECT digest FROM blobs WHERE digest > ?1 ORDER BY digest LIMIT ?2",
-            &[after.into(), limit.into()],
-        )
-        .await?;
-    let Some(last) = candidates.last() else {
+    let Some(last) = page_end(tx, after, limit).await? else {
         return Ok((Vec::new(), None));
     };
-    let last = last.text(0)?.to_owned();
     let marked = tx
         .query(
             "UPDATE blobs SET state = 'deleting'
@@ -259,16 +270,9 @@ pub async fn unreferenced(
     after: &str,
     limit: i64,
 ) -> Result<(Vec<Doomed>, Option<String>), MetadataError> {
-    let candidates = tx
-        .query(
-            "SELECT digest FROM blobs WHERE digest > ?1 ORDER BY digest LIMIT ?2",
-            &[after.into(), limit.into()],
-        )
-        .await?;
-    let Some(last) = candidates.last() else {
+    let Some(last) = page_end(tx, after, limit).await? else {
         return Ok((Vec::new(), None));
     };
-    let last = last.text(0)?.to_owned();
     let found = tx
         .query(
             "SELECT b.digest, b.size FROM blobs b

@@ -39,20 +39,8 @@ pub async fn list(ctx: &Ctx<'_>) -> ApiResult {
             "kind" => filter.kind = Some(value),
             "since" => filter.since_ms = Some(time_ms(&value)?),
             "until" => filter.until_ms = Some(time_ms(&value)?),
-            "before" => {
-                filter.before_seq = Some(
-                    value
-                        .parse()
-                        .map_err(|_| invalid(format!("before: {value:?} is not a cursor")))?,
-                )
-            }
-            "limit" => {
-                limit = value
-                    .parse::<i64>()
-                    .ok()
-                    .filter(|n| (1..=MAX_LIMIT).contains(n))
-                    .ok_or_else(|| invalid(format!("limit: a number from 1 to {MAX_LIMIT}")))?
-            }
+            "before" => filter.before_seq = Some(super::cursor_param(&value)?),
+            "limit" => limit = super::limit_param(&value, MAX_LIMIT)?,
             other => return Err(invalid(format!("unknown parameter {other:?}"))),
         }
     }

@@ -533,6 +533,24 @@ async fn read_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
         .map_err(|e| ApiError::new(ErrorCode::Invalid).detail(format!("body: {e}")))
 }
 
+/// A paged listing's `before` (a cursor: the `next` of the previous page).
+fn cursor_param(value: &str) -> Result<i64, ApiError> {
+    value.parse().map_err(|_| {
+        ApiError::new(ErrorCode::Invalid).detail(format!("before: {value:?} is not a cursor"))
+    })
+}
+
+/// A paged listing's `limit`: from 1 to `max`.
+fn limit_param(value: &str, max: i64) -> Result<i64, ApiError> {
+    value
+        .parse::<i64>()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| {
+            ApiError::new(ErrorCode::Invalid).detail(format!("limit: a number from 1 to {max}"))
+        })
+}
+
 fn json(status: StatusCode, value: &impl Serialize) -> ApiResult {
     let body = serde_json::to_string(value)
         .map_err(|e| ApiError::new(ErrorCode::Internal).detail(e.to_string()))?;

@@ -39,20 +39,8 @@ pub async fn list(ctx: &Ctx<'_>) -> ApiResult {
                 filter.since =
                     Some(crate::time::parse(&value).map_err(|e| invalid(format!("since: {e}")))?)
             }
-            "before" => {
-                filter.before = Some(
-                    value
-                        .parse()
-                        .map_err(|_| invalid(format!("before: {value:?} is not a cursor")))?,
-                )
-            }
-            "limit" => {
-                limit = value
-                    .parse::<i64>()
-                    .ok()
-                    .filter(|n| (1..=MAX_LIMIT).contains(n))
-                    .ok_or_else(|| invalid(format!("limit: a number from 1 to {MAX_LIMIT}")))?
-            }
+            "before" => filter.before = Some(super::cursor_param(&value)?),
+            "limit" => limit = super::limit_param(&value, MAX_LIMIT)?,
             other => return Err(invalid(format!("unknown parameter {other:?}"))),
         }
     }
