@@ -821,3 +821,44 @@ fn retention_never_deletes_an_immutable_tag() {
     app.get("/v2/team/app/manifests/x-2").assert_status(200);
     app.get("/v2/team/app/manifests/x-1").assert_status(404);
 }
+
+fn quota_usage(app: &TestApp, ns: &str) -> u64 {
+    let r = app.get(&format!("/api/v1/namespaces/{ns}/quota"));
+    r.assert_status(200);
+    r.json()["usage_bytes"].as_u64().expect("usage_bytes")
+}
+
+#[test]
+fn quota_usage_stays_exact_through_trash_restore_and_gc() {
+    let app = app_with(3600, &[]);
+    let (ok, out) = berth(&app, &["quota", "set", "team", "100000000"], &[]);
+    assert!(ok, "{out}");
+    let (one, _) = push_image(&app, "team/app", "one", "quota one");
+    let after_one = quota_usage(&app, "team");
+    let (two, _) = push_image(&app, "team/app", "two", "quota two");
+    let after_two = quota_usage(&app, "team");
+    assert!(after_two > after_one);
+    // In the trash, an image is not charged; restored, it is again; GC changes nothing.
+    app.delete(&format!("/v2/team/app/manifests/{two}"))
+        .assert_status(202);
+    assert_eq!(quota_usage(&app, "team"), after_one);
+    let id = trash_entries(&app)[0]["id"]
+        .as_i64()
+        .expect("id")
+        .to_string();
+    let (ok, out) = berth(&app, &["trash", "restore", &id], &[]);
+    assert!(ok, "{out}");
+    assert_eq!(quota_usage(&app, "team"), after_two);
+    gc_report(&app, false, &[]);
+    assert_eq!(quota_usage(&app, "team"), after_two);
+    // Deleted for good (trash period over) and collected: usage is the first image's.
+    app.delete(&format!("/v2/team/app/manifests/{two}"))
+        .assert_status(202);
+    let report = gc_report(&app, false, &[("BERTH_TRASH_RETENTION_SECS", "0")]);
+    assert_eq!(report["blobs_deleted"], 2, "{report}");
+    assert_eq!(quota_usage(&app, "team"), after_one);
+    let (ok, out) = berth(&app, &["quota", "reconcile"], &[]);
+    assert!(ok && out.contains("no drift"), "{out}");
+    app.get(&format!("/v2/team/app/manifests/{one}"))
+        .assert_status(200);
+}

@@ -65,21 +65,6 @@ fn berth(args: &[&str], where_: &[String]) -> std::process::Output {
         .expect("run berth")
 }
 
-/// Runs one statement on the PostgreSQL database at `url`.
-fn admin_sql_on(url: &str, sql: &str) {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime")
-        .block_on(async {
-            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-                .await
-                .expect("connect");
-            tokio::spawn(conn);
-            client.batch_execute(sql).await.expect(sql);
-        });
-}
-
 /// `berth quota reconcile` against the server's metadata (`where_` are the flags naming it):
 /// asserts it exits 0 and reports no drift.
 #[track_caller]
@@ -398,7 +383,7 @@ fn quotas_count_shared_layers_once_and_refuse_what_does_not_fit_on_postgres() {
 
     // Drift is reported (exit 1, the numbers per namespace) until `--fix` stores the truth.
     let stored = usage(&app, "quota");
-    admin_sql_on(
+    crate::postgres::admin_sql_at(
         &url,
         "UPDATE namespace_quotas SET usage_bytes = usage_bytes + 5 WHERE namespace = 'quota'",
     );
