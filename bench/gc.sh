@@ -10,10 +10,10 @@
 # 2. PostgreSQL + Garage: the same content at PG_MANIFESTS, moved there by `berth copy`, then
 #    `berth gc` (skipped without PG_URL / the Garage variables).
 # 3. Clients while GC runs: pushes (a config and a layer, then a manifest) and manifest pulls
-#    (wrk) for LOAD_S seconds with GC idle, then with `berth gc` in a loop over a registry of
-#    LOAD_MANIFESTS images; the ratio of the two rates.
+#    (wrk) for LOAD_S seconds with GC idle, then with GC running back to back inside serve
+#    (`POST /api/v1/gc` in a loop) over a registry of LOAD_MANIFESTS images; the ratio.
 # Knobs: BERTH_BIN, MANIFESTS (100000), LAYERS (10), PG_MANIFESTS (2000), LOAD_MANIFESTS
-# (20000), LOAD_S (15), PG_URL (a superuser URL, e.g. from scripts/postgres.sh).
+# (20000), LOAD_S (15), GC_DUTY (gc_duty_percent of section 3, 50), PG_URL (a superuser URL, e.g. from scripts/postgres.sh).
 set -euo pipefail
 shopt -s inherit_errexit
 export LC_ALL=C
@@ -40,6 +40,8 @@ trap cleanup EXIT
 
 export BERTH_GC_GRACE_SECS=0 BERTH_TRASH_RETENTION_SECS=0 BERTH_GC_UNTAGGED_MANIFEST_SECS=0 \
   BERTH_GC_INTERVAL_SECS=0 RUST_LOG=warn
+# Sections 1 and 2 measure GC flat out; section 3 runs it as serve does by default.
+GC_DUTY=${GC_DUTY:-50}
 
 # timed NAME CMD...: runs CMD under GNU time; prints "seconds peak_rss_kib".
 timed() {
@@ -63,7 +65,7 @@ log "seeding Berth (SQLite + disk): $MANIFESTS manifests, $(( MANIFESTS * LAYERS
 "$BERTH_BIN" migrate --data-dir "$W/berth" > /dev/null 2>&1
 python3 "$HERE/gc_seed.py" berth-fs "$W/berth"
 sync
-read -r secs rss < <(timed berth "$BERTH_BIN" gc --json --data-dir "$W/berth")
+read -r secs rss < <(timed berth "$BERTH_BIN" gc --json --gc-duty-percent 100 --data-dir "$W/berth")
 deleted=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["blobs_deleted"])' "$W/out.berth")
 row "Berth, SQLite + disk (online)" "$secs" "$rss" "$deleted"
 rm -rf "$W/berth"
@@ -102,7 +104,7 @@ if [[ -n $PG_URL && -n ${BERTH_TEST_S3_ENDPOINT:-} ]]; then
     "$W/pgdata" "$pg" "$BERTH_TEST_S3_BUCKET" "$$" "$BERTH_TEST_S3_ENDPOINT" > "$W/to.toml"
   "$BERTH_BIN" copy --from "$W/from.toml" --to "$W/to.toml" > /dev/null 2> "$W/copy.err" \
     || die "berth copy: $(tail -5 "$W/copy.err")"
-  read -r secs rss < <(timed pg "$BERTH_BIN" gc --json --config "$W/to.toml")
+  read -r secs rss < <(timed pg "$BERTH_BIN" gc --json --gc-duty-percent 100 --config "$W/to.toml")
   deleted=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["blobs_deleted"])' "$W/out.pg")
   row "Berth, PostgreSQL + Garage (online, $PG_MANIFESTS manifests)" "$secs" "$rss" "$deleted"
   psql -q "$PG_URL" -c "DROP DATABASE $db WITH (FORCE)" > /dev/null || true
@@ -112,7 +114,7 @@ fi
 log "push and pull rates with GC idle and with GC in a loop ($LOAD_MANIFESTS images)"
 MANIFESTS=$LOAD_MANIFESTS "$BERTH_BIN" migrate --data-dir "$W/load" > /dev/null 2>&1
 MANIFESTS=$LOAD_MANIFESTS python3 "$HERE/gc_seed.py" berth-fs "$W/load"
-"$BERTH_BIN" serve --listen 127.0.0.1:0 --data-dir "$W/load" > "$W/serve.out" 2> "$W/serve.err" &
+"$BERTH_BIN" serve --listen 127.0.0.1:0 --data-dir "$W/load" --gc-duty-percent "$GC_DUTY" > "$W/serve.out" 2> "$W/serve.err" &
 PIDS+=($!)
 for _ in $(seq 300); do [[ -s $W/serve.out ]] && break; sleep 0.1; done
 URL=$(awk '{print $NF}' "$W/serve.out")
@@ -154,7 +156,8 @@ print(f"{done[0] / secs:.1f}")
 PY
 }
 idle_pull=$(pull_rate); idle_push=$(push_rate idle)
-( while true; do "$BERTH_BIN" gc --data-dir "$W/load" > /dev/null 2>&1 || true; done ) &
+# The collector inside serve (as the scheduled one runs), back to back through the API.
+( while true; do curl -sf -X POST "$URL/api/v1/gc" > /dev/null || sleep 0.1; done ) &
 GC_LOOP=$!; PIDS+=($GC_LOOP)
 sleep 1
 busy_pull=$(pull_rate); busy_push=$(push_rate busy)

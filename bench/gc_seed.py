@@ -58,7 +58,7 @@ def images():
             ],
         }
         content = json.dumps(doc, separators=(",", ":")).encode()
-        yield m % REPOS, m, content, list(zip(hexes, blobs)), m % 2 == 0
+        yield m * REPOS // MANIFESTS, m, content, list(zip(hexes, blobs)), m % 2 == 0
 
 
 def repo_name(r):
@@ -132,6 +132,8 @@ def distribution(root):
         for h, b in blobs:
             blob_data(h, b)
             write_file(os.path.join(repo, "_layers", "sha256", h, "link"), b"sha256:" + h.encode())
+        # Distribution's GC fails on a repository without a tags directory.
+        os.makedirs(os.path.join(repo, "_manifests", "tags"), exist_ok=True)
         mh = sha(content)
         blob_data(mh, content)
         link = b"sha256:" + mh.encode()

@@ -83,6 +83,9 @@ pub struct RawConfig {
     /// GC moves untagged manifests older than this to the trash; unset keeps them [default: unset]
     #[arg(long, env = "BERTH_GC_UNTAGGED_MANIFEST_SECS", value_name = "SECS")]
     pub gc_untagged_manifest_secs: Option<u64>,
+    /// Percent of the time a GC run works; it sleeps the rest between batches [default: 50]
+    #[arg(long, env = "BERTH_GC_DUTY_PERCENT", value_name = "PERCENT")]
+    pub gc_duty_percent: Option<u32>,
     /// serve runs GC this often (one node at a time); 0: only `berth gc` [default: 3600]
     #[arg(long, env = "BERTH_GC_INTERVAL_SECS", value_name = "SECS")]
     pub gc_interval_secs: Option<u64>,
@@ -644,6 +647,7 @@ impl RawConfig {
                     .map(|v| within("gc_untagged_manifest_secs", Some(v), 0, 0, 3650 * DAY_SECS))
                     .transpose()?
                     .map(|v: u64| v as i64),
+                gc_duty_percent: within("gc_duty_percent", self.gc_duty_percent, 50, 1, 100)?,
             },
             gc_interval: secs(
                 "gc_interval_secs",

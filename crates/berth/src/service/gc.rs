@@ -33,6 +33,9 @@ pub struct Lifecycle {
     pub trash_retention_secs: i64,
     /// Untagged manifests older than this go to the trash; `None` keeps them (pulls by digest).
     pub untagged_manifest_secs: Option<i64>,
+    /// Percent of the time a run works; it sleeps the rest between batches, leaving the
+    /// machine to clients.
+    pub gc_duty_percent: u32,
 }
 
 impl Default for Lifecycle {
@@ -41,6 +44,7 @@ impl Default for Lifecycle {
             gc_grace_secs: 86_400,
             trash_retention_secs: 7 * 86_400,
             untagged_manifest_secs: None,
+            gc_duty_percent: 50,
         }
     }
 }
@@ -91,6 +95,42 @@ impl From<crate::storage::StorageError> for GcError {
     }
 }
 
+/// One GC run: its lease owner id and its pace.
+pub(super) struct Run {
+    pub(super) owner: String,
+    /// Percent of the time the run may work; it sleeps the rest, between batches.
+    duty_percent: u32,
+    batch_started: std::sync::Mutex<Instant>,
+}
+
+impl Run {
+    fn new(owner: String, duty_percent: u32) -> Run {
+        Run {
+            owner,
+            duty_percent: duty_percent.clamp(1, 100),
+            batch_started: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Between batches: sleeps so that the run works `duty_percent` of the time (the clients
+    /// get the rest of the machine), then starts timing the next batch.
+    pub(super) async fn pace(&self) {
+        let worked = self
+            .batch_started
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .elapsed();
+        if self.duty_percent < 100 {
+            let rest = worked * (100 - self.duty_percent) / self.duty_percent;
+            tokio::time::sleep(rest.min(Duration::from_secs(10))).await;
+        }
+        *self
+            .batch_started
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+    }
+}
+
 /// Renews the lease inside a write transaction; a collector that lost it stops.
 pub(super) async fn hold(tx: &mut Tx<'_>, owner: &str) -> Result<(), MetadataError> {
     if statements::take_lease(tx, LEASE, owner, LEASE_TTL_MS).await? {
@@ -136,7 +176,8 @@ impl Registry {
             dry_run,
             ..GcReport::default()
         };
-        let result = self.collect(ctx, &owner, &mut report).await;
+        let run = Run::new(owner.clone(), self.options.lifecycle.gc_duty_percent);
+        let result = self.collect(ctx, &run, &mut report).await;
         let released = self
             .metadata
             .write(|tx| Box::pin(statements::release_lease(tx, LEASE, &owner)))
@@ -166,7 +207,7 @@ impl Registry {
     async fn collect(
         &self,
         ctx: &RequestContext,
-        owner: &str,
+        run: &Run,
         report: &mut GcReport,
     ) -> Result<(), GcError> {
         // Times are whole seconds and the statements compare `< before`: a period of 0 must
@@ -174,9 +215,9 @@ impl Registry {
         let now = now_secs() + 1;
         let life = self.options.lifecycle;
         let grace_before = now - life.gc_grace_secs;
-        self.apply_retention(ctx, owner, report).await?;
+        self.apply_retention(ctx, run, report).await?;
         if let Some(age) = life.untagged_manifest_secs {
-            self.trash_untagged(ctx, owner, now - age, report).await?;
+            self.trash_untagged(ctx, run, now - age, report).await?;
         }
         let trash_before = now - life.trash_retention_secs;
         if report.dry_run {
@@ -186,11 +227,12 @@ impl Registry {
                 .await?;
         } else {
             loop {
+                run.pace().await;
                 let purged = self
                     .metadata
                     .write(|tx| {
                         Box::pin(async move {
-                            hold(tx, owner).await?;
+                            hold(tx, &run.owner).await?;
                             trash::purge(tx, trash_before, BATCH as i64).await
                         })
                     })
@@ -201,10 +243,11 @@ impl Registry {
                 }
             }
         }
-        self.unlink_dangling(owner, grace_before, report).await?;
+        self.unlink_dangling(run, grace_before, report).await?;
         if !report.dry_run {
             // Blobs a stopped run marked but did not delete.
             loop {
+                run.pace().await;
                 let left = self
                     .metadata
                     .read(|tx| Box::pin(statements::marked(tx, BATCH as i64)))
@@ -212,25 +255,26 @@ impl Registry {
                 if left.is_empty() {
                     break;
                 }
-                self.delete_doomed(owner, &left, report).await?;
+                self.delete_doomed(run, &left, report).await?;
             }
         }
-        self.delete_unreferenced(owner, grace_before, trash_before, report)
+        self.delete_unreferenced(run, grace_before, trash_before, report)
             .await?;
-        self.delete_orphans(owner, grace_before, report).await?;
+        self.delete_orphans(run, grace_before, report).await?;
         Ok(())
     }
 
     async fn trash_untagged(
         &self,
         ctx: &RequestContext,
-        owner: &str,
+        run: &Run,
         before: i64,
         report: &mut GcReport,
     ) -> Result<(), GcError> {
         let keep = self.options.lifecycle.trash_retention_secs > 0;
         let mut after = 0;
         loop {
+            run.pace().await;
             let page = self
                 .metadata
                 .read(|tx| {
@@ -262,7 +306,7 @@ impl Registry {
                     .metadata
                     .write(|tx| {
                         Box::pin(async move {
-                            hold(tx, owner).await?;
+                            hold(tx, &run.owner).await?;
                             let removed = trash::trash_manifest(
                                 tx,
                                 repo_ref,
@@ -302,7 +346,7 @@ impl Registry {
 
     async fn unlink_dangling(
         &self,
-        owner: &str,
+        run: &Run,
         before: i64,
         report: &mut GcReport,
     ) -> Result<(), GcError> {
@@ -311,6 +355,7 @@ impl Registry {
             digest: String::new(),
         };
         loop {
+            run.pace().await;
             let after_ref = &after;
             let page = self
                 .metadata
@@ -334,7 +379,7 @@ impl Registry {
                     .metadata
                     .write(|tx| {
                         Box::pin(async move {
-                            hold(tx, owner).await?;
+                            hold(tx, &run.owner).await?;
                             let mut removed = 0;
                             for link in page_ref {
                                 if statements::unlink_dangling(tx, link, before).await? {
@@ -352,13 +397,14 @@ impl Registry {
 
     async fn delete_unreferenced(
         &self,
-        owner: &str,
+        run: &Run,
         before: i64,
         trash_before: i64,
         report: &mut GcReport,
     ) -> Result<(), GcError> {
         let mut after = String::new();
         loop {
+            run.pace().await;
             let after_ref = after.as_str();
             let (doomed, last) = if report.dry_run {
                 self.metadata
@@ -376,7 +422,7 @@ impl Registry {
                 self.metadata
                     .write(|tx| {
                         Box::pin(async move {
-                            hold(tx, owner).await?;
+                            hold(tx, &run.owner).await?;
                             statements::mark_unreferenced(tx, before, after_ref, BATCH as i64).await
                         })
                     })
@@ -388,7 +434,7 @@ impl Registry {
             if report.dry_run {
                 count(report, &doomed, false);
             } else {
-                self.delete_doomed(owner, &doomed, report).await?;
+                self.delete_doomed(run, &doomed, report).await?;
             }
             after = last;
         }
@@ -397,12 +443,13 @@ impl Registry {
     /// Bytes in storage with no blob row, older than the grace period.
     async fn delete_orphans(
         &self,
-        owner: &str,
+        run: &Run,
         before: i64,
         report: &mut GcReport,
     ) -> Result<(), GcError> {
         let mut after: Option<Digest> = None;
         loop {
+            run.pace().await;
             let page = self.blobs.list_blobs(after.as_ref(), BATCH).await?;
             let Some(last) = page.last() else {
                 return Ok(());
@@ -436,13 +483,13 @@ impl Registry {
                 .metadata
                 .write(|tx| {
                     Box::pin(async move {
-                        hold(tx, owner).await?;
+                        hold(tx, &run.owner).await?;
                         statements::mark_orphans(tx, orphans_ref).await
                     })
                 })
                 .await?;
             report.orphans_deleted += doomed.len() as u64;
-            self.delete_doomed(owner, &doomed, report).await?;
+            self.delete_doomed(run, &doomed, report).await?;
         }
     }
 
@@ -450,7 +497,7 @@ impl Registry {
     /// the rows, and the next run deletes again.
     async fn delete_doomed(
         &self,
-        owner: &str,
+        run: &Run,
         doomed: &[Doomed],
         report: &mut GcReport,
     ) -> Result<(), GcError> {
@@ -463,7 +510,7 @@ impl Registry {
         self.metadata
             .write(|tx| {
                 Box::pin(async move {
-                    hold(tx, owner).await?;
+                    hold(tx, &run.owner).await?;
                     statements::forget_deleted(tx, digests_ref).await
                 })
             })

@@ -6,7 +6,7 @@
 use oci::{Digest, RepositoryName, Tag};
 use serde::Serialize;
 
-use super::gc::{GcReport, hold};
+use super::gc::{GcReport, Run, hold};
 use super::{Registry, RequestContext, ServiceError, now_secs};
 use crate::auth::conditions::glob_match;
 use crate::metadata::immutability;
@@ -218,7 +218,7 @@ impl Registry {
     pub(super) async fn apply_retention(
         &self,
         ctx: &RequestContext,
-        owner: &str,
+        run: &Run,
         report: &mut GcReport,
     ) -> Result<(), ServiceError> {
         let plan = self.retention_plan().await?;
@@ -230,6 +230,7 @@ impl Registry {
         let keep = self.options.lifecycle.trash_retention_secs > 0;
         let actor = ctx.actor().to_string();
         for planned in &plan.tags {
+            run.pace().await;
             let (Ok(repo), Ok(tag)) = (
                 planned.repository.parse::<RepositoryName>(),
                 planned.tag.parse::<Tag>(),
@@ -244,7 +245,7 @@ impl Registry {
                 .metadata
                 .write(|tx| {
                     Box::pin(async move {
-                        hold(tx, owner).await?;
+                        hold(tx, &run.owner).await?;
                         // Moved since the plan was made: a newer push is not the policy's.
                         match queries::manifest_by_tag(tx, repo, tag).await? {
                             Some(m) if &m.digest == digest => {}
@@ -283,6 +284,7 @@ impl Registry {
             }
         }
         for planned in &plan.untagged {
+            run.pace().await;
             let (Ok(repo), Ok(digest)) = (
                 planned.repository.parse::<RepositoryName>(),
                 planned.digest.parse::<Digest>(),
@@ -294,7 +296,7 @@ impl Registry {
                 .metadata
                 .write(|tx| {
                     Box::pin(async move {
-                        hold(tx, owner).await?;
+                        hold(tx, &run.owner).await?;
                         if !retention::is_loose(tx, repo.as_str(), &digest.to_string()).await? {
                             return Ok(0);
                         }
