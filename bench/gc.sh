@@ -71,7 +71,7 @@ row "Berth, SQLite + disk (online)" "$secs" "$rss" "$deleted"
 rm -rf "$W/berth"
 
 # --- 1b. Distribution, filesystem driver --------------------------------------------------------
-if [[ -n $DIST_BIN ]]; then
+if [[ -n $DIST_BIN && -z ${SKIP_DISTRIBUTION:-} ]]; then
   log "seeding Distribution: the same content"
   python3 "$HERE/gc_seed.py" distribution "$W/dist"
   cat > "$W/dist.yml" <<EOF

@@ -862,3 +862,46 @@ fn quota_usage_stays_exact_through_trash_restore_and_gc() {
     app.get(&format!("/v2/team/app/manifests/{one}"))
         .assert_status(200);
 }
+
+#[test]
+fn skopeo_delete_then_restore_gives_back_the_image_skopeo_pushed() {
+    use crate::support::clients::{Tools, pseudo_random};
+    let app = app_with(3600, &[]);
+    let tools = Tools::new();
+    let layout = tools.umoci_image(
+        "trash",
+        "v1",
+        &[vec![("app.bin", pseudo_random(31, 300_000))]],
+    );
+    let dest = format!("docker://{}/team/restored:v1", app.host);
+    tools.skopeo(&[
+        "copy",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        &layout.reference("v1"),
+        &dest,
+    ]);
+    tools.skopeo(&["delete", "--tls-verify=false", &dest]);
+    assert!(
+        tools
+            .try_skopeo(&["inspect", "--tls-verify=false", &dest])
+            .is_err(),
+        "the image is still there after skopeo delete"
+    );
+    let (ok, out) = berth(&app, &["trash", "restore", "--all", "--namespace", "team"], &[]);
+    assert!(ok, "{out}");
+    // Pulled back out, it is the very image pushed: same manifest digest, same blobs.
+    let back = tools.path("back");
+    tools.skopeo(&[
+        "copy",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        &dest,
+        &format!("oci:{}:v1", back.display()),
+    ]);
+    let back = crate::support::clients::OciLayout::new(back);
+    assert_eq!(back.manifest_digest("v1"), layout.manifest_digest("v1"));
+    for d in layout.closure(&layout.manifest_digest("v1")) {
+        assert_eq!(back.blob(&d), layout.blob(&d), "{d}");
+    }
+}
