@@ -888,7 +888,11 @@ fn skopeo_delete_then_restore_gives_back_the_image_skopeo_pushed() {
             .is_err(),
         "the image is still there after skopeo delete"
     );
-    let (ok, out) = berth(&app, &["trash", "restore", "--all", "--namespace", "team"], &[]);
+    let (ok, out) = berth(
+        &app,
+        &["trash", "restore", "--all", "--namespace", "team"],
+        &[],
+    );
     assert!(ok, "{out}");
     // Pulled back out, it is the very image pushed: same manifest digest, same blobs.
     let back = tools.path("back");
