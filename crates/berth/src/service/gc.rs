@@ -176,11 +176,11 @@ impl Registry {
             dry_run,
             ..GcReport::default()
         };
-        let run = Run::new(owner.clone(), self.options.lifecycle.gc_duty_percent);
+        let run = Run::new(owner, self.options.lifecycle.gc_duty_percent);
         let result = self.collect(ctx, &run, &mut report).await;
         let released = self
             .metadata
-            .write(|tx| Box::pin(statements::release_lease(tx, LEASE, &owner)))
+            .write(|tx| Box::pin(statements::release_lease(tx, LEASE, &run.owner)))
             .await;
         result?;
         released?;
@@ -602,6 +602,8 @@ impl Registry {
             .metadata
             .write(|tx| {
                 Box::pin(async move {
+                    // Retried writes start again from the event as built.
+                    let mut event = event.clone();
                     let deleted = match reference {
                         Reference::Tag(tag) => {
                             trash::trash_tag(tx, repo, tag, Reason::Deleted, actor, keep).await?
@@ -617,20 +619,18 @@ impl Registry {
                             )
                             .await?;
                             if removed.len() > 1 {
-                                let mut event = event.clone();
+                                // The referrers that followed it.
                                 event.detail = Some(
                                     serde_json::json!({ "referrers": removed[1..].iter()
                                         .map(|d| d.to_string()).collect::<Vec<_>>() })
                                     .to_string(),
                                 );
-                                events::append(tx, &event).await?;
-                                return Ok(true);
                             }
                             !removed.is_empty()
                         }
                     };
                     if deleted {
-                        events::append(tx, event).await?;
+                        events::append(tx, &event).await?;
                     }
                     Ok(deleted)
                 })

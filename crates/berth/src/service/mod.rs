@@ -588,18 +588,10 @@ impl Registry {
             .fold(bytes.len() as u64, |sum, (_, size)| {
                 sum.saturating_add(*size)
             });
-        let record = NewManifest {
-            digest: digest.clone(),
-            media_type: parsed.media_type,
-            bytes,
-            blobs: parsed.blobs,
-            // Checked in the put's transaction, where the stored sizes are read anyway.
-            declared_sizes: parsed.declared_sizes,
-            children: parsed.children,
-            subject: parsed.subject.clone(),
-            artifact_type: parsed.artifact_type,
-            annotations: parsed.annotations,
-        };
+        let subject = parsed.subject.clone();
+        // Declared sizes are checked in the put's transaction, where the stored sizes are read
+        // anyway.
+        let record = NewManifest::from_parsed(digest.clone(), bytes, parsed);
         let mut distinct = Vec::with_capacity(tags.len());
         for tag in tags {
             if !distinct.contains(&tag) {
@@ -633,7 +625,7 @@ impl Registry {
         self.options.metrics.pushed_image(image_bytes);
         Ok(PushedManifest {
             digest,
-            subject: parsed.subject,
+            subject,
             tags,
         })
     }

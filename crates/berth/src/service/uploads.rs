@@ -347,23 +347,29 @@ impl Registry {
                 "uploaded content has digest {actual}, not {digest}"
             )));
         }
-        // A blob that can never fit its namespace's quota is refused before it is stored (the
-        // exact check is at the manifest, which charges it).
-        let namespace = repo.namespace();
-        let d = digest.to_string();
-        let fits = self
+        // One read for both looks before the bytes are stored. A blob that can never fit its
+        // namespace's quota is refused now (the exact check is at the manifest, which charges
+        // it). A quarantined blob's bad bytes are replaced, not kept, and its quarantine is
+        // lifted in the transaction that links the blob; quarantined only after this look, the
+        // blob stays quarantined (its bytes were kept): the safe side.
+        let (namespace, d, size) = (repo.namespace(), digest.to_string(), extent.size);
+        let (over_quota, replace) = self
             .metadata
-            .read(|tx| Box::pin(quotas::check_blob_fits(tx, namespace, &d, extent.size)))
-            .await;
-        if let Err(e @ MetadataError::QuotaExceeded { .. }) = fits {
+            .read(|tx| {
+                Box::pin(async move {
+                    let over_quota = match quotas::check_blob_fits(tx, namespace, &d, size).await {
+                        Ok(()) => None,
+                        Err(e @ MetadataError::QuotaExceeded { .. }) => Some(e),
+                        Err(e) => return Err(e),
+                    };
+                    Ok((over_quota, integrity::is_quarantined(tx, digest).await?))
+                })
+            })
+            .await?;
+        if let Some(e) = over_quota {
             self.discard_upload(id).await?;
             return Err(e.into());
         }
-        fits?;
-        // A quarantined blob's bad bytes are replaced, not kept, and its quarantine is lifted
-        // in the transaction that links the blob. Quarantined only after this look, the blob
-        // stays quarantined (its bytes were kept): the safe side.
-        let replace = self.is_quarantined(digest).await?;
         if replace {
             self.blobs
                 .replace_with_upload(id, digest, Some(&extent))
@@ -371,7 +377,6 @@ impl Registry {
         } else {
             self.blobs.commit_upload(id, digest, Some(&extent)).await?;
         }
-        let size = extent.size;
         let repaired =
             replace.then(|| ctx.event("blob.repaired", repo, Some(digest), &[], Some(size)));
         let (blobs, repaired_ref) = (&*self.blobs, repaired.as_ref());
