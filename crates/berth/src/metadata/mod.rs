@@ -368,16 +368,9 @@ impl Metadata {
         repaired: Option<&events::NewEvent>,
     ) -> Result<(), MetadataError> {
         self.write(|tx| {
-            Box::pin(async move {
-                queries::link_blob(tx, repo, digest, size).await?;
-                queries::delete_upload(tx, upload_id).await?;
-                if let Some(event) = repaired
-                    && integrity::release(tx, digest).await?
-                {
-                    events::append(tx, event).await?;
-                }
-                Ok(())
-            })
+            Box::pin(queries::finish_upload(
+                tx, repo, digest, size, upload_id, repaired,
+            ))
         })
         .await
     }

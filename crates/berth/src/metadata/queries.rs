@@ -270,6 +270,27 @@ async fn delete_unless_referenced(
     }
 }
 
+/// Links the uploaded blob into `repo` and ends upload session `upload_id`. `repaired`: the
+/// upload's bytes replaced a quarantined blob's, so the quarantine is lifted and this event
+/// (`blob.repaired`) appended.
+pub async fn finish_upload(
+    tx: &mut Tx<'_>,
+    repo: &RepositoryName,
+    digest: &Digest,
+    size: u64,
+    upload_id: &str,
+    repaired: Option<&super::events::NewEvent>,
+) -> Result<(), MetadataError> {
+    link_blob(tx, repo, digest, size).await?;
+    delete_upload(tx, upload_id).await?;
+    if let Some(event) = repaired
+        && super::integrity::release(tx, digest).await?
+    {
+        super::events::append(tx, event).await?;
+    }
+    Ok(())
+}
+
 pub async fn create_upload(tx: &mut Tx<'_>, s: &UploadSession) -> Result<(), MetadataError> {
     tx.execute(
         "INSERT INTO uploads (id, repository, updated_at, owner) VALUES (?1, ?2, ?3, ?4)",

@@ -256,6 +256,15 @@ pub(crate) async fn link_confirmed(
     size: u64,
 ) -> Result<(), MetadataError> {
     queries::link_blob(tx, repo, digest, size).await?;
+    confirm_bytes(blobs, digest).await
+}
+
+/// The second half of [`link_confirmed`], for a transaction that linked the blob otherwise
+/// (`queries::finish_upload`): bytes missing refuse the link.
+pub(crate) async fn confirm_bytes(
+    blobs: &dyn BlobStore,
+    digest: &Digest,
+) -> Result<(), MetadataError> {
     match blobs.stat(digest).await {
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(MetadataError::BlobDeleting(digest.clone())),

@@ -19,7 +19,7 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use oci::{Algorithm, Digest, Hasher, RepositoryName};
 
 use super::{Registry, RequestContext, ServiceError, now_secs};
-use crate::metadata::{MetadataError, UploadSession, events, integrity, queries, quotas};
+use crate::metadata::{MetadataError, UploadSession, integrity, queries, quotas};
 use crate::storage::{StorageError, UploadExtent, WriteGuard};
 
 /// A request body as the service consumes it.
@@ -383,14 +383,9 @@ impl Registry {
         self.metadata
             .write(|tx| {
                 Box::pin(async move {
-                    super::link_confirmed(tx, blobs, repo, digest, size).await?;
-                    queries::delete_upload(tx, id).await?;
-                    if let Some(event) = repaired_ref
-                        && integrity::release(tx, digest).await?
-                    {
-                        events::append(tx, event).await?;
-                    }
-                    Ok(())
+                    queries::finish_upload(tx, repo, digest, size, id, repaired_ref).await?;
+                    // In the link's transaction (see `link_confirmed`).
+                    super::confirm_bytes(blobs, digest).await
                 })
             })
             .await?;
