@@ -89,6 +89,9 @@ pub struct RawConfig {
     /// serve runs GC this often (one node at a time); 0: only `berth gc` [default: 3600]
     #[arg(long, env = "BERTH_GC_INTERVAL_SECS", value_name = "SECS")]
     pub gc_interval_secs: Option<u64>,
+    /// Manifest pulls are written to metadata (for keep_pulled_days) this often [default: 60]
+    #[arg(long, env = "BERTH_PULL_TIMES_FLUSH_SECS", value_name = "SECS")]
+    pub pull_times_flush_secs: Option<u64>,
     /// Integrity scrub: blob bytes re-read and hashed per second; 0 turns it off [default: 8388608]
     #[arg(long, env = "BERTH_SCRUB_BYTES_PER_SEC", value_name = "BYTES")]
     pub scrub_bytes_per_sec: Option<u64>,
@@ -656,6 +659,13 @@ impl RawConfig {
                 0,
                 7 * DAY_SECS,
             )?,
+            pull_times_flush: secs(
+                "pull_times_flush_secs",
+                self.pull_times_flush_secs,
+                60,
+                1,
+                DAY_SECS,
+            )?,
             scrub_bytes_per_sec: within(
                 "scrub_bytes_per_sec",
                 self.scrub_bytes_per_sec,
@@ -848,6 +858,8 @@ pub struct Config {
     pub lifecycle: Lifecycle,
     /// How often `serve` runs GC; zero: never (only `berth gc`).
     pub gc_interval: Duration,
+    /// How often noted manifest pulls are written to metadata.
+    pub pull_times_flush: Duration,
     /// Integrity scrub rate; 0: no scrub.
     pub scrub_bytes_per_sec: u64,
     /// From the end of one scrub pass to the start of the next.

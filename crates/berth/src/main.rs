@@ -107,7 +107,10 @@ enum RetentionCommand {
         /// Keep tags pushed within this many days.
         #[arg(long)]
         keep_days: Option<u64>,
-        /// Delete untagged manifests older than this many days.
+        /// Keep tags whose image was pulled (by any tag or by digest) within this many days.
+        #[arg(long)]
+        keep_pulled_days: Option<u64>,
+        /// Delete untagged manifests neither pushed nor pulled for this many days.
         #[arg(long)]
         untagged_days: Option<u64>,
         #[command(flatten)]
@@ -1189,6 +1192,7 @@ async fn retention(command: RetentionCommand) -> anyhow::Result<()> {
             keep_last,
             keep_tags,
             keep_days,
+            keep_pulled_days,
             untagged_days,
             config,
         } => {
@@ -1199,6 +1203,7 @@ async fn retention(command: RetentionCommand) -> anyhow::Result<()> {
                 keep_last,
                 keep_tags,
                 keep_days,
+                keep_pulled_days,
                 untagged_days,
                 created_at: 0,
             };

@@ -129,6 +129,8 @@ pub struct ServeOptions {
     pub audit_retention_days: u64,
     /// How often GC runs (one node at a time); zero: never.
     pub gc_interval: Duration,
+    /// How often noted manifest pulls are written to metadata.
+    pub pull_times_flush: Duration,
     /// The access log, metrics and health endpoints.
     pub observe: ObserveSettings,
     /// The integrity scrub worker.
@@ -142,6 +144,7 @@ impl ServeOptions {
             shutdown_grace: config.shutdown_grace,
             upload_purge_interval: config.upload_purge_interval,
             gc_interval: config.gc_interval,
+            pull_times_flush: config.pull_times_flush,
             header_read_timeout: config.header_read_timeout,
             body_idle_timeout: config.body_idle_timeout,
             max_connections: config.max_connections,
@@ -222,6 +225,11 @@ pub async fn run(
     webhooks.register_metrics(registry.metrics());
     let webhooks = tokio::spawn(Arc::new(webhooks).run(stop_rx.clone()));
     let scrub = tokio::spawn(registry.clone().scrub_until(options.scrub, stop_rx.clone()));
+    let pull_times = {
+        let (registry, stop) = (registry.clone(), stop_rx.clone());
+        let interval = options.pull_times_flush;
+        tokio::spawn(async move { registry.record_pull_times(interval, stop).await })
+    };
     if options.audit_retention_days > 0 {
         tokio::spawn(crate::audit::keep_days(
             registry.auth().metadata().clone(),
@@ -359,6 +367,15 @@ pub async fn run(
     // dropped); a re-check of a bad blob is not waited for long: the lease then expires.
     let abort = scrub.abort_handle();
     if tokio::time::timeout(Duration::from_secs(5), scrub)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
+    // It writes the pulls noted so far on the signal; a frozen metadata store is not waited
+    // for long.
+    let abort = pull_times.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(5), pull_times)
         .await
         .is_err()
     {

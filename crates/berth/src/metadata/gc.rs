@@ -60,7 +60,14 @@ macro_rules! not_a_held_referrer {
                 WHERE s.repository_id = m.repository_id AND s.digest = m.subject))"
     };
 }
-pub(crate) use {loose_manifest, not_a_held_referrer};
+/// SQL condition on a manifest `m`: not pulled since `?2` (a deployment that pulls it by
+/// digest keeps an untagged manifest young).
+macro_rules! not_pulled_since {
+    () => {
+        "(m.last_pulled_at IS NULL OR m.last_pulled_at < ?2)"
+    };
+}
+pub(crate) use {loose_manifest, not_a_held_referrer, not_pulled_since};
 
 /// A manifest GC may move to the trash.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,9 +77,9 @@ pub struct Candidate {
     pub digest: Digest,
 }
 
-/// Manifests with no tag, created before `before`, that no index of their repository lists
-/// and that are not a referrer of a manifest still there (referrers follow their subject), in
-/// id order after `after`.
+/// Manifests with no tag, created and last pulled before `before`, that no index of their
+/// repository lists and that are not a referrer of a manifest still there (referrers follow
+/// their subject), in id order after `after`.
 pub async fn untagged_manifests(
     tx: &mut Tx<'_>,
     before: i64,
@@ -85,6 +92,8 @@ pub async fn untagged_manifests(
                 "SELECT m.id, r.name, m.digest FROM manifests m
                  JOIN repositories r ON r.id = m.repository_id
                  WHERE m.id > ?1 AND m.created_at < ?2 AND ",
+                not_pulled_since!(),
+                " AND ",
                 loose_manifest!(),
                 " AND ",
                 not_a_held_referrer!(),

@@ -606,6 +606,23 @@ pub async fn manifest_by_tag(
     .transpose()
 }
 
+/// Records that the manifest was pulled at `at` (seconds), unless a later pull already is.
+pub async fn record_pull(
+    tx: &mut Tx<'_>,
+    repository: &str,
+    digest: &str,
+    at: i64,
+) -> Result<(), MetadataError> {
+    tx.execute(
+        "UPDATE manifests SET last_pulled_at = ?3
+         WHERE repository_id = (SELECT id FROM repositories WHERE name = ?1) AND digest = ?2
+           AND (last_pulled_at IS NULL OR last_pulled_at < ?3)",
+        &[repository.into(), digest.into(), at.into()],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Removes the manifest, its reference rows and every tag pointing at it; false if it was not
 /// there. Refused with [`MetadataError::ManifestReferenced`] (and rolled back) while an index
 /// of the same repository lists it, and with [`MetadataError::TagImmutable`] while a tag an

@@ -5,12 +5,13 @@ use serde::{Deserialize, Serialize};
 
 use super::MetadataError;
 use super::db::{Row, Tx};
-use super::gc::{loose_manifest, not_a_held_referrer};
+use super::gc::{loose_manifest, not_a_held_referrer, not_pulled_since};
 use super::queries::now_secs;
 
 /// A policy as stored. Of the tags of a repository `repositories` matches, a tag is kept if it
-/// is among the `keep_last` most recently pushed, matches one of `keep_tags`, or was pushed
-/// within `keep_days`; the rest go. Untagged manifests older than `untagged_days` go too.
+/// is among the `keep_last` most recently pushed, matches one of `keep_tags`, was pushed within
+/// `keep_days`, or its manifest was pulled within `keep_pulled_days`; the rest go. Untagged
+/// manifests neither pushed nor pulled for `untagged_days` go too.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     #[serde(default)]
@@ -24,6 +25,8 @@ pub struct Policy {
     pub keep_tags: Vec<String>,
     #[serde(default)]
     pub keep_days: Option<u64>,
+    #[serde(default)]
+    pub keep_pulled_days: Option<u64>,
     #[serde(default)]
     pub untagged_days: Option<u64>,
     #[serde(default)]
@@ -44,6 +47,7 @@ fn policy(row: &Row) -> Result<Policy, MetadataError> {
         keep_days: opt_u64(4)?,
         untagged_days: opt_u64(5)?,
         created_at: row.i64(6)?,
+        keep_pulled_days: opt_u64(7)?,
     })
 }
 
@@ -58,8 +62,8 @@ pub async fn add(tx: &mut Tx<'_>, p: &Policy) -> Result<Policy, MetadataError> {
     let id = tx
         .query_opt(
             "INSERT INTO retention_policies (repositories, keep_last, keep_tags, keep_days,
-                                             untagged_days, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+                                             untagged_days, created_at, keep_pulled_days)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
             &[
                 p.repositories.as_str().into(),
                 opt_int(p.keep_last).into(),
@@ -67,6 +71,7 @@ pub async fn add(tx: &mut Tx<'_>, p: &Policy) -> Result<Policy, MetadataError> {
                 opt_int(p.keep_days).into(),
                 opt_int(p.untagged_days).into(),
                 now.into(),
+                opt_int(p.keep_pulled_days).into(),
             ],
         )
         .await?
@@ -82,7 +87,8 @@ pub async fn add(tx: &mut Tx<'_>, p: &Policy) -> Result<Policy, MetadataError> {
 pub async fn list(tx: &mut Tx<'_>) -> Result<Vec<Policy>, MetadataError> {
     let rows = tx
         .query(
-            "SELECT id, repositories, keep_last, keep_tags, keep_days, untagged_days, created_at
+            "SELECT id, repositories, keep_last, keep_tags, keep_days, untagged_days, created_at,
+                    keep_pulled_days
              FROM retention_policies ORDER BY id",
             &[],
         )
@@ -105,13 +111,15 @@ pub struct TagRow {
     pub digest: String,
     /// When the tag was last pointed (seconds).
     pub pushed_at: i64,
+    /// When its manifest was last pulled, by any name (seconds).
+    pub pulled_at: Option<i64>,
 }
 
-/// Every tag of a repository with its digest and push time.
+/// Every tag of a repository with its digest, push time and its manifest's last pull.
 pub async fn tags(tx: &mut Tx<'_>, repository: &str) -> Result<Vec<TagRow>, MetadataError> {
     let rows = tx
         .query(
-            "SELECT t.name, m.digest, t.updated_at FROM repositories r
+            "SELECT t.name, m.digest, t.updated_at, m.last_pulled_at FROM repositories r
              JOIN tags t ON t.repository_id = r.id
              JOIN manifests m ON m.id = t.manifest_id
              WHERE r.name = ?1",
@@ -124,13 +132,14 @@ pub async fn tags(tx: &mut Tx<'_>, repository: &str) -> Result<Vec<TagRow>, Meta
                 name: r.text(0)?.to_owned(),
                 digest: r.text(1)?.to_owned(),
                 pushed_at: r.i64(2)?,
+                pulled_at: r.opt_i64(3)?,
             })
         })
         .collect()
 }
 
-/// Manifests of a repository with no tag, created before `before`, that no index there lists
-/// and that are not a referrer of a manifest still there.
+/// Manifests of a repository with no tag, created and last pulled before `before`, that no
+/// index there lists and that are not a referrer of a manifest still there.
 pub async fn untagged(
     tx: &mut Tx<'_>,
     repository: &str,
@@ -141,6 +150,8 @@ pub async fn untagged(
             concat!(
                 "SELECT m.digest FROM repositories r JOIN manifests m ON m.repository_id = r.id
                  WHERE r.name = ?1 AND m.created_at < ?2 AND ",
+                not_pulled_since!(),
+                " AND ",
                 loose_manifest!(),
                 " AND ",
                 not_a_held_referrer!(),

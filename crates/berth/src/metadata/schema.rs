@@ -31,6 +31,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration::Shared(V7),
     Migration::Shared(INTEGRITY),
     Migration::Shared(TAG_RULES_AND_QUOTAS),
+    Migration::Shared(PULL_TIMES),
 ];
 
 /// Key of the transaction-scoped advisory lock that serializes migrations across nodes.
@@ -503,4 +504,12 @@ SELECT namespace, CAST(SUM(bytes) AS BIGINT) FROM (
            length(m.content)
     FROM manifests m JOIN repositories r ON r.id = m.repository_id
 ) u GROUP BY namespace;
+"#;
+
+/// When each manifest was last pulled (seconds; recorded in batches by `service::pulls`, so up
+/// to one flush interval late), for the retention rule `keep_pulled_days` and so that an
+/// untagged manifest still pulled by digest is not old enough for GC.
+const PULL_TIMES: &str = r#"
+ALTER TABLE manifests ADD COLUMN last_pulled_at {INT};
+ALTER TABLE retention_policies ADD COLUMN keep_pulled_days {INT};
 "#;

@@ -9,6 +9,7 @@ mod context;
 mod copy;
 pub mod gc;
 mod integrity;
+mod pulls;
 pub mod retention;
 mod uploads;
 
@@ -164,6 +165,8 @@ pub struct Registry {
     pulls: std::sync::atomic::AtomicU64,
     /// The integrity scrub's counters and gauges.
     integrity: integrity::IntegrityMetrics,
+    /// Pulls not yet written to metadata.
+    pull_times: pulls::PullTimes,
 }
 
 /// A blob ready to stream: its total size, the part being sent, and the bytes.
@@ -303,6 +306,7 @@ impl Registry {
             hash_states: Mutex::new(HashMap::new()),
             upload_locks: Arc::new(UploadLocks::default()),
             pulls: std::sync::atomic::AtomicU64::new(0),
+            pull_times: pulls::PullTimes::default(),
         }
     }
 
@@ -652,9 +656,10 @@ impl Registry {
         found.ok_or(ServiceError::ManifestUnknown)
     }
 
-    /// A pull, counted at its manifest GET: recorded as a `manifest.pulled` event when
-    /// `pull_events_every` says so. Pulls are the bulk of the traffic, so the event is queued
-    /// and the pull does not wait for it to be written (see `Auth::record_later`).
+    /// A pull, counted at its manifest GET: noted for the manifest's last pull time (see
+    /// `pulls`), and recorded as a `manifest.pulled` event when `pull_events_every` says so.
+    /// Pulls are the bulk of the traffic, so neither is written before the pull is answered
+    /// (see `Auth::record_later`).
     pub fn record_pull(
         &self,
         ctx: &RequestContext,
@@ -662,6 +667,7 @@ impl Registry {
         reference: &Reference,
         manifest: &StoredManifest,
     ) {
+        self.pull_times.note(repo.as_str(), &manifest.digest);
         let every = self.options.pull_events_every;
         let n = self
             .pulls

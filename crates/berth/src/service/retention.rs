@@ -40,7 +40,16 @@ pub struct PlannedManifest {
 
 /// A policy that says nothing about tags keeps them all (it may still drop untagged ones).
 fn has_tag_rules(p: &Policy) -> bool {
-    p.keep_last.is_some() || !p.keep_tags.is_empty() || p.keep_days.is_some()
+    p.keep_last.is_some()
+        || !p.keep_tags.is_empty()
+        || p.keep_days.is_some()
+        || p.keep_pulled_days.is_some()
+}
+
+/// Whether `at` lies within `days` of `now`.
+fn within_days(at: i64, days: u64, now: i64) -> bool {
+    let days = i64::try_from(days).unwrap_or(i64::MAX / DAY_SECS);
+    at >= now.saturating_sub(days.saturating_mul(DAY_SECS))
 }
 
 /// Whether `policy` keeps `tag`, given the repository's tags newest first.
@@ -59,11 +68,15 @@ fn keeps(policy: &Policy, tag: &TagRow, newest_first: &[&TagRow], now: i64) -> b
     if policy.keep_tags.iter().any(|p| glob_match(p, &tag.name)) {
         return true;
     }
-    if let Some(days) = policy.keep_days {
-        let days = i64::try_from(days).unwrap_or(i64::MAX / DAY_SECS);
-        if tag.pushed_at >= now - days * DAY_SECS {
-            return true;
-        }
+    if let Some(days) = policy.keep_days
+        && within_days(tag.pushed_at, days, now)
+    {
+        return true;
+    }
+    if let (Some(days), Some(pulled_at)) = (policy.keep_pulled_days, tag.pulled_at)
+        && within_days(pulled_at, days, now)
+    {
+        return true;
     }
     false
 }
@@ -91,8 +104,8 @@ pub fn validate(p: &Policy) -> Result<(), String> {
     }
     if !has_tag_rules(p) && p.untagged_days.is_none() {
         return Err(
-            "a policy needs keep_last, keep_tags, keep_days or untagged_days: without one it \
-             would delete every tag it matches"
+            "a policy needs keep_last, keep_tags, keep_days, keep_pulled_days or untagged_days: \
+             without one it would delete every tag it matches"
                 .into(),
         );
     }
@@ -358,6 +371,7 @@ mod tests {
             name: name.into(),
             digest: format!("sha256:{name}"),
             pushed_at,
+            pulled_at: None,
         }
     }
 
@@ -368,6 +382,7 @@ mod tests {
             keep_last,
             keep_tags: keep_tags.iter().map(|s| s.to_string()).collect(),
             keep_days,
+            keep_pulled_days: None,
             untagged_days: None,
             created_at: 0,
         }
@@ -412,6 +427,37 @@ mod tests {
         for (policies, want) in cases {
             assert_eq!(deleted(policies, &tags, now), *want, "{policies:?}");
         }
+    }
+
+    #[test]
+    fn pulls_keep_tags() {
+        let now = 100 * DAY_SECS;
+        let pulled = |name, pushed_days_ago, pulled_days_ago: Option<i64>| TagRow {
+            pulled_at: pulled_days_ago.map(|d| now - d * DAY_SECS),
+            ..tag(name, now - pushed_days_ago * DAY_SECS)
+        };
+        let tags = [
+            pulled("old-but-pulled", 90, Some(2)),
+            pulled("old-pulled-long-ago", 90, Some(40)),
+            pulled("never-pulled", 1, None),
+            pulled("pulled-today", 50, Some(0)),
+        ];
+        let mut p = policy(None, &[], None);
+        p.keep_pulled_days = Some(30);
+        assert_eq!(
+            deleted(std::slice::from_ref(&p), &tags, now),
+            ["never-pulled", "old-pulled-long-ago"]
+        );
+        // Pushed or pulled within the period.
+        p.keep_days = Some(30);
+        assert_eq!(deleted(&[p], &tags, now), ["old-pulled-long-ago"]);
+        assert!(
+            validate(&Policy {
+                keep_pulled_days: Some(0),
+                ..policy(None, &[], None)
+            })
+            .is_ok()
+        );
     }
 
     #[test]

@@ -909,3 +909,181 @@ fn skopeo_delete_then_restore_gives_back_the_image_skopeo_pushed() {
         assert_eq!(back.blob(&d), layout.blob(&d), "{d}");
     }
 }
+
+/// Runs one SQL statement on the test registry's SQLite database.
+fn sqlite(app: &TestApp, sql: &str) -> String {
+    let out = Command::new("sqlite3")
+        .arg(app.data_dir().join("metadata.db"))
+        .arg(sql)
+        .output()
+        .expect("sqlite3");
+    assert!(out.status.success(), "{sql}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn retention_keeps_images_clients_pulled_lately_by_tag_or_by_digest() {
+    use crate::support::clients::Tools;
+    let app = app_with(3600, &[("BERTH_PULL_TIMES_FLUSH_SECS", "1")]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let mut digests = std::collections::HashMap::new();
+    for tag in ["pulled", "idle", "pulled-long-ago"] {
+        let (digest, _) = push_image(&app, "team/app", tag, &format!("pulls {tag}"));
+        set_pushed_at(&app, tag, now - 90 * 86_400);
+        digests.insert(tag, digest);
+    }
+    sqlite(
+        &app,
+        &format!(
+            "UPDATE manifests SET last_pulled_at = {} WHERE digest = '{}'",
+            now - 40 * 86_400,
+            digests["pulled-long-ago"]
+        ),
+    );
+    // Untagged manifests, pushed long ago; a deployment still pulls one by digest.
+    let mut untagged = Vec::new();
+    for name in ["by-digest", "forgotten"] {
+        let m = app.image_manifest("team/app", name, serde_json::json!({}));
+        untagged.push(app.push_manifest("team/app", &sha256(&m), OCI_MANIFEST, &m));
+    }
+    sqlite(
+        &app,
+        &format!(
+            "UPDATE manifests SET created_at = {} WHERE digest IN ('{}', '{}')",
+            now - 90 * 86_400,
+            untagged[0],
+            untagged[1]
+        ),
+    );
+    let (ok, out) = berth(
+        &app,
+        &[
+            "retention",
+            "add",
+            "team/*",
+            "--keep-pulled-days",
+            "30",
+            "--untagged-days",
+            "7",
+        ],
+        &[],
+    );
+    assert!(ok, "{out}");
+
+    // skopeo pulls one tag; a GET by digest pulls one untagged manifest.
+    let tools = Tools::new();
+    let dest = tools.path("pulled");
+    tools.skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/team/app:pulled", app.host),
+        &format!("oci:{}:pulled", dest.display()),
+    ]);
+    app.get(&format!("/v2/team/app/manifests/{}", untagged[0]))
+        .assert_status(200);
+
+    // The pulls reach metadata within a flush interval; until then the plan still lists them.
+    let want = vec![
+        format!("tag team/app:idle ({})", digests["idle"]),
+        format!(
+            "tag team/app:pulled-long-ago ({})",
+            digests["pulled-long-ago"]
+        ),
+        format!("untagged team/app@{}", untagged[1]),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (ok, plan) = berth(&app, &["retention", "plan"], &[]);
+        assert!(ok, "{plan}");
+        let mut planned: Vec<String> = plan
+            .lines()
+            .filter(|l| l.starts_with("tag ") || l.starts_with("untagged "))
+            .map(str::to_owned)
+            .collect();
+        planned.sort();
+        if planned == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "plan never became {want:?}: {plan}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let report = gc_report(&app, false, &[]);
+    assert_eq!(report["retention_tags"], 2, "{report}");
+    app.get("/v2/team/app/manifests/pulled").assert_status(200);
+    app.get("/v2/team/app/manifests/idle").assert_status(404);
+    app.get("/v2/team/app/manifests/pulled-long-ago")
+        .assert_status(404);
+    app.get(&format!("/v2/team/app/manifests/{}", untagged[0]))
+        .assert_status(200);
+    app.get(&format!("/v2/team/app/manifests/{}", untagged[1]))
+        .assert_status(404);
+}
+
+#[test]
+fn kill9_of_a_serving_node_mid_scheduled_gc_loses_nothing_and_a_later_run_finishes() {
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    // GC every second inside serve, working 1% of the time: after its first batch of 1,000
+    // blobs it sleeps for seconds, which is where the kill lands. A grace of 2 s keeps the
+    // blobs of a push between upload and manifest.
+    let mut app = TestApp::builder()
+        .env("BERTH_GC_GRACE_SECS", "2")
+        .env("BERTH_TRASH_RETENTION_SECS", "0")
+        .env("BERTH_GC_INTERVAL_SECS", "1")
+        .env("BERTH_GC_DUTY_PERCENT", "1")
+        .stderr_to(log.path())
+        .start();
+    let (_, kept) = push_image(&app, "team/app", "keep", "survivor of a killed collector");
+    let mut garbage = Vec::new();
+    for i in 0..1500 {
+        garbage.push(push_blob(
+            &app,
+            "team/junk",
+            format!("garbage to collect {i}").as_bytes(),
+        ));
+    }
+    let left = |app: &TestApp| {
+        garbage
+            .iter()
+            .filter(|b| blob_file(app.data_dir(), b).exists())
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while left(&app) == garbage.len() {
+        assert!(Instant::now() < deadline, "scheduled GC never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    app.kill9();
+    let remaining = left(&app);
+    assert!(
+        remaining > 0,
+        "the run finished before the kill; the test did not kill it mid-run"
+    );
+    // The node comes back; clients push while its scheduled GC waits for the dead node's
+    // lease to lapse and then finishes the work.
+    app.restart();
+    let (_, pushed_after) = push_image(&app, "team/app", "after", "pushed after the crash");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while left(&app) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} garbage blobs left after the restart",
+            left(&app),
+            garbage.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for blob in manifest_blobs(&kept)
+        .into_iter()
+        .chain(manifest_blobs(&pushed_after))
+    {
+        assert!(blob_file(app.data_dir(), &blob).exists(), "{blob} lost");
+    }
+    assert_every_tag_is_complete(&app);
+    assert_blob_files_match_their_names(app.data_dir());
+}
