@@ -140,6 +140,9 @@ pub enum Op<'a> {
     Trash(Option<&'a str>),
     /// Running garbage collection.
     RunGc,
+    /// Reading the quarantined blobs and the scrub's progress (they name repositories of
+    /// every namespace).
+    ReadQuarantine,
     /// Managing retention policies whose pattern stays within a namespace, or (`None`) any
     /// other, and reading the plan of all of them.
     Retention(Option<&'a str>),
@@ -185,7 +188,8 @@ pub fn permits(who: &Authority, op: &Op<'_>) -> bool {
         | Op::ReadAudit(None)
         | Op::Trash(None)
         | Op::Retention(None)
-        | Op::RunGc => false,
+        | Op::RunGc
+        | Op::ReadQuarantine => false,
     }
 }
 
@@ -371,6 +375,7 @@ mod tests {
             (Op::Trash(Some("lib")), [true, false, false, false]),
             (Op::Trash(None), [true, false, false, false]),
             (Op::RunGc, [true, false, false, false]),
+            (Op::ReadQuarantine, [true, false, false, false]),
             (Op::Retention(Some("team")), [true, true, false, false]),
             (Op::Retention(None), [true, false, false, false]),
             (Op::Immutability("team"), [true, true, false, false]),

@@ -118,11 +118,12 @@ fn quarantined_row(row: &Row) -> Result<Quarantined, MetadataError> {
     })
 }
 
-/// Every quarantined blob, in digest order.
-pub async fn quarantined(tx: &mut Tx<'_>) -> Result<Vec<Quarantined>, MetadataError> {
+/// Quarantined blobs, in digest order, at most `limit`.
+pub async fn quarantined(tx: &mut Tx<'_>, limit: i64) -> Result<Vec<Quarantined>, MetadataError> {
     tx.query(
-        "SELECT digest, found_at_ms, problem, detail FROM quarantined_blobs ORDER BY digest",
-        &[],
+        "SELECT digest, found_at_ms, problem, detail FROM quarantined_blobs
+         ORDER BY digest LIMIT ?1",
+        &[limit.into()],
     )
     .await?
     .iter()

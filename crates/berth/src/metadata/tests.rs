@@ -1034,7 +1034,11 @@ pub(crate) async fn integrity_suite(store: &Metadata) {
     );
     assert_eq!(must(store.blob_in_repository(&a, &blob).await), None);
     assert_eq!(must(store.blob_in_repository(&a, &other).await), Some(2));
-    let listed = must(store.read(|tx| Box::pin(integrity::quarantined(tx))).await);
+    let listed = must(
+        store
+            .read(|tx| Box::pin(integrity::quarantined(tx, 100)))
+            .await,
+    );
     assert_eq!(listed.len(), 1);
     assert_eq!(
         (

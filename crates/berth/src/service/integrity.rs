@@ -218,6 +218,32 @@ fn unix_secs() -> i64 {
     super::now_secs()
 }
 
+/// Most quarantined blobs one report lists (`total` counts them all).
+pub const MAX_LISTED_QUARANTINED: i64 = 1000;
+
+/// What `GET /api/v1/quarantine` answers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuarantineReport {
+    /// Quarantined blobs in all.
+    pub total: u64,
+    pub blobs: Vec<QuarantinedBlob>,
+    /// The last blob the pass in progress checked.
+    pub scrub_cursor: Option<String>,
+    pub scrub_pass_started_ms: Option<i64>,
+    pub scrub_last_pass_done_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuarantinedBlob {
+    pub digest: String,
+    pub found_at_ms: i64,
+    /// `digest mismatch`, `missing bytes` or `size mismatch`.
+    pub problem: &'static str,
+    pub detail: String,
+    /// `repository@manifest` of the manifests that reference it (at most 1,000).
+    pub needed_by: Vec<String>,
+}
+
 impl Registry {
     /// Checks a stored blob against its digest and recorded size; `hash: false` checks only
     /// that bytes of the right size are there. Bytes read are paced by `pacer`, if any.
@@ -325,6 +351,38 @@ impl Registry {
             self.refresh_quarantined().await?;
         }
         Ok(new)
+    }
+
+    /// The quarantined blobs (at most [`MAX_LISTED_QUARANTINED`]), each with the manifests that
+    /// need it, and where the scrub stands.
+    pub async fn quarantine_report(&self) -> Result<QuarantineReport, ServiceError> {
+        let (listed, total, scrub) = self
+            .metadata
+            .read(|tx| {
+                Box::pin(async move {
+                    let listed = integrity::quarantined(tx, MAX_LISTED_QUARANTINED).await?;
+                    let total = integrity::quarantined_count(tx).await?;
+                    Ok((listed, total, integrity::scrub_state(tx).await?))
+                })
+            })
+            .await?;
+        let mut blobs = Vec::with_capacity(listed.len());
+        for q in listed {
+            blobs.push(QuarantinedBlob {
+                needed_by: self.needed_by(&q.digest).await?,
+                digest: q.digest.to_string(),
+                found_at_ms: q.found_at_ms,
+                problem: q.problem.as_str(),
+                detail: q.detail,
+            });
+        }
+        Ok(QuarantineReport {
+            total,
+            blobs,
+            scrub_cursor: scrub.as_ref().and_then(|s| s.cursor.clone()),
+            scrub_pass_started_ms: scrub.as_ref().and_then(|s| s.pass_started_ms),
+            scrub_last_pass_done_ms: scrub.as_ref().and_then(|s| s.last_pass_done_ms),
+        })
     }
 
     /// `repository@manifest` of every manifest referencing the blob.

@@ -28,7 +28,9 @@ use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
 
 pub use context::{Actor, RequestContext, RequestId};
 pub use copy::{CopyError, CopyReport};
-pub use integrity::{FsckProblem, FsckReport, Pacer, ScrubOptions, Verdict};
+pub use integrity::{
+    FsckProblem, FsckReport, Pacer, QuarantineReport, QuarantinedBlob, ScrubOptions, Verdict,
+};
 pub use uploads::{BodyStream, Chunk, UploadState};
 use uploads::{HashState, UploadLocks};
 

@@ -401,6 +401,7 @@ fn every_endpoint_answers_every_kind_of_caller_as_the_rules_say() {
         ),
         ("POST", "/api/v1/trash/999999/restore", None, admins(404)),
         ("POST", "/api/v1/gc?dry_run=true", None, admins(200)),
+        ("GET", "/api/v1/quarantine", None, admins(200)),
         ("GET", "/api/v1/retention", None, users(200)),
         (
             "POST",

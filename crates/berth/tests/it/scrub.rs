@@ -136,6 +136,16 @@ fn scrub_quarantines_a_flipped_byte_and_a_skopeo_push_repairs_it() {
         .unwrap_or_else(|| panic!("{layer} not in the report:\n{report}"));
     assert!(line.starts_with("digest mismatch"), "{line}");
     assert!(line.contains(&format!("scrub/app@{mdigest}")), "{line}");
+    // The management API lists it too, with the same manifest.
+    let listed = app.get("/api/v1/quarantine").assert_status(200).json();
+    assert_eq!(listed["total"], 1, "{listed}");
+    assert_eq!(listed["blobs"][0]["digest"], layer.as_str(), "{listed}");
+    assert_eq!(listed["blobs"][0]["problem"], "digest mismatch", "{listed}");
+    assert_eq!(
+        listed["blobs"][0]["needed_by"],
+        serde_json::json!([format!("scrub/app@{mdigest}")]),
+        "{listed}"
+    );
 
     // The same push again sends the layer (its HEAD says 404), which replaces the bad bytes.
     push();
@@ -147,6 +157,8 @@ fn scrub_quarantines_a_flipped_byte_and_a_skopeo_push_repairs_it() {
     );
     assert_eq!(std::fs::read(&file).expect("read blob file"), good);
     assert_eq!(metric(&app, "berth_quarantined_blobs"), 0.0);
+    let listed = app.get("/api/v1/quarantine").assert_status(200).json();
+    assert_eq!(listed["total"], 0, "{listed}");
     let (out, report) = fsck(app.data_dir(), &[], &[]);
     assert!(out.status.success(), "fsck after the repair:\n{report}");
     assert!(report.contains("0 problems"), "{report}");

@@ -87,6 +87,7 @@ pub enum Endpoint {
     ListTrash,
     RestoreTrash,
     RunGc,
+    Quarantine,
     ListRetention,
     AddRetention,
     RemoveRetention,
@@ -217,6 +218,7 @@ pub static ROUTES: &[RouteSpec] = &[
         Endpoint::RestoreTrash,
     ),
     route(Method::POST, "/api/v1/gc", Endpoint::RunGc),
+    route(Method::GET, "/api/v1/quarantine", Endpoint::Quarantine),
     route(Method::GET, "/api/v1/retention", Endpoint::ListRetention),
     route(Method::POST, "/api/v1/retention", Endpoint::AddRetention),
     route(
@@ -420,6 +422,7 @@ async fn dispatch(
         ListTrash => trash::list(&ctx).await,
         RestoreTrash => trash::restore(&ctx).await,
         RunGc => trash::gc(&ctx).await,
+        Quarantine => trash::quarantine(&ctx).await,
         ListRetention => retention::list(&ctx).await,
         AddRetention => retention::add(&ctx, body).await,
         RemoveRetention => retention::remove(&ctx).await,

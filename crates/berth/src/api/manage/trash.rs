@@ -1,6 +1,7 @@
 //! The trash and GC through the API: `GET /api/v1/trash` lists deleted manifests and tags,
 //! `POST /api/v1/trash/{id}/restore` puts one back (with its tags and the referrers that
-//! followed it), `POST /api/v1/gc` runs a collection (`?dry_run=true` to only count).
+//! followed it), `POST /api/v1/gc` runs a collection (`?dry_run=true` to only count), `GET
+//! /api/v1/quarantine` lists the blobs the integrity scrub or fsck quarantined (admins).
 //! Administrators see and restore everything; a namespace owner its namespace's entries, and
 //! must name the namespace (or a repository in it) when listing.
 
@@ -102,4 +103,12 @@ pub async fn gc(ctx: &Ctx<'_>) -> ApiResult {
         }
         Err(GcError::Service(e)) => Err(e.into()),
     }
+}
+
+pub async fn quarantine(ctx: &Ctx<'_>) -> ApiResult {
+    ctx.require(Op::ReadQuarantine)?;
+    if !ctx.query.is_empty() {
+        return Err(ApiError::new(ErrorCode::Invalid).detail("no parameters are taken".to_string()));
+    }
+    json(StatusCode::OK, &ctx.registry.quarantine_report().await?)
 }
