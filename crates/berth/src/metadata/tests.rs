@@ -996,6 +996,68 @@ pub(crate) async fn metadata_suite(store: &Metadata) {
     assert_eq!(must(store.upload_ids().await), Vec::<String>::new());
 }
 
+/// The trash's listing with and without each filter (every filter is an optional parameter,
+/// which PostgreSQL must be able to type). Restores are tested through the API, with real
+/// manifests.
+pub(crate) async fn trash_suite(store: &Metadata) {
+    use super::trash::{self, Reason, TrashFilter};
+    let (app, other) = (name("bin/app"), name("bin2/app"));
+    let layer = Digest::sha256_of(b"trash layer");
+    let m = manifest("trashed", vec![layer.clone()], None);
+    for repo in [&app, &other] {
+        must(store.link_blob(repo, &layer, 10).await);
+        must(store.put_manifest(repo, &m, Some(&tag("v1"))).await);
+    }
+    let (app_ref, other_ref, digest) = (&app, &other, &m.digest);
+    must(
+        store
+            .write(|tx| {
+                Box::pin(async move {
+                    trash::trash_tag(tx, app_ref, &tag("v1"), Reason::Deleted, "test", true)
+                        .await?;
+                    trash::trash_manifest(tx, other_ref, digest, Reason::Retention, "test", true)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .await,
+    );
+    let list = |filter: TrashFilter| async move {
+        let filter = &filter;
+        let entries = must(store.read(|tx| Box::pin(trash::list(tx, filter))).await);
+        entries
+            .into_iter()
+            .map(|e| (e.repository, e.kind))
+            .collect::<Vec<_>>()
+    };
+    let both = vec![
+        ("bin2/app".to_string(), "manifest".to_string()),
+        ("bin/app".to_string(), "tag".to_string()),
+    ];
+    assert_eq!(list(TrashFilter::default()).await, both);
+    let only_app = vec![("bin/app".to_string(), "tag".to_string())];
+    let by_repository = TrashFilter {
+        repository: Some("bin/app".into()),
+        ..TrashFilter::default()
+    };
+    assert_eq!(list(by_repository).await, only_app);
+    let by_namespace = TrashFilter {
+        namespace: Some("bin".into()),
+        ..TrashFilter::default()
+    };
+    assert_eq!(list(by_namespace).await, only_app);
+    let by_reason = TrashFilter {
+        reason: Some("retention".into()),
+        ..TrashFilter::default()
+    };
+    assert_eq!(list(by_reason).await, both[..1]);
+    let paged = TrashFilter {
+        limit: Some(1),
+        ..TrashFilter::default()
+    };
+    assert_eq!(list(paged).await, both[..1]);
+}
+
 /// Quarantine and the scrub's lease: a quarantined blob is linked but not readable, a repair
 /// (an upload finished with `replaced`) lifts it in its own transaction, the lease is one
 /// node's at a time and every position it stores is fenced by it.
@@ -1264,6 +1326,12 @@ mod sqlite {
         integrity_suite(&open(&dir.path().join("m.db")).await).await;
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_trash_suite() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        trash_suite(&open(&dir.path().join("m.db")).await).await;
+    }
+
     #[tokio::test]
     async fn migrations_are_idempotent() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -1496,6 +1564,13 @@ mod postgres {
     async fn passes_the_integrity_suite() {
         let db = TestDb::create().await;
         integrity_suite(&db.store().await).await;
+        db.drop_database().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_the_trash_suite() {
+        let db = TestDb::create().await;
+        trash_suite(&db.store().await).await;
         db.drop_database().await;
     }
 

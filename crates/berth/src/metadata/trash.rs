@@ -103,9 +103,10 @@ pub async fn list(tx: &mut Tx<'_>, filter: &TrashFilter) -> Result<Vec<TrashEntr
         "SELECT ",
         entry_columns!(),
         " FROM trash
-         WHERE (?1 IS NULL OR repository = ?1)
-         AND (?2 IS NULL OR repository = ?2 OR (repository >= ?3 AND repository < ?4))
-         AND deleted_at >= ?5 AND (?6 IS NULL OR reason = ?6) AND id < ?7
+         WHERE (CAST(?1 AS TEXT) IS NULL OR repository = ?1)
+         AND (CAST(?2 AS TEXT) IS NULL OR repository = ?2
+              OR (repository >= ?3 AND repository < ?4))
+         AND deleted_at >= ?5 AND (CAST(?6 AS TEXT) IS NULL OR reason = ?6) AND id < ?7
          ORDER BY id DESC LIMIT ?8"
     );
     let rows = tx

@@ -322,18 +322,53 @@ const RACE_GC: &[(&str, &str)] = &[
     ("BERTH_TRASH_RETENTION_SECS", "0"),
 ];
 
+/// Restores what is in the trash through the management API, over and over, until `stop`;
+/// returns how many restores put something back. A restore racing the purge of its entry (or
+/// of the blobs it needs) is refused with a 4xx, never a 5xx.
+fn restore_until(app: &TestApp, stop: &AtomicBool) -> usize {
+    let mut restored = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let listed = app.get("/api/v1/trash?limit=10").assert_status(200).json();
+        let ids: Vec<i64> = listed["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .filter_map(|e| e["id"].as_i64())
+            .collect();
+        for id in ids {
+            let r = send_post(app, &format!("/api/v1/trash/{id}/restore"));
+            assert!(r.status < 500, "restore {id}: {} {}", r.status, r.text());
+            if r.status == 200 {
+                restored += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    restored
+}
+
+/// The collector of the race tests with a trash: entries stay 2 s, long enough to be restored.
+const RACE_GC_WITH_TRASH: &[(&str, &str)] = &[
+    ("BERTH_GC_UNTAGGED_MANIFEST_SECS", "0"),
+    ("BERTH_TRASH_RETENTION_SECS", "2"),
+];
+
 #[test]
-fn gc_looping_while_clients_push_retag_and_delete_never_breaks_a_tag() {
-    let app = Arc::new(app_with(0, &[("BERTH_GC_UNTAGGED_MANIFEST_SECS", "0")]));
+fn gc_looping_while_clients_push_retag_delete_and_restore_never_breaks_a_tag() {
+    let app = Arc::new(app_with(2, &[("BERTH_GC_UNTAGGED_MANIFEST_SECS", "0")]));
     let stop = Arc::new(AtomicBool::new(false));
     let data_dir = app.data_dir().to_path_buf();
+    let restorer = {
+        let (stop, app) = (stop.clone(), app.clone());
+        std::thread::spawn(move || restore_until(&app, &stop))
+    };
     let collector = {
         let stop = stop.clone();
         let app = app.clone();
         std::thread::spawn(move || {
             let mut runs = 0;
             while !stop.load(Ordering::Relaxed) {
-                let r = gc_report(&app, false, RACE_GC);
+                let r = gc_report(&app, false, RACE_GC_WITH_TRASH);
                 assert!(r["blobs_deleted"].is_u64());
                 runs += 1;
             }
@@ -371,6 +406,8 @@ fn gc_looping_while_clients_push_retag_and_delete_never_breaks_a_tag() {
     stop.store(true, Ordering::Relaxed);
     let runs = collector.join().expect("collector");
     assert!(runs >= 2, "GC ran only {runs} times");
+    let restored = restorer.join().expect("restorer");
+    assert!(restored > 0, "nothing was restored while GC ran");
     // Every tag still there is complete, and every tag last acknowledged is still there.
     assert_every_tag_is_complete(&app);
     let tags = app.get("/v2/race/app/tags/list").assert_status(200).json();
@@ -388,7 +425,8 @@ fn gc_looping_while_clients_push_retag_and_delete_never_breaks_a_tag() {
             "acknowledged tag {tag} lost: {listed:?}"
         );
     }
-    // Once nothing is pushing, a last run leaves exactly the blobs tagged images use.
+    // Once nothing is pushing, a last run with no trash period leaves exactly the blobs
+    // tagged images use.
     let last = gc_report(&app, false, RACE_GC);
     assert_blob_files_match_their_names(&data_dir);
     let on_disk = blob_files(&data_dir);
@@ -427,7 +465,9 @@ fn blob_files(data_dir: &Path) -> std::collections::BTreeSet<String> {
 /// a racing GC removed a blob between its upload and the manifest (MANIFEST_BLOB_UNKNOWN) or
 /// was deleting it (503). Returns the manifest's digest.
 fn push_until_accepted(app: &TestApp, repo: &str, tag: &str, w: usize, i: usize) -> String {
-    for _ in 0..20 {
+    for attempt in 0..40u64 {
+        // Back off as clients do: a blob GC is deleting stays refused until it is gone.
+        std::thread::sleep(Duration::from_millis(attempt * 25));
         let config = format!(r#"{{"architecture":"amd64","os":"linux","w":{w},"i":{i}}}"#);
         let base = b"a base layer every image shares".to_vec();
         let own = format!("layer {w}-{i}").into_bytes();
@@ -597,7 +637,7 @@ fn gc_on(metadata: &str, storage: &str, endpoint: &str, dry_run: bool) -> serde_
 }
 
 #[test]
-fn two_nodes_on_postgres_and_s3_collect_while_clients_push_and_delete() {
+fn two_nodes_on_postgres_and_s3_collect_while_clients_push_delete_and_restore() {
     let db = crate::multinode::Database::create();
     let storage = crate::s3::storage_url("gc-race");
     let endpoint = crate::s3::endpoint();
@@ -606,13 +646,19 @@ fn two_nodes_on_postgres_and_s3_collect_while_clients_push_and_delete() {
             .arg("--metadata")
             .arg(&db.url)
             .env("BERTH_GC_GRACE_SECS", "0")
-            .env("BERTH_TRASH_RETENTION_SECS", "0")
+            // Long enough for the restorer to find entries, short enough to race the purge.
+            .env("BERTH_TRASH_RETENTION_SECS", "2")
             .env("BERTH_GC_UNTAGGED_MANIFEST_SECS", "0")
             // Both nodes schedule GC every second; the lease lets one run at a time.
             .env("BERTH_GC_INTERVAL_SECS", "1")
             .start()
     };
     let nodes = Arc::new([node(), node()]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let restorer = {
+        let (stop, nodes) = (stop.clone(), nodes.clone());
+        std::thread::spawn(move || restore_until(&nodes[0], &stop))
+    };
     let writers: Vec<_> = (0..4)
         .map(|w| {
             let nodes = nodes.clone();
@@ -639,6 +685,9 @@ fn two_nodes_on_postgres_and_s3_collect_while_clients_push_and_delete() {
     for w in writers {
         kept.extend(w.join().expect("writer"));
     }
+    stop.store(true, Ordering::Relaxed);
+    let restored = restorer.join().expect("restorer");
+    assert!(restored > 0, "nothing was restored while GC ran");
     // Both nodes' scheduled collectors ran.
     let runs = |app: &TestApp| -> f64 {
         let m = app.get("/metrics").assert_status(200).text();
@@ -651,7 +700,9 @@ fn two_nodes_on_postgres_and_s3_collect_while_clients_push_and_delete() {
         runs(&nodes[0]) + runs(&nodes[1]) >= 2.0,
         "scheduled GC did not run"
     );
-    // Every tag acknowledged and not deleted is there, complete, its bytes served from S3.
+    // Every tag acknowledged and not deleted is there, complete, its bytes served from S3;
+    // so is every tag a restore brought back.
+    assert_every_tag_is_complete(&nodes[1]);
     let mut used = std::collections::BTreeSet::new();
     for tag in &kept {
         let m = nodes[1]
