@@ -519,8 +519,9 @@ pub async fn prune(
 #[derive(Clone)]
 pub struct Recorder {
     queue: tokio::sync::mpsc::Sender<Pending>,
-    /// Events given to [`Recorder::record_later`] and dropped because the queue was full.
-    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Events given to [`Recorder::record_later`] and dropped because the queue was full
+    /// (shared with `/metrics` as `berth_events_dropped_total`).
+    dropped: prometheus_client::metrics::counter::Counter,
 }
 
 struct Pending {
@@ -563,21 +564,21 @@ impl Recorder {
         });
         Recorder {
             queue,
-            dropped: std::sync::Arc::default(),
+            dropped: Default::default(),
         }
     }
 
     /// Appends `event` without waiting; if the queue is full, drops it and counts it.
     pub fn record_later(&self, event: NewEvent) {
         if self.queue.try_send(Pending { event, done: None }).is_err() {
-            self.dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.dropped.inc();
         }
     }
 
-    /// How many events [`Recorder::record_later`] has dropped since the start.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    /// How many events [`Recorder::record_later`] has dropped since the start, as a counter
+    /// `/metrics` can show.
+    pub fn dropped(&self) -> prometheus_client::metrics::counter::Counter {
+        self.dropped.clone()
     }
 
     /// Appends `event` and returns once it is committed.

@@ -298,6 +298,11 @@ impl Registry {
         ));
         let integrity = integrity::IntegrityMetrics::default();
         integrity.register(&options.metrics);
+        options.metrics.register(
+            "berth_events_dropped",
+            "Queued events (sampled pulls) dropped because the event log's queue was full",
+            auth.recorder().dropped(),
+        );
         Registry {
             integrity,
             auth,

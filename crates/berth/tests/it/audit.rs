@@ -428,6 +428,12 @@ fn pulls_are_recorded_when_switched_on_one_in_n() {
         assert_eq!(e["repository"], "team/app");
         assert_eq!(e["tags"], serde_json::json!(["1"]));
     }
+    // None was dropped, and /metrics says so.
+    let metrics = app.get("/metrics").assert_status(200).text();
+    assert!(
+        metrics.lines().any(|l| l == "berth_events_dropped_total 0"),
+        "{metrics}"
+    );
 }
 
 #[test]
