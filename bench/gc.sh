@@ -7,13 +7,18 @@
 #    Berth: `berth gc` with gc_untagged_manifest_secs=0, trash 0, grace 0 on SQLite + disk;
 #    Distribution: `docker-registry garbage-collect --delete-untagged`. Total time, blobs
 #    deleted per minute, peak RSS (GNU time).
-# 2. PostgreSQL + Garage: the same content at PG_MANIFESTS, moved there by `berth copy`, then
-#    `berth gc` (skipped without PG_URL / the Garage variables).
+# 2. PostgreSQL + Garage: the same content at PG_MANIFESTS, written straight into the database
+#    (`berth migrate`'s schema, rows by psql \copy) and the bucket (PUTs under Berth's keys) by
+#    gc_seed.py berth-pg, then `berth gc` (skipped without PG_URL / the Garage variables). The
+#    seeding time goes to the log. Afterwards the database is dropped, and the objects GC left
+#    are deleted by a `berth gc` over empty metadata (every object is then an orphan).
 # 3. Clients while GC runs: pushes (a config and a layer, then a manifest) and manifest pulls
 #    (wrk) for LOAD_S seconds with GC idle, then with GC running back to back inside serve
 #    (`POST /api/v1/gc` in a loop) over a registry of LOAD_MANIFESTS images; the ratio.
-# Knobs: BERTH_BIN, MANIFESTS (100000), LAYERS (10), PG_MANIFESTS (2000), LOAD_MANIFESTS
-# (20000), LOAD_S (15), GC_DUTY (gc_duty_percent of section 3, 50), PG_URL (a superuser URL, e.g. from scripts/postgres.sh).
+# Knobs: BERTH_BIN, MANIFESTS (100000), LAYERS (10), PG_MANIFESTS (MANIFESTS), LOAD_MANIFESTS
+# (20000), LOAD_S (15), GC_DUTY (gc_duty_percent of section 3, 50), PG_URL (a superuser URL,
+# e.g. from scripts/postgres.sh), SEED_PROCS / SEED_THREADS (section 2's PUT workers, 2 x 16).
+# SKIP_SQLITE=1, SKIP_DISTRIBUTION=1, SKIP_LOAD=1 leave out sections 1a, 1b, 3.
 set -euo pipefail
 shopt -s inherit_errexit
 export LC_ALL=C
@@ -23,19 +28,26 @@ ROOT=$(cd "$HERE/.." && pwd)
 BERTH_BIN=${BERTH_BIN:-$ROOT/target/release/berth}
 DIST_BIN=${DIST_BIN:-$(command -v docker-registry || true)}
 export MANIFESTS=${MANIFESTS:-100000} LAYERS=${LAYERS:-10}
-PG_MANIFESTS=${PG_MANIFESTS:-2000}
+PG_MANIFESTS=${PG_MANIFESTS:-$MANIFESTS}
 LOAD_MANIFESTS=${LOAD_MANIFESTS:-20000}
 LOAD_S=${LOAD_S:-15}
 PG_URL=${PG_URL:-${BERTH_TEST_POSTGRES_URL:-}}
 
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
-for c in curl wrk python3 /usr/bin/time; do command -v "$c" >/dev/null || die "missing command: $c"; done
+needs=(curl python3 /usr/bin/time)
+[[ -n ${SKIP_LOAD:-} ]] || needs+=(wrk)
+for c in "${needs[@]}"; do command -v "$c" >/dev/null || die "missing command: $c"; done
 [[ -x $BERTH_BIN ]] || die "no Berth binary at $BERTH_BIN (cargo build --release)"
 
 W=$(mktemp -d "${BENCH_TMP:-/tmp}/berth-gc-bench.XXXXXX")
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+PG_DB=""
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
+  if [[ -n $PG_DB ]]; then psql -q "$PG_URL" -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" > /dev/null || true; fi
+  rm -rf "$W"
+}
 trap cleanup EXIT
 
 export BERTH_GC_GRACE_SECS=0 BERTH_TRASH_RETENTION_SECS=0 BERTH_GC_UNTAGGED_MANIFEST_SECS=0 \
@@ -61,14 +73,17 @@ echo "| registry | blobs deleted | seconds | deleted per minute | peak RSS MiB |
 echo "|---|---|---|---|---|"
 
 # --- 1a. Berth, SQLite + disk -----------------------------------------------------------------
-log "seeding Berth (SQLite + disk): $MANIFESTS manifests, $(( MANIFESTS * LAYERS )) blobs"
-"$BERTH_BIN" migrate --data-dir "$W/berth" > /dev/null 2>&1
-python3 "$HERE/gc_seed.py" berth-fs "$W/berth"
-sync
-read -r secs rss < <(timed berth "$BERTH_BIN" gc --json --gc-duty-percent 100 --data-dir "$W/berth")
-deleted=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["blobs_deleted"])' "$W/out.berth")
-row "Berth, SQLite + disk (online)" "$secs" "$rss" "$deleted"
-rm -rf "$W/berth"
+if [[ -z ${SKIP_SQLITE:-} ]]; then
+  log "seeding Berth (SQLite + disk): $MANIFESTS manifests, $(( MANIFESTS * LAYERS )) blobs"
+  "$BERTH_BIN" migrate --data-dir "$W/berth" > /dev/null 2>&1
+  python3 "$HERE/gc_seed.py" berth-fs "$W/berth"
+  sync
+  read -r secs rss < <(timed berth "$BERTH_BIN" gc --json --gc-duty-percent 100 --data-dir "$W/berth")
+  log "gc: $(cat "$W/out.berth")"
+  deleted=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["blobs_deleted"])' "$W/out.berth")
+  row "Berth, SQLite + disk (online)" "$secs" "$rss" "$deleted"
+  rm -rf "$W/berth"
+fi
 
 # --- 1b. Distribution, filesystem driver --------------------------------------------------------
 if [[ -n $DIST_BIN && -z ${SKIP_DISTRIBUTION:-} ]]; then
@@ -93,39 +108,52 @@ fi
 
 # --- 2. Berth, PostgreSQL + Garage ----------------------------------------------------------------
 if [[ -n $PG_URL && -n ${BERTH_TEST_S3_ENDPOINT:-} ]]; then
-  log "seeding Berth (PostgreSQL + Garage): $PG_MANIFESTS manifests through berth copy"
-  db="berth_gc_bench_$$"
-  psql -q "$PG_URL" -c "CREATE DATABASE $db" > /dev/null
-  pg=$(python3 -c 'import sys,urllib.parse as u; p=u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/"+sys.argv[2])))' "$PG_URL" "$db")
-  MANIFESTS=$PG_MANIFESTS "$BERTH_BIN" migrate --data-dir "$W/small" > /dev/null 2>&1
-  MANIFESTS=$PG_MANIFESTS python3 "$HERE/gc_seed.py" berth-fs "$W/small"
-  printf 'data_dir = "%s"\n' "$W/small" > "$W/from.toml"
-  printf 'data_dir = "%s"\nmetadata = "%s"\nstorage = "s3://%s/gc-bench-%s"\ns3_endpoint = "%s"\n' \
-    "$W/pgdata" "$pg" "$BERTH_TEST_S3_BUCKET" "$$" "$BERTH_TEST_S3_ENDPOINT" > "$W/to.toml"
-  "$BERTH_BIN" copy --from "$W/from.toml" --to "$W/to.toml" > /dev/null 2> "$W/copy.err" \
-    || die "berth copy: $(tail -5 "$W/copy.err")"
+  command -v psql > /dev/null || die "missing command: psql"
+  PG_DB="berth_gc_bench_$$"
+  storage="s3://$BERTH_TEST_S3_BUCKET/gc-bench-$$"
+  log "seeding Berth (PostgreSQL + Garage): $PG_MANIFESTS manifests, $(( PG_MANIFESTS * LAYERS )) blobs; database $PG_DB, $storage"
+  psql -q "$PG_URL" -c "CREATE DATABASE $PG_DB" > /dev/null
+  pg=$(python3 -c 'import sys,urllib.parse as u; p=u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/"+sys.argv[2])))' "$PG_URL" "$PG_DB")
+  printf 'data_dir = "%s"\nmetadata = "%s"\nstorage = "%s"\ns3_endpoint = "%s"\n' \
+    "$W/pgdata" "$pg" "$storage" "$BERTH_TEST_S3_ENDPOINT" > "$W/to.toml"
+  "$BERTH_BIN" migrate --config "$W/to.toml" > /dev/null 2> "$W/migrate.err" \
+    || die "berth migrate: $(tail -5 "$W/migrate.err")"
+  seed_start=$(date +%s)
+  MANIFESTS=$PG_MANIFESTS python3 "$HERE/gc_seed.py" berth-pg "$pg" "$storage"
+  log "seeded in $(( $(date +%s) - seed_start )) s"
   read -r secs rss < <(timed pg "$BERTH_BIN" gc --json --gc-duty-percent 100 --config "$W/to.toml")
+  log "gc: $(cat "$W/out.pg")"
   deleted=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["blobs_deleted"])' "$W/out.pg")
-  row "Berth, PostgreSQL + Garage (online, $PG_MANIFESTS manifests)" "$secs" "$rss" "$deleted"
-  psql -q "$PG_URL" -c "DROP DATABASE $db WITH (FORCE)" > /dev/null || true
+  label="Berth, PostgreSQL + Garage (online)"
+  [[ $PG_MANIFESTS == "$MANIFESTS" ]] || label="Berth, PostgreSQL + Garage (online, $PG_MANIFESTS manifests)"
+  row "$label" "$secs" "$rss" "$deleted"
+  psql -q "$PG_URL" -c "DROP DATABASE $PG_DB WITH (FORCE)" > /dev/null || true
+  PG_DB=""
+  # What GC kept: over empty metadata every object under the prefix is an orphan past the grace.
+  log "deleting the objects left under $storage"
+  "$BERTH_BIN" gc --gc-duty-percent 100 --data-dir "$W/empty" --storage "$storage" \
+    --s3-endpoint "$BERTH_TEST_S3_ENDPOINT" > /dev/null 2> "$W/empty.err" \
+    || log "warning: could not empty $storage: $(tail -3 "$W/empty.err")"
+  rm -rf "$W/pgdata" "$W/empty"
 fi
 
 # --- 3. Clients while GC runs ---------------------------------------------------------------------
-log "push and pull rates with GC idle and with GC in a loop ($LOAD_MANIFESTS images)"
-MANIFESTS=$LOAD_MANIFESTS "$BERTH_BIN" migrate --data-dir "$W/load" > /dev/null 2>&1
-MANIFESTS=$LOAD_MANIFESTS python3 "$HERE/gc_seed.py" berth-fs "$W/load"
-"$BERTH_BIN" serve --listen 127.0.0.1:0 --data-dir "$W/load" --gc-duty-percent "$GC_DUTY" > "$W/serve.out" 2> "$W/serve.err" &
-PIDS+=($!)
-for _ in $(seq 300); do [[ -s $W/serve.out ]] && break; sleep 0.1; done
-URL=$(awk '{print $NF}' "$W/serve.out")
-[[ -n $URL ]] || die "berth did not start: $(cat "$W/serve.err")"
-# Pulls of a tagged manifest; pushes from a small Python client (keep-alive, 4 threads).
-pull_rate() {
-  wrk -t1 -c8 -d"${LOAD_S}s" -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
-    "$URL/v2/bench/app0/manifests/t0" | awk '/Requests\/sec/ {print $2}'
-}
-push_rate() {
-  python3 - "$URL" "$LOAD_S" "$1" <<'PY'
+if [[ -z ${SKIP_LOAD:-} ]]; then
+  log "push and pull rates with GC idle and with GC in a loop ($LOAD_MANIFESTS images)"
+  MANIFESTS=$LOAD_MANIFESTS "$BERTH_BIN" migrate --data-dir "$W/load" > /dev/null 2>&1
+  MANIFESTS=$LOAD_MANIFESTS python3 "$HERE/gc_seed.py" berth-fs "$W/load"
+  "$BERTH_BIN" serve --listen 127.0.0.1:0 --data-dir "$W/load" --gc-duty-percent "$GC_DUTY" > "$W/serve.out" 2> "$W/serve.err" &
+  PIDS+=($!)
+  for _ in $(seq 300); do [[ -s $W/serve.out ]] && break; sleep 0.1; done
+  URL=$(awk '{print $NF}' "$W/serve.out")
+  [[ -n $URL ]] || die "berth did not start: $(cat "$W/serve.err")"
+  # Pulls of a tagged manifest; pushes from a small Python client (keep-alive, 4 threads).
+  pull_rate() {
+    wrk -t1 -c8 -d"${LOAD_S}s" -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+      "$URL/v2/bench/app0/manifests/t0" | awk '/Requests\/sec/ {print $2}'
+  }
+  push_rate() {
+    python3 - "$URL" "$LOAD_S" "$1" <<'PY'
 import hashlib, http.client, json, sys, threading, time, urllib.parse
 url, secs, run = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 host = urllib.parse.urlsplit(url).netloc
@@ -154,16 +182,17 @@ ts = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
 [t.start() for t in ts]; [t.join() for t in ts]
 print(f"{done[0] / secs:.1f}")
 PY
-}
-idle_pull=$(pull_rate); idle_push=$(push_rate idle)
-# The collector inside serve (as the scheduled one runs), back to back through the API.
-( while true; do curl -sf -X POST "$URL/api/v1/gc" > /dev/null || sleep 0.1; done ) &
-GC_LOOP=$!; PIDS+=($GC_LOOP)
-sleep 1
-busy_pull=$(pull_rate); busy_push=$(push_rate busy)
-kill "$GC_LOOP" 2>/dev/null || true
-echo
-echo "| clients ($LOAD_MANIFESTS images, SQLite + disk) | GC idle | GC in a loop | ratio |"
-echo "|---|---|---|---|"
-awk -v a="$idle_pull" -v b="$busy_pull" 'BEGIN { printf "| manifest GET per second | %s | %s | %.2fx |\n", a, b, b / a }'
-awk -v a="$idle_push" -v b="$busy_push" 'BEGIN { printf "| image pushes per second | %s | %s | %.2fx |\n", a, b, b / a }'
+  }
+  idle_pull=$(pull_rate); idle_push=$(push_rate idle)
+  # The collector inside serve (as the scheduled one runs), back to back through the API.
+  ( while true; do curl -sf -X POST "$URL/api/v1/gc" > /dev/null || sleep 0.1; done ) &
+  GC_LOOP=$!; PIDS+=($GC_LOOP)
+  sleep 1
+  busy_pull=$(pull_rate); busy_push=$(push_rate busy)
+  kill "$GC_LOOP" 2>/dev/null || true
+  echo
+  echo "| clients ($LOAD_MANIFESTS images, SQLite + disk) | GC idle | GC in a loop | ratio |"
+  echo "|---|---|---|---|"
+  awk -v a="$idle_pull" -v b="$busy_pull" 'BEGIN { printf "| manifest GET per second | %s | %s | %.2fx |\n", a, b, b / a }'
+  awk -v a="$idle_push" -v b="$busy_push" 'BEGIN { printf "| image pushes per second | %s | %s | %.2fx |\n", a, b, b / a }'
+fi
