@@ -16,7 +16,7 @@
 #    (wrk) for LOAD_S seconds with GC idle, then with GC running back to back inside serve
 #    (`POST /api/v1/gc` in a loop) over a registry of LOAD_MANIFESTS images; the ratio.
 # Knobs: BERTH_BIN, MANIFESTS (100000), LAYERS (10), PG_MANIFESTS (MANIFESTS), LOAD_MANIFESTS
-# (20000), LOAD_S (15), GC_DUTY (gc_duty_percent of section 3, 50), PG_URL (a superuser URL,
+# (20000), LOAD_S (15), ROUNDS (3, alternating GC idle and GC in a loop), GC_DUTY (gc_duty_percent of section 3, 50), PG_URL (a superuser URL,
 # e.g. from scripts/postgres.sh), SEED_PROCS / SEED_THREADS (section 2's PUT workers, 2 x 16).
 # SKIP_SQLITE=1, SKIP_DISTRIBUTION=1, SKIP_LOAD=1 leave out sections 1a, 1b, 3.
 set -euo pipefail
@@ -31,6 +31,7 @@ export MANIFESTS=${MANIFESTS:-100000} LAYERS=${LAYERS:-10}
 PG_MANIFESTS=${PG_MANIFESTS:-$MANIFESTS}
 LOAD_MANIFESTS=${LOAD_MANIFESTS:-20000}
 LOAD_S=${LOAD_S:-15}
+ROUNDS=${ROUNDS:-3}
 PG_URL=${PG_URL:-${BERTH_TEST_POSTGRES_URL:-}}
 
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
@@ -183,16 +184,27 @@ ts = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
 print(f"{done[0] / secs:.1f}")
 PY
   }
-  idle_pull=$(pull_rate); idle_push=$(push_rate idle)
-  # The collector inside serve (as the scheduled one runs), back to back through the API.
-  ( while true; do curl -sf -X POST "$URL/api/v1/gc" > /dev/null || sleep 0.1; done ) &
-  GC_LOOP=$!; PIDS+=($GC_LOOP)
-  sleep 1
-  busy_pull=$(pull_rate); busy_push=$(push_rate busy)
-  kill "$GC_LOOP" 2>/dev/null || true
+  # Rounds alternate GC idle and GC in a loop, so drift on a shared machine hits both; the
+  # table gives each one's median.
+  gc_runs() { curl -sf "$URL/metrics" | awk '/^berth_gc_runs_total / {print $2}'; }
+  idle_pulls=(); idle_pushes=(); busy_pulls=(); busy_pushes=()
+  runs_before=$(gc_runs)
+  for r in $(seq "$ROUNDS"); do
+    idle_pulls+=("$(pull_rate)"); idle_pushes+=("$(push_rate "idle$r")")
+    # The collector inside serve (as the scheduled one runs), back to back through the API.
+    ( while true; do curl -sf -X POST "$URL/api/v1/gc" > /dev/null || sleep 0.1; done ) &
+    GC_LOOP=$!; PIDS+=($GC_LOOP)
+    sleep 1
+    busy_pulls+=("$(pull_rate)"); busy_pushes+=("$(push_rate "busy$r")")
+    kill "$GC_LOOP" 2>/dev/null || true
+    wait "$GC_LOOP" 2>/dev/null || true
+    log "round $r: pulls ${idle_pulls[-1]} / ${busy_pulls[-1]}, pushes ${idle_pushes[-1]} / ${busy_pushes[-1]}"
+  done
+  runs=$(awk -v a="$runs_before" -v b="$(gc_runs)" 'BEGIN { print b - a }')
+  median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
   echo
-  echo "| clients ($LOAD_MANIFESTS images, SQLite + disk) | GC idle | GC in a loop | ratio |"
+  echo "| clients ($LOAD_MANIFESTS images, SQLite + disk, median of $ROUNDS rounds, $runs GC runs) | GC idle | GC in a loop | ratio |"
   echo "|---|---|---|---|"
-  awk -v a="$idle_pull" -v b="$busy_pull" 'BEGIN { printf "| manifest GET per second | %s | %s | %.2fx |\n", a, b, b / a }'
-  awk -v a="$idle_push" -v b="$busy_push" 'BEGIN { printf "| image pushes per second | %s | %s | %.2fx |\n", a, b, b / a }'
+  awk -v a="$(median "${idle_pulls[@]}")" -v b="$(median "${busy_pulls[@]}")" 'BEGIN { printf "| manifest GET per second | %s | %s | %.2fx |\n", a, b, b / a }'
+  awk -v a="$(median "${idle_pushes[@]}")" -v b="$(median "${busy_pushes[@]}")" 'BEGIN { printf "| image pushes per second | %s | %s | %.2fx |\n", a, b, b / a }'
 fi

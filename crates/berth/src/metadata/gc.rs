@@ -4,8 +4,8 @@
 //! ordering against concurrent pushes comes from row locks and `last_referenced_at` (the
 //! protocol is in ARCHITECTURE.md, "Garbage collection"). The steps, in order:
 //! [`untagged_manifests`] (candidates for the trash), [`super::trash::purge`],
-//! [`unlink_dangling`], [`mark_unreferenced`] / [`mark_orphans`], then the service deletes the
-//! bytes and [`forget_deleted`] removes the rows.
+//! [`unlink_dangling`], [`unreferenced_page`] then [`mark_unreferenced`] / [`mark_orphans`],
+//! then the service deletes the bytes and [`forget_deleted`] removes the rows.
 
 use oci::Digest;
 
@@ -243,30 +243,65 @@ async fn page_end(
         .transpose()
 }
 
-/// Marks `deleting` up to `limit` live blobs (after `after` in digest order) that no
-/// repository links and that were not referenced since `before`, and returns them. A link
-/// (upload, mount) upserts the blob row, so on PostgreSQL a mark racing it either commits
-/// first (the link then finds `deleting` and is refused) or waits for the row and re-checks
-/// `last_referenced_at`, which the link just refreshed.
-pub async fn mark_unreferenced(
+/// SQL condition on a row of `blobs`: live, not referenced since `?3`, and linked by no
+/// repository: what GC marks.
+macro_rules! unreferenced_blob {
+    () => {
+        "state = 'live' AND last_referenced_at < ?3
+         AND NOT EXISTS (SELECT 1 FROM repository_blobs rb WHERE rb.digest = blobs.digest)"
+    };
+}
+
+/// The next page of the blob scan (up to `limit` digests after `after`): its last digest, and
+/// whether any blob in it is one [`mark_unreferenced`] would mark. A read, so that the pages
+/// with nothing to mark (most of them, in a registry GC keeps clean) never take the writer,
+/// which on SQLite is the one lock every push needs too. `None` at the end.
+pub async fn unreferenced_page(
     tx: &mut Tx<'_>,
     before: i64,
     after: &str,
     limit: i64,
-) -> Result<(Vec<Doomed>, Option<String>), MetadataError> {
+) -> Result<Option<(String, bool)>, MetadataError> {
     let Some(last) = page_end(tx, after, limit).await? else {
-        return Ok((Vec::new(), None));
+        return Ok(None);
     };
-    let marked = tx
-        .query(
-            "UPDATE blobs SET state = 'deleting'
-             WHERE digest > ?1 AND digest <= ?2 AND state = 'live' AND last_referenced_at < ?3
-             AND NOT EXISTS (SELECT 1 FROM repository_blobs rb WHERE rb.digest = blobs.digest)
-             RETURNING digest, size",
+    let any = tx
+        .query_opt(
+            concat!(
+                "SELECT 1 FROM blobs WHERE digest > ?1 AND digest <= ?2 AND ",
+                unreferenced_blob!(),
+                " LIMIT 1"
+            ),
             &[after.into(), (&last).into(), before.into()],
         )
+        .await?
+        .is_some();
+    Ok(Some((last, any)))
+}
+
+/// Marks `deleting` the live blobs in `(after, last]` that no repository links and that were
+/// not referenced since `before`, and returns them. A link (upload, mount) upserts the blob
+/// row, so on PostgreSQL a mark racing it either commits first (the link then finds
+/// `deleting` and is refused) or waits for the row and re-checks `last_referenced_at`, which
+/// the link just refreshed.
+pub async fn mark_unreferenced(
+    tx: &mut Tx<'_>,
+    before: i64,
+    after: &str,
+    last: &str,
+) -> Result<Vec<Doomed>, MetadataError> {
+    let marked = tx
+        .query(
+            concat!(
+                "UPDATE blobs SET state = 'deleting'
+                 WHERE digest > ?1 AND digest <= ?2 AND ",
+                unreferenced_blob!(),
+                " RETURNING digest, size"
+            ),
+            &[after.into(), last.into(), before.into()],
+        )
         .await?;
-    Ok((doomed(marked)?, Some(last)))
+    doomed(marked)
 }
 
 /// What a run would delete, changing nothing (a dry run): live blobs not referenced since

@@ -20,6 +20,8 @@ use crate::metadata::{MetadataError, Tx, events};
 const LEASE: &str = "gc";
 /// How long the lease lasts unless renewed; each batch renews it.
 const LEASE_TTL_MS: i64 = 30_000;
+/// A run renews the lease between batches when nothing renewed it for this long.
+const LEASE_RENEW_AFTER: Duration = Duration::from_secs(10);
 /// Rows (or objects) per transaction and per storage request.
 const BATCH: usize = 1000;
 
@@ -101,34 +103,44 @@ pub(super) struct Run {
     /// Percent of the time the run may work; it sleeps the rest, between batches.
     duty_percent: u32,
     batch_started: std::sync::Mutex<Instant>,
+    /// Where the lease is renewed when a step goes on without writing.
+    metadata: crate::metadata::Metadata,
+    renewed: std::sync::Mutex<Instant>,
 }
 
 impl Run {
-    fn new(owner: String, duty_percent: u32) -> Run {
+    fn new(owner: String, duty_percent: u32, metadata: crate::metadata::Metadata) -> Run {
         Run {
             owner,
             duty_percent: duty_percent.clamp(1, 100),
             batch_started: std::sync::Mutex::new(Instant::now()),
+            metadata,
+            renewed: std::sync::Mutex::new(Instant::now()),
         }
     }
 
     /// Between batches: sleeps so that the run works `duty_percent` of the time (the clients
-    /// get the rest of the machine), then starts timing the next batch.
-    pub(super) async fn pace(&self) {
-        let worked = self
-            .batch_started
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .elapsed();
+    /// get the rest of the machine), renews the lease if nothing renewed it for a while (a
+    /// step that only reads, such as a scan with nothing to delete, must not let it lapse),
+    /// then starts timing the next batch. Fails if another collector has taken the lease.
+    pub(super) async fn pace(&self) -> Result<(), MetadataError> {
+        let worked = lock(&self.batch_started).elapsed();
         if self.duty_percent < 100 {
             let rest = worked * (100 - self.duty_percent) / self.duty_percent;
             tokio::time::sleep(rest.min(Duration::from_secs(10))).await;
         }
-        *self
-            .batch_started
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+        if lock(&self.renewed).elapsed() > LEASE_RENEW_AFTER {
+            let owner = &self.owner;
+            self.metadata.write(|tx| Box::pin(hold(tx, owner))).await?;
+            *lock(&self.renewed) = Instant::now();
+        }
+        *lock(&self.batch_started) = Instant::now();
+        Ok(())
     }
+}
+
+fn lock(m: &std::sync::Mutex<Instant>) -> std::sync::MutexGuard<'_, Instant> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Renews the lease inside a write transaction; a collector that lost it stops.
@@ -176,7 +188,11 @@ impl Registry {
             dry_run,
             ..GcReport::default()
         };
-        let run = Run::new(owner, self.options.lifecycle.gc_duty_percent);
+        let run = Run::new(
+            owner,
+            self.options.lifecycle.gc_duty_percent,
+            self.metadata.clone(),
+        );
         let result = self.collect(ctx, &run, &mut report).await;
         let released = self
             .metadata
@@ -227,7 +243,7 @@ impl Registry {
                 .await?;
         } else {
             loop {
-                run.pace().await;
+                run.pace().await?;
                 let purged = self
                     .metadata
                     .write(|tx| {
@@ -247,7 +263,7 @@ impl Registry {
         if !report.dry_run {
             // Blobs a stopped run marked but did not delete.
             loop {
-                run.pace().await;
+                run.pace().await?;
                 let left = self
                     .metadata
                     .read(|tx| Box::pin(statements::marked(tx, BATCH as i64)))
@@ -274,7 +290,7 @@ impl Registry {
         let keep = self.options.lifecycle.trash_retention_secs > 0;
         let mut after = 0;
         loop {
-            run.pace().await;
+            run.pace().await?;
             let page = self
                 .metadata
                 .read(|tx| {
@@ -355,7 +371,7 @@ impl Registry {
             digest: String::new(),
         };
         loop {
-            run.pace().await;
+            run.pace().await?;
             let after_ref = &after;
             let page = self
                 .metadata
@@ -404,10 +420,11 @@ impl Registry {
     ) -> Result<(), GcError> {
         let mut after = String::new();
         loop {
-            run.pace().await;
+            run.pace().await?;
             let after_ref = after.as_str();
-            let (doomed, last) = if report.dry_run {
-                self.metadata
+            if report.dry_run {
+                let (doomed, last) = self
+                    .metadata
                     .read(|tx| {
                         Box::pin(statements::unreferenced(
                             tx,
@@ -417,23 +434,40 @@ impl Registry {
                             BATCH as i64,
                         ))
                     })
-                    .await?
-            } else {
-                self.metadata
+                    .await?;
+                let Some(last) = last else {
+                    return Ok(());
+                };
+                count(report, &doomed, false);
+                after = last;
+                continue;
+            }
+            // Which pages have something to mark is read first; only those take the writer.
+            let Some((last, any)) = self
+                .metadata
+                .read(|tx| {
+                    Box::pin(statements::unreferenced_page(
+                        tx,
+                        before,
+                        after_ref,
+                        BATCH as i64,
+                    ))
+                })
+                .await?
+            else {
+                return Ok(());
+            };
+            let last_ref = last.as_str();
+            if any {
+                let doomed = self
+                    .metadata
                     .write(|tx| {
                         Box::pin(async move {
                             hold(tx, &run.owner).await?;
-                            statements::mark_unreferenced(tx, before, after_ref, BATCH as i64).await
+                            statements::mark_unreferenced(tx, before, after_ref, last_ref).await
                         })
                     })
-                    .await?
-            };
-            let Some(last) = last else {
-                return Ok(());
-            };
-            if report.dry_run {
-                count(report, &doomed, false);
-            } else {
+                    .await?;
                 self.delete_doomed(run, &doomed, report).await?;
             }
             after = last;
@@ -449,7 +483,7 @@ impl Registry {
     ) -> Result<(), GcError> {
         let mut after: Option<Digest> = None;
         loop {
-            run.pace().await;
+            run.pace().await?;
             let page = self.blobs.list_blobs(after.as_ref(), BATCH).await?;
             let Some(last) = page.last() else {
                 return Ok(());

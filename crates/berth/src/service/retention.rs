@@ -243,7 +243,7 @@ impl Registry {
         let keep = self.options.lifecycle.trash_retention_secs > 0;
         let actor = ctx.actor().to_string();
         for planned in &plan.tags {
-            run.pace().await;
+            run.pace().await?;
             let (Ok(repo), Ok(tag)) = (
                 planned.repository.parse::<RepositoryName>(),
                 planned.tag.parse::<Tag>(),
@@ -297,7 +297,7 @@ impl Registry {
             }
         }
         for planned in &plan.untagged {
-            run.pace().await;
+            run.pace().await?;
             let (Ok(repo), Ok(digest)) = (
                 planned.repository.parse::<RepositoryName>(),
                 planned.digest.parse::<Digest>(),
