@@ -465,9 +465,14 @@ fn blob_files(data_dir: &Path) -> std::collections::BTreeSet<String> {
 /// a racing GC removed a blob between its upload and the manifest (MANIFEST_BLOB_UNKNOWN) or
 /// was deleting it (503). Returns the manifest's digest.
 fn push_until_accepted(app: &TestApp, repo: &str, tag: &str, w: usize, i: usize) -> String {
-    for attempt in 0..40u64 {
-        // Back off as clients do: a blob GC is deleting stays refused until it is gone.
-        std::thread::sleep(Duration::from_millis(attempt * 25));
+    // With no grace period a collector may take an uploaded layer before its manifest comes,
+    // over and over on a busy machine: retry, backing off as clients do, for up to 2 minutes.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for attempt in 0u64.. {
+        if Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis((attempt * 50).min(1000)));
         let config = format!(r#"{{"architecture":"amd64","os":"linux","w":{w},"i":{i}}}"#);
         let base = b"a base layer every image shares".to_vec();
         let own = format!("layer {w}-{i}").into_bytes();
