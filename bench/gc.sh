@@ -47,6 +47,8 @@ PG_DB=""
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
   if [[ -n $PG_DB ]]; then psql -q "$PG_URL" -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" > /dev/null || true; fi
+  # serve's log of section 3 outlives the run, for a look at what GC did meanwhile.
+  cp "$W/serve.err" "${BENCH_TMP:-/tmp}/berth-gc-bench-serve.err" 2>/dev/null || true
   rm -rf "$W"
 }
 trap cleanup EXIT
@@ -143,7 +145,7 @@ if [[ -z ${SKIP_LOAD:-} ]]; then
   log "push and pull rates with GC idle and with GC in a loop ($LOAD_MANIFESTS images)"
   MANIFESTS=$LOAD_MANIFESTS "$BERTH_BIN" migrate --data-dir "$W/load" > /dev/null 2>&1
   MANIFESTS=$LOAD_MANIFESTS python3 "$HERE/gc_seed.py" berth-fs "$W/load"
-  "$BERTH_BIN" serve --listen 127.0.0.1:0 --data-dir "$W/load" --gc-duty-percent "$GC_DUTY" > "$W/serve.out" 2> "$W/serve.err" &
+  RUST_LOG=info,berth::access=warn "$BERTH_BIN" serve --listen 127.0.0.1:0 --data-dir "$W/load" --gc-duty-percent "$GC_DUTY" > "$W/serve.out" 2> "$W/serve.err" &
   PIDS+=($!)
   for _ in $(seq 300); do [[ -s $W/serve.out ]] && break; sleep 0.1; done
   URL=$(awk '{print $NF}' "$W/serve.out")
