@@ -85,24 +85,40 @@ pub async fn untagged_manifests(
     before: i64,
     after: i64,
     limit: i64,
-) -> Result<Vec<Candidate>, MetadataError> {
+) -> Result<Option<(i64, Vec<Candidate>)>, MetadataError> {
+    // A window of `limit` manifests, then the candidates in it: each statement looks at a
+    // bounded number of rows, however few candidates there are (on SQLite statements run on
+    // the server's async threads, so a scan of the whole table would stall requests).
+    let Some(end) = tx
+        .query(
+            "SELECT id FROM manifests WHERE id > ?1 ORDER BY id LIMIT ?2",
+            &[after.into(), limit.into()],
+        )
+        .await?
+        .last()
+        .map(|r| r.i64(0))
+        .transpose()?
+    else {
+        return Ok(None);
+    };
     let rows = tx
         .query(
             concat!(
                 "SELECT m.id, r.name, m.digest FROM manifests m
                  JOIN repositories r ON r.id = m.repository_id
-                 WHERE m.id > ?1 AND m.created_at < ?2 AND ",
+                 WHERE m.id > ?1 AND m.id <= ?3 AND m.created_at < ?2 AND ",
                 not_pulled_since!(),
                 " AND ",
                 loose_manifest!(),
                 " AND ",
                 not_a_held_referrer!(),
-                " ORDER BY m.id LIMIT ?3"
+                " ORDER BY m.id"
             ),
-            &[after.into(), before.into(), limit.into()],
+            &[after.into(), before.into(), end.into()],
         )
         .await?;
-    rows.iter()
+    let candidates = rows
+        .iter()
         .map(|r| {
             Ok(Candidate {
                 id: r.i64(0)?,
@@ -110,7 +126,8 @@ pub async fn untagged_manifests(
                 digest: r.digest(2)?,
             })
         })
-        .collect()
+        .collect::<Result<_, MetadataError>>()?;
+    Ok(Some((end, candidates)))
 }
 
 /// A repository's link to a blob.
@@ -120,18 +137,45 @@ pub struct Link {
     pub digest: String,
 }
 
-/// Links (repository, blob) not refreshed since `before` that no manifest and no trashed
-/// manifest of the repository references, in key order after `after`.
+/// The next window of the link scan: up to `limit` links after `after` in key order. Returns
+/// the window's last link and those in it not refreshed since `before` that no manifest and no
+/// trashed manifest of the repository references; `None` at the end. Each statement looks at
+/// a bounded number of rows (see [`untagged_manifests`]).
 pub async fn dangling_links(
     tx: &mut Tx<'_>,
     before: i64,
     after: &Link,
     limit: i64,
-) -> Result<Vec<Link>, MetadataError> {
+) -> Result<Option<(Link, Vec<Link>)>, MetadataError> {
+    let link = |r: &Row| -> Result<Link, MetadataError> {
+        Ok(Link {
+            repository_id: r.i64(0)?,
+            digest: r.text(1)?.to_owned(),
+        })
+    };
+    let Some(end) = tx
+        .query(
+            "SELECT repository_id, digest FROM repository_blobs
+             WHERE repository_id > ?1 OR (repository_id = ?1 AND digest > ?2)
+             ORDER BY repository_id, digest LIMIT ?3",
+            &[
+                after.repository_id.into(),
+                after.digest.as_str().into(),
+                limit.into(),
+            ],
+        )
+        .await?
+        .last()
+        .map(link)
+        .transpose()?
+    else {
+        return Ok(None);
+    };
     let rows = tx
         .query(
             "SELECT rb.repository_id, rb.digest FROM repository_blobs rb
              WHERE (rb.repository_id > ?1 OR (rb.repository_id = ?1 AND rb.digest > ?2))
+             AND (rb.repository_id < ?4 OR (rb.repository_id = ?4 AND rb.digest <= ?5))
              AND rb.last_referenced_at < ?3
              AND NOT EXISTS (SELECT 1 FROM manifest_blobs mb
                              JOIN manifests m ON m.id = mb.manifest_id
@@ -140,23 +184,21 @@ pub async fn dangling_links(
                              JOIN trash t ON t.id = tr.trash_id
                              JOIN repositories r ON r.name = t.repository
                              WHERE tr.digest = rb.digest AND r.id = rb.repository_id)
-             ORDER BY rb.repository_id, rb.digest LIMIT ?4",
+             ORDER BY rb.repository_id, rb.digest",
             &[
                 after.repository_id.into(),
                 after.digest.as_str().into(),
                 before.into(),
-                limit.into(),
+                end.repository_id.into(),
+                end.digest.as_str().into(),
             ],
         )
         .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(Link {
-                repository_id: r.i64(0)?,
-                digest: r.text(1)?.to_owned(),
-            })
-        })
-        .collect()
+    let dangling = rows
+        .iter()
+        .map(link)
+        .collect::<Result<_, MetadataError>>()?;
+    Ok(Some((end, dangling)))
 }
 
 /// Removes a link found dangling, unless it was refreshed since `before` or a manifest (or a

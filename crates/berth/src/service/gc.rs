@@ -302,10 +302,10 @@ impl Registry {
                     ))
                 })
                 .await?;
-            let Some(last) = page.last() else {
+            let Some((end, page)) = page else {
                 return Ok(());
             };
-            after = last.id;
+            after = end;
             if report.dry_run {
                 report.manifests_trashed += page.len() as u64;
                 continue;
@@ -384,12 +384,12 @@ impl Registry {
                     ))
                 })
                 .await?;
-            let Some(last) = page.last().cloned() else {
+            let Some((last, page)) = page else {
                 return Ok(());
             };
             if report.dry_run {
                 report.links_removed += page.len() as u64;
-            } else {
+            } else if !page.is_empty() {
                 let page_ref = &page;
                 report.links_removed += self
                     .metadata
