@@ -244,6 +244,11 @@ pub struct QuarantinedBlob {
     pub needed_by: Vec<String>,
 }
 
+/// `repository@manifest` for each (repository, manifest) pair.
+fn manifest_names(pairs: Vec<(String, Digest)>) -> Vec<String> {
+    pairs.into_iter().map(|(r, m)| format!("{r}@{m}")).collect()
+}
+
 impl Registry {
     /// Checks a stored blob against its digest and recorded size; `hash: false` checks only
     /// that bytes of the right size are there. Bytes read are paced by `pacer`, if any.
@@ -356,26 +361,31 @@ impl Registry {
     /// The quarantined blobs (at most [`MAX_LISTED_QUARANTINED`]), each with the manifests that
     /// need it, and where the scrub stands.
     pub async fn quarantine_report(&self) -> Result<QuarantineReport, ServiceError> {
+        // One read for the whole report: the listing, each blob's manifests, the scrub.
         let (listed, total, scrub) = self
             .metadata
             .read(|tx| {
                 Box::pin(async move {
-                    let listed = integrity::quarantined(tx, MAX_LISTED_QUARANTINED).await?;
+                    let mut listed = Vec::new();
+                    for q in integrity::quarantined(tx, MAX_LISTED_QUARANTINED).await? {
+                        let needed = integrity::needed_by(tx, &q.digest).await?;
+                        listed.push((q, needed));
+                    }
                     let total = integrity::quarantined_count(tx).await?;
                     Ok((listed, total, integrity::scrub_state(tx).await?))
                 })
             })
             .await?;
-        let mut blobs = Vec::with_capacity(listed.len());
-        for q in listed {
-            blobs.push(QuarantinedBlob {
-                needed_by: self.needed_by(&q.digest).await?,
+        let blobs = listed
+            .into_iter()
+            .map(|(q, needed)| QuarantinedBlob {
+                needed_by: manifest_names(needed),
                 digest: q.digest.to_string(),
                 found_at_ms: q.found_at_ms,
                 problem: q.problem.as_str(),
                 detail: q.detail,
-            });
-        }
+            })
+            .collect();
         Ok(QuarantineReport {
             total,
             blobs,
@@ -391,7 +401,7 @@ impl Registry {
             .metadata
             .read(|tx| Box::pin(integrity::needed_by(tx, digest)))
             .await?;
-        Ok(rows.into_iter().map(|(r, m)| format!("{r}@{m}")).collect())
+        Ok(manifest_names(rows))
     }
 
     async fn refresh_quarantined(&self) -> Result<u64, ServiceError> {

@@ -93,7 +93,7 @@ impl Registry {
     }
 
     /// Writes the pulls noted so far; returns how many.
-    pub async fn flush_pull_times(&self) -> Result<usize, MetadataError> {
+    async fn flush_pull_times(&self) -> Result<usize, MetadataError> {
         let pulls = self.pull_times.take();
         let at = now_secs();
         for batch in pulls.chunks(FLUSH_BATCH) {

@@ -735,23 +735,24 @@ fn two_nodes_on_postgres_and_s3_collect_while_clients_push_delete_and_restore() 
 
 /// Sets when a tag was last pushed, straight in the SQLite database.
 fn set_pushed_at(app: &TestApp, tag: &str, at: i64) {
-    let status = Command::new("sqlite3")
-        .arg(app.data_dir().join("metadata.db"))
-        .arg(format!(
-            "UPDATE tags SET updated_at = {at} WHERE name = '{tag}'"
-        ))
-        .status()
-        .expect("sqlite3");
-    assert!(status.success());
+    sqlite(
+        app,
+        &format!("UPDATE tags SET updated_at = {at} WHERE name = '{tag}'"),
+    );
+}
+
+/// Now, in seconds since the epoch, as the registry stores times.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
 }
 
 #[test]
 fn retention_policy_plans_exactly_what_gc_then_trashes_and_restore_undoes_it() {
     let app = app_with(3600, &[]);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64;
+    let now = unix_now();
     let tags = ["v1.0", "v1.1", "dev-1", "dev-2", "latest", "dev-3"];
     let mut digests = std::collections::HashMap::new();
     for (i, tag) in tags.iter().enumerate() {
@@ -851,10 +852,7 @@ fn retention_policy_plans_exactly_what_gc_then_trashes_and_restore_undoes_it() {
 #[test]
 fn retention_never_deletes_an_immutable_tag() {
     let app = app_with(3600, &[]);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64;
+    let now = unix_now();
     for (i, tag) in ["rel-1", "x-1", "x-2"].iter().enumerate() {
         push_image(&app, "team/app", tag, &format!("immutable? {tag}"));
         set_pushed_at(&app, tag, now - (3 - i) as i64 * 86_400);
@@ -981,10 +979,7 @@ fn sqlite(app: &TestApp, sql: &str) -> String {
 fn retention_keeps_images_clients_pulled_lately_by_tag_or_by_digest() {
     use crate::support::clients::Tools;
     let app = app_with(3600, &[("BERTH_PULL_TIMES_FLUSH_SECS", "1")]);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64;
+    let now = unix_now();
     let mut digests = std::collections::HashMap::new();
     for tag in ["pulled", "idle", "pulled-long-ago"] {
         let (digest, _) = push_image(&app, "team/app", tag, &format!("pulls {tag}"));
