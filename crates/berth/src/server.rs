@@ -224,7 +224,10 @@ pub async fn run(
         .map_err(std::io::Error::other)?;
     webhooks.register_metrics(registry.metrics());
     let webhooks = tokio::spawn(Arc::new(webhooks).run(stop_rx.clone()));
-    let scrub = tokio::spawn(registry.clone().scrub_until(options.scrub, stop_rx.clone()));
+    let lifecycle = LifecycleThread::start()?;
+    registry.lifecycle_on(Some(lifecycle.runtime.clone()));
+    let scrub =
+        registry.spawn_lifecycle(registry.clone().scrub_until(options.scrub, stop_rx.clone()));
     let pull_times = {
         let (registry, stop) = (registry.clone(), stop_rx.clone());
         let interval = options.pull_times_flush;
@@ -358,7 +361,7 @@ pub async fn run(
     janitor.abort();
     access_watch.abort();
     if let Some(gc) = gc {
-        // Stops at its next batch; a run cut short resumes next time.
+        // The schedule; a run in progress stops with the lifecycle runtime below.
         gc.abort();
     }
     // It stops on the signal by itself, within one delivery timeout.
@@ -384,7 +387,53 @@ pub async fn run(
     if let Some(operators) = operators {
         operators.abort();
     }
+    // A GC run still going is cut short here; the next run resumes its work.
+    registry.lifecycle_on(None);
+    drop(lifecycle);
     Ok(())
+}
+
+/// A tokio runtime on a thread of its own for the lifecycle's background work (GC, scrub), so
+/// that work never holds the threads that answer requests (see [`Registry::lifecycle_on`]).
+/// Dropping it stops the thread, and with it every task still on the runtime.
+struct LifecycleThread {
+    runtime: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl LifecycleThread {
+    /// How long stopping waits for the runtime's blocking tasks (a file being hashed or
+    /// deleted) before leaving them to finish alone.
+    const STOP_WAIT: Duration = Duration::from_secs(5);
+
+    fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("berth-lifecycle")
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("berth-lifecycle".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+                runtime.shutdown_timeout(Self::STOP_WAIT);
+            })?;
+        Ok(LifecycleThread {
+            runtime: handle,
+            stop: Some(stop),
+        })
+    }
+}
+
+impl Drop for LifecycleThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
 }
 
 /// Completes once `stop` says so. (A `watch::Ref` held across an await is not `Send`.)

@@ -205,7 +205,7 @@ impl Route {
 /// The single entry point: route, dispatch, and stamp the API version header. What it learns
 /// on the way goes into `note`.
 pub async fn handle(
-    registry: &Registry,
+    registry: &Arc<Registry>,
     peer: &Peer,
     request: Request,
     note: &mut Note,

@@ -83,7 +83,7 @@ impl Observer {
     /// Answers one request, observed.
     pub async fn answer(
         &self,
-        registry: &Registry,
+        registry: &Arc<Registry>,
         peer: &Peer,
         listener: Listener,
         request: hyper::Request<Incoming>,

@@ -6,6 +6,7 @@
 //! The steps and why each is safe against a concurrent push are in ARCHITECTURE.md ("Garbage
 //! collection"); the statements are in `metadata::gc` and `metadata::trash`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use oci::{Digest, Reference, RepositoryName};
@@ -169,12 +170,28 @@ impl Registry {
     /// is past its period, dangling links removed, then every blob nothing links deleted
     /// (bytes first, then the row), and bytes in storage that metadata does not know. With
     /// `dry_run`, counts what the current state makes garbage and changes nothing (what this
-    /// run's earlier steps would free shows up in the next run).
+    /// run's earlier steps would free shows up in the next run). Runs on the lifecycle runtime
+    /// when there is one; a caller that stops waiting does not stop the run.
     pub async fn collect_garbage(
-        &self,
+        self: &Arc<Self>,
         ctx: &RequestContext,
         dry_run: bool,
     ) -> Result<GcReport, GcError> {
+        let (registry, ctx) = (self.clone(), ctx.clone());
+        let run = self.spawn_lifecycle(async move { registry.collect_here(&ctx, dry_run).await });
+        match run.await {
+            Ok(result) => result,
+            // Only at shutdown, when the lifecycle runtime stops: the run resumes next time.
+            Err(e) if e.is_cancelled() => Err(GcError::Service(ServiceError::Unavailable(
+                "the server is shutting down".into(),
+            ))),
+            Err(e) => Err(GcError::Service(ServiceError::Internal(format!(
+                "garbage collection: {e}"
+            )))),
+        }
+    }
+
+    async fn collect_here(&self, ctx: &RequestContext, dry_run: bool) -> Result<GcReport, GcError> {
         let started = Instant::now();
         let owner = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4());
         let taken = self

@@ -169,6 +169,9 @@ pub struct Registry {
     integrity: integrity::IntegrityMetrics,
     /// Pulls not yet written to metadata.
     pull_times: pulls::PullTimes,
+    /// The runtime GC and the scrub run on while `serve` gives them one of their own (see
+    /// [`Registry::lifecycle_on`]).
+    lifecycle_runtime: Mutex<Option<tokio::runtime::Handle>>,
 }
 
 /// A blob ready to stream: its total size, the part being sent, and the bytes.
@@ -314,6 +317,35 @@ impl Registry {
             upload_locks: Arc::new(UploadLocks::default()),
             pulls: std::sync::atomic::AtomicU64::new(0),
             pull_times: pulls::PullTimes::default(),
+            lifecycle_runtime: Mutex::new(None),
+        }
+    }
+
+    /// Runs GC and the scrub from now on on `runtime`, one with a thread of its own (`None`:
+    /// on the caller's). SQLite statements run inline on whatever thread polls them (see
+    /// `metadata::db`), so a GC run on the server's runtime would hold one of its request
+    /// threads for as long as each statement lasts.
+    pub fn lifecycle_on(&self, runtime: Option<tokio::runtime::Handle>) {
+        *self
+            .lifecycle_runtime
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = runtime;
+    }
+
+    /// Spawns `job` on the lifecycle runtime if there is one, else on the current runtime.
+    pub(crate) fn spawn_lifecycle<F>(&self, job: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let runtime = self
+            .lifecycle_runtime
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match runtime {
+            Some(runtime) => runtime.spawn(job),
+            None => tokio::spawn(job),
         }
     }
 

@@ -328,7 +328,7 @@ fn find(method: &Method, path: &str) -> Found {
 
 /// Answers a request under `/api/v1`.
 pub async fn handle(
-    registry: &Registry,
+    registry: &Arc<Registry>,
     peer: &Peer,
     request: Request,
     request_id: RequestId,
@@ -346,7 +346,7 @@ pub async fn handle(
 }
 
 async fn dispatch(
-    registry: &Registry,
+    registry: &Arc<Registry>,
     peer: &Peer,
     request: Request,
     request_id: RequestId,
@@ -474,7 +474,8 @@ async fn authenticate(
 
 /// A request on its way through a handler.
 struct Ctx<'a> {
-    registry: &'a Registry,
+    /// An `Arc` because GC runs as a task of its own.
+    registry: &'a Arc<Registry>,
     who: Authority,
     request: RequestContext,
     params: Params,
