@@ -116,6 +116,8 @@ pub enum BackendOp {
     StorageCreateUpload,
     StorageUploadSize,
     StorageAppendUpload,
+    /// One write (or flush, or finish) of an upload's bytes to an open writer.
+    StorageWriteUpload,
     StorageReadUpload,
     StorageCommitUpload,
     StorageDeleteUpload,
@@ -128,7 +130,7 @@ pub enum BackendOp {
 }
 
 impl BackendOp {
-    const COUNT: usize = 16;
+    const COUNT: usize = 17;
 
     /// (backend, operation)
     pub fn labels(self) -> (&'static str, &'static str) {
@@ -143,6 +145,7 @@ impl BackendOp {
             StorageCreateUpload => ("storage", "create_upload"),
             StorageUploadSize => ("storage", "upload_size"),
             StorageAppendUpload => ("storage", "append_upload"),
+            StorageWriteUpload => ("storage", "write_upload"),
             StorageReadUpload => ("storage", "read_upload"),
             StorageCommitUpload => ("storage", "commit_upload"),
             StorageDeleteUpload => ("storage", "delete_upload"),

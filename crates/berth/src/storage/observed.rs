@@ -8,8 +8,13 @@
 //! operation budget, retries included. Calls that return a stream (`read`, `read_upload`) get
 //! the first-byte budget until the stream starts, and none after: a large blob from a slow but
 //! live store is never cut off (a store that goes silent half-way is the store's client's to
-//! catch; see `s3.rs`). Calls whose work grows with the blob (writing an upload's bytes,
-//! committing, listing every upload) get no budget here, for the same reason.
+//! catch; see `s3.rs`). Writing an upload's bytes gets the operation budget per call on its
+//! writer (`write`, `flush`, `finish`): each call hands the store at most about one part (on
+//! S3, 8 MiB; a part waits for at most one earlier part in flight), so a whole upload of any
+//! size is never cut off, but a store that stops taking bytes fails the request within the
+//! budget. A live store must therefore take one part per operation budget (1 MiB/s at the
+//! defaults). Calls whose single step grows with the blob (committing, listing every upload)
+//! get no budget here.
 //!
 //! A call cut short by its budget is dropped, exactly as when a client hangs up, which every
 //! store already handles (see ARCHITECTURE.md, "A push, walked through").
@@ -20,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use oci::Digest;
 use tokio::time::Instant;
 
@@ -57,39 +63,105 @@ impl ObservedStore {
         budget: Option<Duration>,
         call: impl Future<Output = Result<T, StorageError>>,
     ) -> Result<T, StorageError> {
-        let started = Instant::now();
-        let result = match budget {
-            Some(budget) => match tokio::time::timeout(budget, call).await {
-                Ok(result) => result,
-                Err(_) => Err(StorageError::Io(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "the store did not answer {} within {} s",
-                        op.labels().1,
-                        budget.as_secs_f64()
-                    ),
-                ))),
-            },
-            None => call.await,
+        observe(self.metrics.as_deref(), op, budget, call).await
+    }
+}
+
+/// Runs `call` within `budget` (if any) and records its latency and failure in `metrics`.
+async fn observe<T>(
+    metrics: Option<&Metrics>,
+    op: BackendOp,
+    budget: Option<Duration>,
+    call: impl Future<Output = Result<T, StorageError>>,
+) -> Result<T, StorageError> {
+    let started = Instant::now();
+    let result = match budget {
+        Some(budget) => match tokio::time::timeout(budget, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StorageError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the store did not answer {} within {} s",
+                    op.labels().1,
+                    budget.as_secs_f64()
+                ),
+            ))),
+        },
+        None => call.await,
+    };
+    if let Some(metrics) = metrics {
+        let failure = match &result {
+            Err(StorageError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                Some(BackendFailure::Timeout)
+            }
+            Err(StorageError::Io(_)) => Some(BackendFailure::Unavailable),
+            Err(StorageError::Internal(_)) => Some(BackendFailure::Internal),
+            // Answers, not failures of the store.
+            Ok(_)
+            | Err(
+                StorageError::NotFound
+                | StorageError::OffsetMismatch { .. }
+                | StorageError::Conflict(_),
+            ) => None,
         };
-        if let Some(metrics) = &self.metrics {
-            let failure = match &result {
-                Err(StorageError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                    Some(BackendFailure::Timeout)
-                }
-                Err(StorageError::Io(_)) => Some(BackendFailure::Unavailable),
-                Err(StorageError::Internal(_)) => Some(BackendFailure::Internal),
-                // Answers, not failures of the store.
-                Ok(_)
-                | Err(
-                    StorageError::NotFound
-                    | StorageError::OffsetMismatch { .. }
-                    | StorageError::Conflict(_),
-                ) => None,
-            };
-            metrics.backend(op, started.elapsed(), failure);
+        metrics.backend(op, started.elapsed(), failure);
+    }
+    result
+}
+
+/// An upload writer whose every call gets the operation budget (see the module's comment).
+/// A call cut short by the budget leaves the inner writer mid-call, in a state nobody can
+/// trust, so every later call fails at once with the same timeout (the request answers 503
+/// within one budget, not one per call; what reached the store before stays).
+struct ObservedWriter {
+    inner: Box<dyn UploadWriter>,
+    metrics: Option<Arc<Metrics>>,
+    budget: Duration,
+    timed_out: bool,
+}
+
+impl ObservedWriter {
+    async fn call<T>(
+        metrics: Option<&Metrics>,
+        budget: Duration,
+        timed_out: &mut bool,
+        call: impl Future<Output = Result<T, StorageError>>,
+    ) -> Result<T, StorageError> {
+        if *timed_out {
+            return Err(StorageError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "an earlier write of this upload did not finish within its budget",
+            )));
         }
+        let result = observe(metrics, BackendOp::StorageWriteUpload, Some(budget), call).await;
+        *timed_out =
+            matches!(&result, Err(StorageError::Io(e)) if e.kind() == io::ErrorKind::TimedOut);
         result
+    }
+}
+
+#[async_trait]
+impl UploadWriter for ObservedWriter {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
+        let metrics = self.metrics.as_deref();
+        let call = self.inner.write(chunk);
+        Self::call(metrics, self.budget, &mut self.timed_out, call).await
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<UploadExtent, StorageError> {
+        let ObservedWriter {
+            inner,
+            metrics,
+            budget,
+            mut timed_out,
+        } = *self;
+        Self::call(metrics.as_deref(), budget, &mut timed_out, inner.finish()).await
+    }
+
+    async fn flush(&mut self) -> Result<(), StorageError> {
+        let metrics = self.metrics.as_deref();
+        let call = self.inner.flush();
+        Self::call(metrics, self.budget, &mut self.timed_out, call).await
     }
 }
 
@@ -142,8 +214,15 @@ impl BlobStore for ObservedStore {
     ) -> Result<Box<dyn UploadWriter>, StorageError> {
         let budget = Some(self.operation);
         let call = self.inner.append_upload(id, offset, guard);
-        self.call(BackendOp::StorageAppendUpload, budget, call)
-            .await
+        let inner = self
+            .call(BackendOp::StorageAppendUpload, budget, call)
+            .await?;
+        Ok(Box::new(ObservedWriter {
+            inner,
+            metrics: self.metrics.clone(),
+            budget: self.operation,
+            timed_out: false,
+        }))
     }
 
     async fn read_upload(&self, id: &str) -> Result<(ByteStream, UploadExtent), StorageError> {

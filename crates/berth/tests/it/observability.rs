@@ -657,14 +657,92 @@ fn garage_app(exports: &HashMap<String, String>, name: &str) -> TestApp {
 fn a_frozen_object_store_gives_503_within_the_bound_and_recovers() {
     let (exports, dir) = dedicated_garage();
     let app = garage_app(&exports, "frozen");
-    let pid = std::fs::read_to_string(dir.join("garage.pid"))
-        .expect("garage.pid")
-        .trim()
-        .parse::<u32>()
-        .expect("garage pid");
+    let pid = garage_pid(&dir);
     frozen_backend_gives_503_then_recovers(&app, &unique("frozen/s3"), "storage", || {
         Frozen::stop(vec![pid])
     });
+}
+
+fn garage_pid(dir: &Path) -> u32 {
+    std::fs::read_to_string(dir.join("garage.pid"))
+        .expect("garage.pid")
+        .trim()
+        .parse::<u32>()
+        .expect("garage pid")
+}
+
+/// A store that freezes while a PATCH streams into it: each write to the store has the
+/// operation budget, so the push gets 503 within the bound instead of waiting for the S3
+/// client's stall timeout (60 s). Raw HTTP/1.1, because the server answers before it has read
+/// the body, and an HTTP client library reports its failed body write instead of the answer.
+#[test]
+fn a_store_frozen_during_a_streaming_patch_gives_503_within_the_bound() {
+    use std::io::Write;
+    let (exports, dir) = dedicated_garage();
+    let app = garage_app(&exports, "frozen-patch");
+    let r = app
+        .client()
+        .post(app.url("/v2/frozen/patch/blobs/uploads/"))
+        .send()
+        .expect("POST");
+    assert_eq!(r.status().as_u16(), 202);
+    let location = r.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_string();
+    let address = app
+        .url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+    write!(
+        stream,
+        "PATCH {location} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/octet-stream\r\n\
+         Transfer-Encoding: chunked\r\n\r\n"
+    )
+    .expect("send the head");
+    let mut sender = stream.try_clone().expect("clone the stream");
+    let data = pseudo_random(12, 24 * 1024 * 1024);
+    let send = |sender: &mut std::net::TcpStream, chunk: &[u8]| {
+        write!(sender, "{:x}\r\n", chunk.len())?;
+        sender.write_all(chunk)?;
+        sender.write_all(b"\r\n")
+    };
+    // The first MiB reaches the server (its writer is open) before the store freezes.
+    send(&mut sender, &data[..1024 * 1024]).expect("send the first MiB");
+    std::thread::sleep(Duration::from_secs(1));
+    let frozen = Frozen::stop(vec![garage_pid(&dir)]);
+    let froze_at = Instant::now();
+    let feeder = std::thread::spawn(move || {
+        // Until the server stops reading and closes: then a write fails.
+        for chunk in data[1024 * 1024..].chunks(256 * 1024) {
+            if send(&mut sender, chunk).is_err() {
+                return;
+            }
+        }
+        let _ = sender.write_all(b"0\r\n\r\n");
+    });
+    stream
+        .set_read_timeout(Some(BOUND * 3))
+        .expect("read timeout");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The answer's head and its (small) JSON body; the server closes the connection after it,
+    // as the request's body was not read to its end.
+    while let Ok(n @ 1..) = stream.read(&mut buf) {
+        answer.extend_from_slice(&buf[..n]);
+        if answer.ends_with(b"}") || answer.ends_with(b"}\n") || answer.ends_with(b"0\r\n\r\n") {
+            break;
+        }
+    }
+    let took = froze_at.elapsed();
+    drop(frozen);
+    let _ = feeder.join();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("UNAVAILABLE"), "{answer}");
+    assert!(took < BOUND, "the PATCH took {took:?} after the freeze");
 }
 
 /// The budgets bound waiting, never transferring: a blob read slowly for longer than the
