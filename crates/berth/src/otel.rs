@@ -134,7 +134,8 @@ mod enabled {
                 } else {
                     *meta.level() <= tracing::Level::WARN
                 }
-            });
+            })
+            .with_max_level_hint(tracing::level_filters::LevelFilter::INFO);
             tracing_opentelemetry::layer()
                 .with_tracer(self.provider.tracer("berth"))
                 .with_location(false)
