@@ -8,7 +8,7 @@
 //! the semantic-convention attributes once the handler has answered; it ends when the response
 //! body does.
 //!
-//! Export cannot slow a request: an ended span is handed to the SDK's batch processor with a
+//! Export never makes a request wait: an ended span is handed to the SDK's batch processor with a
 //! non-blocking send into a bounded queue ([`QUEUE_SPANS`]); a full queue drops the span (the
 //! SDK counts the drops and logs the total at shutdown). The processor's own thread sends
 //! batches to the collector; the HTTP exchange runs as a task on the server's runtime (see
