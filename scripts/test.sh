@@ -49,3 +49,12 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+
+# The `otel` feature (OpenTelemetry export): its lints, and its own tests only; the rest of the
+# suite does not change with it, and running it twice would double CI's time.
+cargo clippy -p berth --all-targets --features otel -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run -p berth --features otel --test it --no-fail-fast -E 'test(/^otel::/)'
+else
+  cargo test -p berth --features otel --test it --no-fail-fast -- otel::
+fi

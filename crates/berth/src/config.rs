@@ -210,6 +210,10 @@ pub struct RawConfig {
     #[arg(long, env = "BERTH_METRICS_PER_REPOSITORY", value_name = "BOOL",
           value_parser = BoolishValueParser::new())]
     pub metrics_per_repository: Option<bool>,
+    /// Export a span per request over OTLP/HTTP to this OpenTelemetry collector, e.g.
+    /// http://127.0.0.1:4318 (needs a berth built with the `otel` feature) [default: none]
+    #[arg(long, env = "BERTH_OTEL_ENDPOINT", value_name = "URL")]
+    pub otel_endpoint: Option<String>,
     /// S3 API URL, e.g. http://127.0.0.1:3900 [default: AWS_ENDPOINT_URL, else AWS]
     #[arg(long, env = "BERTH_S3_ENDPOINT", value_name = "URL")]
     pub s3_endpoint: Option<String>,
@@ -421,7 +425,22 @@ impl RawConfig {
                     .map_err(|e| anyhow::anyhow!("metrics_listen address {addr:?}: {e}"))?,
             ),
         };
+        let otel_endpoint = match self.otel_endpoint.as_deref() {
+            None | Some("") => None,
+            Some(url) => {
+                let base = url.trim_end_matches('/');
+                let authority = base
+                    .strip_prefix("http://")
+                    .or_else(|| base.strip_prefix("https://"));
+                anyhow::ensure!(
+                    authority.is_some_and(|a| !a.is_empty() && !a.contains(['?', '#'])),
+                    "otel_endpoint must be an http:// or https:// URL without a query, not {url:?}"
+                );
+                Some(base.to_string())
+            }
+        };
         let observe = ObserveOptions {
+            otel_endpoint,
             access_log: self.access_log.unwrap_or(true),
             metrics: self.metrics.unwrap_or(true),
             metrics_listen,
@@ -887,6 +906,8 @@ pub struct Config {
 /// The access log and metrics switches (see README, "Observability").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObserveOptions {
+    /// The OpenTelemetry collector's base URL (no trailing `/`); spans go to `/v1/traces`.
+    pub otel_endpoint: Option<String>,
     pub access_log: bool,
     pub metrics: bool,
     /// A second listener serving only /metrics, /healthz and /readyz.
@@ -995,6 +1016,10 @@ mod tests {
                 Some("backend_operation_timeout_secs"),
             ),
             ("metrics_listen = \"nonsense\"", Some("metrics_listen")),
+            ("otel_endpoint = \"127.0.0.1:4318\"", Some("otel_endpoint")),
+            ("otel_endpoint = \"http://\"", Some("otel_endpoint")),
+            ("otel_endpoint = \"http://127.0.0.1:4318/\"", None),
+            ("otel_endpoint = \"https://collector.example\"", None),
             (
                 "metrics = false\nmetrics_listen = \"127.0.0.1:0\"",
                 Some("metrics_listen"),

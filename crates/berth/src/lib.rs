@@ -17,6 +17,7 @@
 //! - [`webhooks`]: subscriptions to the event log, delivered as signed CloudEvents by a
 //!   background worker.
 //! - [`metrics`]: [`metrics::Metrics`], the Prometheus metrics every layer records into.
+//! - [`otel`]: OpenTelemetry export of the request spans (the `otel` feature).
 
 pub mod api;
 pub mod audit;
@@ -25,6 +26,7 @@ pub mod config;
 pub mod logging;
 pub mod metadata;
 pub mod metrics;
+pub mod otel;
 pub mod server;
 pub mod service;
 pub mod storage;

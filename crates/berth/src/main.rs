@@ -533,6 +533,30 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// [`init_logging`], plus the layer that hands berth's spans to the OpenTelemetry exporter.
+/// The log's `RUST_LOG` filter then applies to the log alone, so that it cannot turn export
+/// off; the exporter's layer has its own (see `berth::otel::Exporter::layer`).
+#[cfg(feature = "otel")]
+fn init_logging_exporting(format: LogFormat, exporter: &berth::otel::Exporter) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let log = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(&berth::logging::STDERR);
+    let log = match format {
+        LogFormat::Json => log.json().with_filter(filter).boxed(),
+        LogFormat::Text => log.with_filter(filter).boxed(),
+    };
+    berth::logging::STDERR.start_flusher();
+    tracing_subscriber::registry()
+        .with(log)
+        .with(exporter.layer())
+        .init();
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
@@ -631,7 +655,31 @@ async fn fsck(args: FsckArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
     let config = load_config(args)?;
-    init_logging(config.log_format);
+    #[cfg(not(feature = "otel"))]
+    {
+        // Ignoring it would leave the operator looking for traces that never come.
+        anyhow::ensure!(
+            config.observe.otel_endpoint.is_none(),
+            "otel_endpoint is set, but this berth was built without the `otel` feature; \
+             build it with `cargo build --release --features otel`, or unset otel_endpoint"
+        );
+        init_logging(config.log_format);
+    }
+    #[cfg(feature = "otel")]
+    let exporter = match config.observe.otel_endpoint.as_deref() {
+        Some(endpoint) => {
+            let runtime = tokio::runtime::Handle::current();
+            let exporter = berth::otel::Exporter::start(endpoint, runtime)
+                .map_err(anyhow::Error::msg)
+                .context("otel_endpoint")?;
+            init_logging_exporting(config.log_format, &exporter);
+            Some(exporter)
+        }
+        None => {
+            init_logging(config.log_format);
+            None
+        }
+    };
     if let Some(warning) = config.fd_warning() {
         tracing::warn!("{warning}");
     }
@@ -690,6 +738,10 @@ async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
         shutdown_signal(),
     )
     .await?;
+    #[cfg(feature = "otel")]
+    if let Some(exporter) = exporter {
+        exporter.shutdown().await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

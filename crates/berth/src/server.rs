@@ -172,6 +172,7 @@ impl ServeOptions {
                 probe_budget: config.backend_timeouts.first_byte,
                 data_dir: config.data_dir.clone(),
                 body_idle_timeout: config.body_idle_timeout,
+                otel: config.observe.otel_endpoint.is_some(),
             },
         })
     }

@@ -54,6 +54,8 @@ pub struct ObserveSettings {
     pub data_dir: PathBuf,
     /// Silence allowed inside a request body.
     pub body_idle_timeout: Duration,
+    /// Request spans are exported to OpenTelemetry (see [`crate::otel`]).
+    pub otel: bool,
 }
 
 pub struct Observer {
@@ -89,7 +91,11 @@ impl Observer {
         request: hyper::Request<Incoming>,
     ) -> Response {
         let started = Instant::now();
-        let (record, log) = (self.settings.metrics, self.settings.access_log);
+        let (record, log, export) = (
+            self.settings.metrics,
+            self.settings.access_log,
+            self.settings.otel,
+        );
         let received = (record || log).then(|| Arc::new(AtomicU64::new(0)));
         let idle = self.settings.body_idle_timeout;
         let request = request.map(|body| {
@@ -111,7 +117,9 @@ impl Observer {
             "/metrics" if self.settings.metrics => Some(RouteKind::Metrics),
             _ => None,
         };
-        let line = log.then(|| AccessLine::new(&request, peer));
+        let mut line = log.then(|| AccessLine::new(&request, peer));
+        // Kept to the end of the response body, so that an exported span lasts as long.
+        let mut exported = None;
         let mut response = match (builtin, listener) {
             (Some(kind), _) => {
                 note.route = kind;
@@ -123,6 +131,39 @@ impl Observer {
                 .status(StatusCode::NOT_FOUND)
                 .detail("this listener serves /metrics, /healthz and /readyz only")
                 .into_response(),
+            (None, Listener::Main) if export => {
+                // OpenTelemetry takes a span's kind from this field when the span starts.
+                let span = tracing::info_span!(
+                    "request",
+                    request_id = %note.request_id,
+                    trace_id = line.as_ref().and_then(|l| l.trace_id.as_deref()),
+                    otel.kind = "server",
+                );
+                crate::otel::adopt_parent(&span, request.headers());
+                let path = request.uri().path().to_string();
+                let response = super::handle(registry, peer, request, &mut note)
+                    .instrument(span.clone())
+                    .await;
+                crate::otel::finish_request(
+                    &span,
+                    crate::otel::RequestSummary {
+                        method: method.as_str(),
+                        route: note.route.template(),
+                        path: &path,
+                        status: response.status().as_u16(),
+                        repository: note.repository.as_deref(),
+                        request_id: &note.request_id.to_string(),
+                        error: note.error.map(|c| c.describe().0),
+                    },
+                );
+                if let Some(line) = &mut line
+                    && line.trace_id.is_none()
+                {
+                    line.trace_id = crate::otel::trace_id(&span);
+                }
+                exported = Some(span);
+                response
+            }
             (None, Listener::Main) => match &line {
                 Some(line) => {
                     let span = tracing::info_span!(
@@ -144,10 +185,11 @@ impl Observer {
         if record {
             self.record(&note, &method, status, started.elapsed());
         }
-        if !(record || log) {
+        if !(record || log || export) {
             return response;
         }
         let finish = Finish {
+            span: exported,
             head: method == Method::HEAD,
             metrics: record.then(|| self.metrics.clone()),
             route: note.route,
@@ -428,6 +470,8 @@ struct Finish {
     received: Option<Arc<AtomicU64>>,
     sent: u64,
     line: Option<Box<AccessLine>>,
+    /// The exported request span, which ends when this is dropped.
+    span: Option<tracing::Span>,
 }
 
 impl Finish {
@@ -442,6 +486,8 @@ impl Finish {
         if let Some(line) = &self.line {
             line.write(received, self.sent, completed);
         }
+        // The exported span ends with the response, after the access log line.
+        drop(self.span);
     }
 }
 

@@ -63,6 +63,24 @@ fn out_of_range_settings_are_refused_at_start_naming_the_key() {
     }
 }
 
+/// A collector configured for a binary that cannot export must stop the start, not be ignored.
+#[cfg(not(feature = "otel"))]
+#[test]
+fn otel_endpoint_without_the_otel_feature_is_refused_naming_the_feature() {
+    let url = "http://127.0.0.1:4318";
+    for (how, value) in [
+        ("file", format!("{url:?}")),
+        ("env", url.to_string()),
+        ("flag", url.to_string()),
+    ] {
+        let err = refused(how, "otel_endpoint", &value);
+        assert!(
+            err.contains("`otel` feature"),
+            "{how}: the error does not name the feature:\n{err}"
+        );
+    }
+}
+
 /// PUT a manifest of `size` bytes that refers to nothing: 413 when the size limit refuses it,
 /// another status (it is invalid) when the limit lets it through.
 fn manifest_put_status(app: &TestApp, size: usize) -> u16 {

@@ -26,6 +26,8 @@ mod multinode;
 mod namespace_rules;
 mod observability;
 mod oras;
+#[cfg(feature = "otel")]
+mod otel;
 mod postgres;
 mod resources;
 mod s3;
