@@ -722,5 +722,9 @@ async fn expire_uploads(registry: Arc<Registry>, every: Duration, mut stop: watc
             Ok(n) => tracing::info!(uploads = n, "expired idle uploads"),
             Err(e) => tracing::warn!(error = %e, "upload expiry failed; will retry"),
         }
+        // A registry that grew tenfold since the last look gets fresh planner statistics.
+        if let Err(e) = registry.auth().metadata().optimize().await {
+            tracing::warn!(error = %e, "refreshing SQLite's planner statistics failed; will retry");
+        }
     }
 }

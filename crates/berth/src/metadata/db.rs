@@ -557,6 +557,24 @@ impl Db {
         Ok(value)
     }
 
+    /// Refreshes SQLite's query-planner statistics for tables that changed much since they
+    /// were last gathered (`PRAGMA optimize`, which bounds its own sampling). Without them
+    /// SQLite takes an index on `manifests(repository_id, ...)` to be as selective as one on a
+    /// blob digest, and "does a manifest of this repository reference this digest" then walks
+    /// every manifest of the repository (GC's link scan over a million links spent most of its
+    /// time there). PostgreSQL gathers its own (autovacuum): nothing to do.
+    pub async fn optimize(&self) -> Result<(), MetadataError> {
+        let Driver::Sqlite(pool) = &self.inner.driver else {
+            return Ok(());
+        };
+        let guard = pool.writer.clone().lock_owned().await;
+        // ANALYZE reads pages of every index it samples: the blocking pool, not an async thread.
+        tokio::task::spawn_blocking(move || guard.execute_batch("PRAGMA optimize=0x10002"))
+            .await
+            .map_err(MetadataError::internal)??;
+        Ok(())
+    }
+
     fn committed(&self, appended: bool) {
         if appended {
             // One stored permit at most: a waiter that was busy still wakes once.

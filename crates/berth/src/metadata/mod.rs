@@ -214,7 +214,14 @@ impl Metadata {
             metrics: None,
         };
         schema::migrate(&metadata.db).await?;
+        metadata.optimize().await?;
         Ok(metadata)
+    }
+
+    /// Keeps the query planner's statistics current (see [`db::Db::optimize`]): at open, after
+    /// each GC run and periodically from `serve`'s janitor.
+    pub async fn optimize(&self) -> Result<(), MetadataError> {
+        self.db.optimize().await
     }
 
     /// Connects to PostgreSQL at `url` (`postgres://USER:PASSWORD@HOST:PORT/DB`, or libpq

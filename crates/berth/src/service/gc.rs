@@ -217,6 +217,10 @@ impl Registry {
             .await;
         result?;
         released?;
+        // GC may have removed half of some tables: plans should know.
+        if let Err(e) = self.metadata.optimize().await {
+            tracing::warn!(error = %e, "refreshing SQLite's planner statistics failed");
+        }
         if let Ok((entries, bytes)) = self.metadata.read(|tx| Box::pin(trash::totals(tx))).await {
             self.options.metrics.trash_size(entries, bytes);
         }
