@@ -32,6 +32,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration::Shared(INTEGRITY),
     Migration::Shared(TAG_RULES_AND_QUOTAS),
     Migration::Shared(PULL_TIMES),
+    Migration::Shared(EVENTS_ACTOR_KIND),
 ];
 
 /// Key of the transaction-scoped advisory lock that serializes migrations across nodes.
@@ -512,4 +513,12 @@ SELECT namespace, CAST(SUM(bytes) AS BIGINT) FROM (
 const PULL_TIMES: &str = r#"
 ALTER TABLE manifests ADD COLUMN last_pulled_at {INT};
 ALTER TABLE retention_policies ADD COLUMN keep_pulled_days {INT};
+"#;
+
+/// "What did this actor do of this kind" (`GET /api/v1/audit?actor=..&kind=..`): through the
+/// actor's index alone, a kind the actor never had walks every entry of the actor (1.5 s at
+/// 10M entries). Building it takes about a minute per 10M entries, during which PostgreSQL
+/// holds appends (and so pushes) back. Nothing depends on this migration's position.
+const EVENTS_ACTOR_KIND: &str = r#"
+CREATE INDEX IF NOT EXISTS events_actor_kind ON events(actor, kind, seq);
 "#;

@@ -93,6 +93,56 @@ pub(crate) async fn events_suite(store: &Metadata) {
             .await,
     );
     assert_eq!(found.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 1]);
+    // Each statement shape (the driving filter), with the others checked on its rows.
+    let filter = |actor: Option<&str>, repository: Option<&str>, kind: Option<&str>| EventFilter {
+        actor: actor.map(Into::into),
+        repository: repository.map(Into::into),
+        kind: kind.map(Into::into),
+        ..EventFilter::default()
+    };
+    let pushed = Some("manifest.pushed");
+    let cases: Vec<(EventFilter, Vec<i64>)> = vec![
+        (filter(Some("user:alice"), None, pushed), vec![3, 1]),
+        (filter(Some("user:bob"), None, pushed), vec![]),
+        (filter(Some("user:bob"), Some("team/app"), None), vec![2]),
+        (
+            filter(Some("user:alice"), Some("team/app"), pushed),
+            vec![1],
+        ),
+        (filter(None, None, pushed), vec![3, 1]),
+        (
+            EventFilter {
+                kind: pushed.map(Into::into),
+                before_seq: Some(3),
+                ..EventFilter::default()
+            },
+            vec![1],
+        ),
+        (
+            EventFilter {
+                since_ms: Some(0),
+                until_ms: Some(i64::MAX),
+                ..EventFilter::default()
+            },
+            vec![4, 3, 2, 1],
+        ),
+        (
+            EventFilter {
+                since_ms: Some(i64::MAX),
+                ..EventFilter::default()
+            },
+            vec![],
+        ),
+    ];
+    for (filter, want) in &cases {
+        let found = must(
+            store
+                .read(|tx| Box::pin(events::query(tx, filter, 10)))
+                .await,
+        );
+        let seqs: Vec<i64> = found.iter().map(|e| e.seq).collect();
+        assert_eq!(&seqs, want, "{filter:?}");
+    }
 
     // Pruning: the two oldest go behind a signed checkpoint; the rest still verifies from it,
     // and only if the checkpoint's signature holds.
