@@ -203,6 +203,13 @@ PY
     busy_pulls+=("$(pull_rate)"); busy_pushes+=("$(push_rate "busy$r")")
     kill "$GC_LOOP" 2>/dev/null || true
     wait "$GC_LOOP" 2>/dev/null || true
+    # A run goes on when its caller hangs up: the next idle window starts once the run in
+    # progress has ended (runs_total moves; the loop kept one going, so one is in progress).
+    stopped_at=$(gc_runs)
+    for _ in $(seq 1500); do
+      [[ $(gc_runs) != "$stopped_at" ]] && break
+      sleep 0.2
+    done
     log "round $r: pulls ${idle_pulls[-1]} / ${busy_pulls[-1]}, pushes ${idle_pushes[-1]} / ${busy_pushes[-1]}"
   done
   runs=$(awk -v a="$runs_before" -v b="$(gc_runs)" 'BEGIN { print b - a }')
