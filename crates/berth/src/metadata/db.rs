@@ -71,10 +71,10 @@ pub const TOKENS: &[(&str, &str, &str)] = &[
     // Names compare bytewise whatever the database's locale, as SQLite's BINARY does.
     ("NAME", "TEXT", "TEXT COLLATE \"C\""),
     ("WITHOUT_ROWID", "WITHOUT ROWID", ""),
-    // The audit query by actor and kind names its index on SQLite. Without statistics (the
-    // registry runs no ANALYZE) SQLite rates every index whose first column the query fixes
-    // alike, and picked the one on kind alone: a walk of a sixth of the log for one page.
-    // PostgreSQL has statistics and plans that query for its values.
+    // The audit query by actor and kind names its index on SQLite. Without statistics (a new
+    // database, before `PRAGMA optimize` first finds the log grown) SQLite rates every index
+    // whose first column the query fixes alike, and picked the one on kind alone: a walk of a
+    // sixth of the log for one page. PostgreSQL plans that query for its values.
     ("EVENTS_BY_ACTOR_KIND", "INDEXED BY events_actor_kind", ""),
     // Position of a substring (1-based, 0 when absent): `{STRPOS}(haystack, needle)`.
     ("STRPOS", "instr", "strpos"),
