@@ -8,6 +8,7 @@ use berth::auth::manage::{self, By};
 use berth::auth::namespace_rules;
 use berth::auth::rights::{Grant, Role};
 use berth::config::{Config, LogFormat, RawConfig};
+use berth::logging::WithRequest;
 use berth::server::{self, ServeOptions};
 use berth::service::{Registry, RequestContext};
 use clap::{Parser, Subcommand};
@@ -522,14 +523,28 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only for a person at a terminal, not in files and journals.
+    let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(ansi)
         .with_writer(&berth::logging::STDERR);
     berth::logging::STDERR.start_flusher();
+    berth::logging::set_access_json(format == LogFormat::Json);
+    let lines = tracing_subscriber::fmt::format();
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .event_format(WithRequest {
+                inner: lines.json(),
+                json: true,
+            })
+            .init(),
+        LogFormat::Text => builder
+            .event_format(WithRequest {
+                inner: lines.with_ansi(ansi),
+                json: false,
+            })
+            .init(),
     }
 }
 
@@ -543,14 +558,30 @@ fn init_logging_exporting(format: LogFormat, exporter: &berth::otel::Exporter) {
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal();
     let log = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(ansi)
         .with_writer(&berth::logging::STDERR);
+    let lines = tracing_subscriber::fmt::format();
     let log = match format {
-        LogFormat::Json => log.json().with_filter(filter).boxed(),
-        LogFormat::Text => log.with_filter(filter).boxed(),
+        LogFormat::Json => log
+            .json()
+            .event_format(WithRequest {
+                inner: lines.json(),
+                json: true,
+            })
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Text => log
+            .event_format(WithRequest {
+                inner: lines.with_ansi(ansi),
+                json: false,
+            })
+            .with_filter(filter)
+            .boxed(),
     };
     berth::logging::STDERR.start_flusher();
+    berth::logging::set_access_json(format == LogFormat::Json);
     tracing_subscriber::registry()
         .with(log)
         .with(exporter.layer())

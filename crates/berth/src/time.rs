@@ -14,6 +14,30 @@ pub fn rfc3339(secs: i64) -> String {
     )
 }
 
+/// A moment shown as RFC 3339 UTC with microseconds (`2026-12-01T07:00:00.123456Z`), the form
+/// the log's timestamps take.
+pub struct Rfc3339Micros(pub std::time::SystemTime);
+
+impl std::fmt::Display for Rfc3339Micros {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let micros = match self.0.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => d.as_micros() as i64,
+            Err(e) => -(e.duration().as_micros() as i64),
+        };
+        let secs = micros.div_euclid(1_000_000);
+        let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+        let (year, month, day) = civil_from_days(days);
+        write!(
+            f,
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60,
+            micros.rem_euclid(1_000_000)
+        )
+    }
+}
+
 /// Parses `YYYY-MM-DDTHH:MM:SSZ` (or a date alone, meaning its midnight UTC) or a number of
 /// seconds since the epoch.
 pub fn parse(text: &str) -> Result<i64, String> {
@@ -97,5 +121,11 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn microsecond_timestamps() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_796_108_400_123_456);
+        assert_eq!(Rfc3339Micros(at).to_string(), "2026-12-01T07:00:00.123456Z");
     }
 }

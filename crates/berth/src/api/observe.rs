@@ -3,8 +3,9 @@
 //!
 //! [`Observer::answer`] wraps [`super::handle`]. It takes the request id from a sane
 //! `X-Request-Id` or makes one, returns it in `X-Request-Id`, and (with the access log on) runs
-//! the handler in a `request` span carrying it and any W3C `traceparent` trace id, so every
-//! line logged for the request names it. The handler fills in a [`Note`] (route template,
+//! the handler tagged with it and any W3C `traceparent` trace id ([`crate::logging::in_request`]),
+//! so every line logged for the request names it; with OpenTelemetry export on, in a `request`
+//! span instead, which the exporter sends. The handler fills in a [`Note`] (route template,
 //! repository, account, error code, why access was refused); the response body is wrapped so
 //! that when its last byte is sent, or the client hangs up, the bytes each way are counted and
 //! the access log line is written.
@@ -166,14 +167,12 @@ impl Observer {
             }
             (None, Listener::Main) => match &line {
                 Some(line) => {
-                    let span = tracing::info_span!(
-                        "request",
-                        request_id = %note.request_id,
-                        trace_id = line.trace_id.as_deref(),
-                    );
-                    super::handle(registry, peer, request, &mut note)
-                        .instrument(span)
-                        .await
+                    let tag = crate::logging::RequestTag {
+                        request_id: note.request_id.clone(),
+                        trace_id: line.trace_id.clone(),
+                    };
+                    let handled = super::handle(registry, peer, request, &mut note);
+                    crate::logging::in_request(tag, handled).await
                 }
                 None => super::handle(registry, peer, request, &mut note).await,
             },
@@ -403,12 +402,12 @@ fn trace_id(headers: &HeaderMap) -> Option<String> {
 /// What the access log line says, gathered as the request goes.
 struct AccessLine {
     method: Method,
-    path: String,
-    query: Option<String>,
+    /// Cloning a URI or a header value shares its bytes rather than copying them.
+    uri: axum::http::Uri,
     client: IpAddr,
     /// The subject of a verified client certificate.
     client_cert: Option<String>,
-    user_agent: Option<String>,
+    user_agent: Option<HeaderValue>,
     trace_id: Option<String>,
     status: u16,
     started: Instant,
@@ -420,14 +419,10 @@ impl AccessLine {
         let headers = request.headers();
         AccessLine {
             method: Method::GET,
-            path: request.uri().path().to_string(),
-            query: request.uri().query().map(str::to_string),
+            uri: request.uri().clone(),
             client: peer.addr.ip(),
             client_cert: peer.client_cert_subject.clone(),
-            user_agent: headers
-                .get(header::USER_AGENT)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
+            user_agent: headers.get(header::USER_AGENT).cloned(),
             trace_id: trace_id(headers),
             status: 0,
             started: Instant::now(),
@@ -436,28 +431,38 @@ impl AccessLine {
     }
 
     fn write(&self, received: u64, sent: u64, completed: bool) {
+        if !crate::logging::access_enabled() {
+            return;
+        }
         let note = &self.note;
-        tracing::info!(
-            target: crate::logging::ACCESS_TARGET,
-            request_id = %note.request_id,
-            trace_id = self.trace_id.as_deref(),
-            method = %self.method,
-            route = note.route.template(),
-            path = %self.path,
-            query = self.query.as_deref().map(tracing::field::display),
-            repository = note.repository.as_deref(),
-            status = self.status,
-            error = note.error.map(|c| c.describe().0),
-            bytes_in = received,
-            bytes_out = sent,
-            duration_ms = self.started.elapsed().as_secs_f64() * 1e3,
-            account = note.account.as_deref(),
-            client = %self.client,
-            client_cert = self.client_cert.as_deref(),
-            user_agent = self.user_agent.as_deref(),
-            completed,
-            "request"
-        );
+        crate::logging::AccessRecord::new("request")
+            .text("request_id", Some(&note.request_id))
+            .str("trace_id", self.trace_id.as_deref())
+            .text("method", Some(&self.method))
+            .str("route", Some(note.route.template()))
+            .text("path", Some(&self.uri.path()))
+            .text(
+                "query",
+                self.uri
+                    .query()
+                    .as_ref()
+                    .map(|q| q as &dyn std::fmt::Display),
+            )
+            .str("repository", note.repository.as_deref())
+            .u64("status", u64::from(self.status))
+            .str("error", note.error.map(|c| c.describe().0))
+            .u64("bytes_in", received)
+            .u64("bytes_out", sent)
+            .millis("duration_ms", self.started.elapsed())
+            .str("account", note.account.as_deref())
+            .text("client", Some(&self.client))
+            .str("client_cert", self.client_cert.as_deref())
+            .str(
+                "user_agent",
+                self.user_agent.as_ref().and_then(|v| v.to_str().ok()),
+            )
+            .bool("completed", completed)
+            .write();
     }
 }
 
