@@ -701,6 +701,12 @@ fn two_nodes_on_postgres_and_s3_collect_while_clients_push_delete_and_restore() 
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
             .unwrap_or(0.0)
     };
+    // The writers may finish before two runs have (on a quick machine in about 3 s, with a
+    // run every second on each node); the runs in progress end soon after.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while runs(&nodes[0]) + runs(&nodes[1]) < 2.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(
         runs(&nodes[0]) + runs(&nodes[1]) >= 2.0,
         "scheduled GC did not run"
@@ -1137,4 +1143,55 @@ fn kill9_of_a_serving_node_mid_scheduled_gc_loses_nothing_and_a_later_run_finish
     }
     assert_every_tag_is_complete(&app);
     assert_blob_files_match_their_names(app.data_dir());
+}
+
+/// GC and scrub run at a lower priority than the threads that answer requests, so that under
+/// load clients get the CPUs first (see `LifecycleThread::NICE` in server.rs).
+#[test]
+fn the_lifecycle_threads_run_at_a_lower_priority_than_the_request_threads() {
+    let app = TestApp::start();
+    let tasks = std::path::PathBuf::from(format!("/proc/{}/task", app.pid()));
+    // /proc/PID/task/TID/stat: "TID (NAME) STATE ..."; after the name, field 19 (nice) is
+    // the 17th. The lifecycle thread may start just after the listener.
+    let threads = || -> Vec<(String, i64)> {
+        let mut nice_of = Vec::new();
+        for entry in std::fs::read_dir(&tasks).expect("threads") {
+            let stat = std::fs::read_to_string(entry.expect("thread").path().join("stat"))
+                .unwrap_or_default();
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let name = stat[open + 1..close].to_string();
+            let nice = stat[close + 2..]
+                .split(' ')
+                .nth(16)
+                .and_then(|n| n.parse::<i64>().ok())
+                .expect("a nice value");
+            nice_of.push((name, nice));
+        }
+        nice_of
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut nice_of = threads();
+    while !nice_of.iter().any(|(n, _)| n == "berth-lifecycle") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        nice_of = threads();
+    }
+    let of = |name: &str| -> Vec<i64> {
+        nice_of
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .collect()
+    };
+    let lifecycle = of("berth-lifecycle");
+    let workers = of("tokio-rt-worker");
+    assert!(!lifecycle.is_empty() && !workers.is_empty(), "{nice_of:?}");
+    // Ten more than the process's own (which a niced test run raises), at most 19.
+    let base = workers[0];
+    assert!(workers.iter().all(|n| *n == base), "{nice_of:?}");
+    assert!(
+        lifecycle.iter().all(|n| *n == (base + 10).min(19)),
+        "{nice_of:?}"
+    );
 }
