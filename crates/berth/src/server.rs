@@ -442,9 +442,7 @@ impl LifecycleThread {
             stop: Some(stop),
         })
     }
-}
 
-impl LifecycleThread {
     /// Sets the calling thread's nice value (on Linux a nice value is per thread). Where that
     /// is refused the work runs at the usual priority.
     fn lower_priority(nice: i32) {
