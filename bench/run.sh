@@ -238,7 +238,7 @@ EOF
 start_berth() { # DIR: Berth binds 127.0.0.1:0 and prints the address, so there is no race
   local i addr=
   (cd "$1" && exec env RUST_LOG="${BERTH_RUST_LOG:-info}" "$W/berth-bin" serve \
-      --listen 127.0.0.1:0 --data-dir "$1/data" > "$1/stdout" 2>> "$1/server.log") &
+      --listen 127.0.0.1:0 --data-dir "$1/data" --access-log false > "$1/stdout" 2>> "$1/server.log") &
   SRV_PID=$!; PIDS+=("$SRV_PID")
   for ((i = 0; i < 300; i++)); do
     addr=$(sed -n 's|^berth listening on http://||p' "$1/stdout" 2>/dev/null | head -1)

@@ -68,6 +68,12 @@ pub struct RawConfig {
     /// Most manifest bytes held in memory at once, across all requests [default: 67108864]
     #[arg(long, env = "BERTH_MAX_BUFFERED_MANIFEST_BYTES", value_name = "BYTES")]
     pub max_buffered_manifest_bytes: Option<usize>,
+    /// Bytes of SQLite reads (manifests, blob links, tag lists) kept in memory while nothing commits; 0: none [default: 16777216]
+    #[arg(long, env = "BERTH_METADATA_CACHE_BYTES", value_name = "BYTES")]
+    pub metadata_cache_bytes: Option<u64>,
+    /// Bytes of verified small-blob copies (up to 64 KiB each) kept in memory; 0: none [default: 16777216]
+    #[arg(long, env = "BERTH_BLOB_CACHE_BYTES", value_name = "BYTES")]
+    pub blob_cache_bytes: Option<u64>,
     /// Prune audit entries older than this many days, behind a signed checkpoint; 0 keeps all [default: 0]
     #[arg(long, env = "BERTH_AUDIT_RETENTION_DAYS", value_name = "DAYS")]
     pub audit_retention_days: Option<u64>,
@@ -634,6 +640,20 @@ impl RawConfig {
             )?,
             max_manifest_bytes,
             max_buffered_manifest_bytes,
+            metadata_cache_bytes: within(
+                "metadata_cache_bytes",
+                self.metadata_cache_bytes,
+                16 * MIB,
+                0,
+                4 * GIB,
+            )?,
+            blob_cache_bytes: within(
+                "blob_cache_bytes",
+                self.blob_cache_bytes,
+                16 * MIB,
+                0,
+                4 * GIB,
+            )?,
             audit_retention_days: within(
                 "audit_retention_days",
                 self.audit_retention_days,
@@ -871,6 +891,10 @@ pub struct Config {
     pub max_manifest_bytes: usize,
     /// Most manifest bytes buffered in memory at once, across all requests.
     pub max_buffered_manifest_bytes: usize,
+    /// Bytes of SQLite reads cached while nothing commits (see `metadata::cache`).
+    pub metadata_cache_bytes: u64,
+    /// Bytes of verified small-blob copies kept (see `service::small_blobs`).
+    pub blob_cache_bytes: u64,
     pub pull_events_every: u64,
     pub audit_retention_days: u64,
     /// Grace, trash and untagged periods (GC and deletes).

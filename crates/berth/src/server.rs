@@ -74,6 +74,7 @@ pub async fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
             pull_events_every: config.pull_events_every,
             lifecycle: config.lifecycle,
             metrics,
+            blob_cache_bytes: config.blob_cache_bytes,
         },
     ));
     Ok(registry)
@@ -92,6 +93,7 @@ pub async fn open_metadata(config: &Config, bounded: bool) -> anyhow::Result<Met
             Metadata::open_sqlite(path)
                 .await
                 .map_err(|e| anyhow::anyhow!("opening SQLite metadata {}: {e}", path.display()))?
+                .with_read_cache(config.metadata_cache_bytes)
         }
         MetadataConfig::Postgres(url) => {
             let options = PoolOptions {

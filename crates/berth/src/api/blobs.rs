@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use oci::{Digest, RepositoryName};
 
 use super::error::{ApiError, ApiResult, ErrorCode};
-use crate::service::{RangeRequest, Registry, RequestContext};
+use crate::service::{BlobBody, RangeRequest, Registry, RequestContext};
 
 /// Parses `bytes=a-b`, `bytes=a-`, `bytes=-n`. Anything else (other units, several ranges,
 /// malformed values) is ignored and the whole blob is served, as RFC 9110 allows.
@@ -95,7 +95,10 @@ pub async fn get(
         Ok(read) => read,
         Err(u) => return Err(unsatisfiable(u.size)),
     };
-    let mut response = Response::new(Body::from_stream(read.body));
+    let mut response = Response::new(match read.body {
+        BlobBody::Whole(bytes) => Body::from(bytes),
+        BlobBody::Stream(stream) => Body::from_stream(stream),
+    });
     let headers = response.headers_mut();
     for (k, v) in common {
         headers.insert(

@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -265,7 +266,21 @@ struct SqlitePool {
     writer: Arc<Mutex<Connection>>,
     readers: Vec<Arc<Mutex<Connection>>>,
     next_reader: AtomicUsize,
+    /// The WAL index (`<db>-shm`), read for [`CommitMark`]s; `None` when the database has
+    /// none (in memory), and then nothing is cached.
+    wal_index: Option<std::fs::File>,
 }
+
+/// Identifies the committed state of a SQLite database, across every connection and process
+/// using it: the first copy of the WAL-index header (SQLite's "walformat" document, section
+/// 2.1), which every commit rewrites (frame count, change counter, checksums) before the commit
+/// becomes visible to new readers, and which checkpoints leave alone. Two equal marks read
+/// before two reads mean no commit came between, so a result read under the first still holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitMark([u8; WAL_INDEX_HEADER]);
+
+/// Size of one copy of the WAL-index header.
+const WAL_INDEX_HEADER: usize = 48;
 
 /// How many connections a node keeps and how long a call waits for one.
 #[derive(Debug, Clone, Copy)]
@@ -378,14 +393,33 @@ impl Db {
         let readers = (0..SQLITE_READERS)
             .map(|_| open(true))
             .collect::<Result<_, _>>()?;
+        // Exists once a connection has opened the database in WAL mode, as configured above.
+        let mut shm = path.as_os_str().to_owned();
+        shm.push("-shm");
+        let wal_index = std::fs::File::open(shm).ok();
         Ok(Db::new(
             Driver::Sqlite(SqlitePool {
                 writer,
                 readers,
                 next_reader: AtomicUsize::new(0),
+                wal_index,
             }),
             None,
         ))
+    }
+
+    /// The database's [`CommitMark`] now: one small read of the WAL index, no lock. `None` on
+    /// PostgreSQL (whose commits other nodes make, unseen) and when it cannot be read.
+    pub fn commit_mark(&self) -> Option<CommitMark> {
+        let Driver::Sqlite(pool) = &self.inner.driver else {
+            return None;
+        };
+        let mut header = [0; WAL_INDEX_HEADER];
+        pool.wal_index
+            .as_ref()?
+            .read_exact_at(&mut header, 0)
+            .ok()?;
+        Some(CommitMark(header))
     }
 
     /// A pool of connections to `url` (`postgres://USER:PASSWORD@HOST:PORT/DB`, or libpq

@@ -11,6 +11,7 @@
 //! several [`queries`] into one.
 
 pub mod access;
+pub mod cache;
 pub mod db;
 pub mod events;
 pub mod gc;
@@ -32,6 +33,7 @@ use futures_util::future::BoxFuture;
 use oci::{Digest, RepositoryName, Tag};
 
 use crate::metrics::{BackendFailure, BackendOp, Metrics};
+use cache::{Answer, Lookup, ReadCache};
 
 pub use db::{Dialect, PoolOptions, Tx};
 
@@ -166,7 +168,8 @@ impl NewManifest {
 pub struct StoredManifest {
     pub digest: Digest,
     pub media_type: String,
-    pub bytes: Vec<u8>,
+    /// Shared, so a cached manifest is served without a copy.
+    pub bytes: bytes::Bytes,
 }
 
 /// A manifest whose subject is some digest, as the referrers API lists it.
@@ -204,6 +207,8 @@ pub struct Metadata {
     db: db::Db,
     /// Where each transaction's latency and failure are recorded, when metrics are on.
     metrics: Option<Arc<Metrics>>,
+    /// The hottest reads, kept while nothing commits (SQLite only, see [`cache`]).
+    reads: Option<Arc<ReadCache>>,
 }
 
 impl Metadata {
@@ -212,10 +217,20 @@ impl Metadata {
         let metadata = Metadata {
             db: db::Db::open_sqlite(path)?,
             metrics: None,
+            reads: None,
         };
         schema::migrate(&metadata.db).await?;
         metadata.optimize().await?;
         Ok(metadata)
+    }
+
+    /// Keeps up to `bytes` of the hottest reads in memory while nothing commits (see
+    /// [`cache`]); SQLite only, and 0 keeps none. Without this call nothing is cached, as
+    /// for the commands, whose reads are each made once.
+    pub fn with_read_cache(mut self, bytes: u64) -> Metadata {
+        self.reads =
+            (bytes > 0 && self.db.commit_mark().is_some()).then(|| Arc::new(ReadCache::new(bytes)));
+        self
     }
 
     /// Keeps the query planner's statistics current (see [`db::Db::optimize`]): at open, after
@@ -233,6 +248,7 @@ impl Metadata {
         let metadata = Metadata {
             db: db::Db::connect_postgres(url, options).await?,
             metrics: None,
+            reads: None,
         };
         schema::migrate(&metadata.db).await?;
         Ok(metadata)
@@ -319,8 +335,43 @@ impl Metadata {
         repo: &RepositoryName,
         digest: &Digest,
     ) -> Result<Option<queries::LinkedBlob>, MetadataError> {
-        self.read(|tx| Box::pin(queries::linked_blob(tx, repo, digest)))
-            .await
+        let read = || self.read(|tx| Box::pin(queries::linked_blob(tx, repo, digest)));
+        let Some((reads, mark)) = self.cached() else {
+            return read().await;
+        };
+        let miss = match reads.linked_blob(mark, repo, &digest.to_string()) {
+            Lookup::Hit(Answer::Blob(found)) => return Ok(found),
+            Lookup::Hit(_) => return read().await,
+            Lookup::Miss(miss) => miss,
+        };
+        let found = read().await?;
+        reads.fill(miss, Answer::Blob(found));
+        Ok(found)
+    }
+
+    /// The read cache and the database's commit mark now, when reads may be cached.
+    fn cached(&self) -> Option<(&ReadCache, db::CommitMark)> {
+        let reads = self.reads.as_deref()?;
+        Some((reads, self.db.commit_mark()?))
+    }
+
+    /// A manifest read through the cache: `lookup` finds it, `read` asks the database.
+    async fn manifest_cached(
+        &self,
+        lookup: impl FnOnce(&ReadCache, db::CommitMark) -> Lookup,
+        read: impl AsyncFnOnce() -> Result<Option<StoredManifest>, MetadataError>,
+    ) -> Result<Option<StoredManifest>, MetadataError> {
+        let Some((reads, mark)) = self.cached() else {
+            return read().await;
+        };
+        let miss = match lookup(reads, mark) {
+            Lookup::Hit(Answer::Manifest(found)) => return Ok(found),
+            Lookup::Hit(_) => return read().await,
+            Lookup::Miss(miss) => miss,
+        };
+        let found = read().await?;
+        reads.fill(miss, Answer::Manifest(found.clone()));
+        Ok(found)
     }
 
     /// The blob's size if `repo` may read it (linked and not quarantined).
@@ -450,8 +501,14 @@ impl Metadata {
         repo: &RepositoryName,
         digest: &Digest,
     ) -> Result<Option<StoredManifest>, MetadataError> {
-        self.read(|tx| Box::pin(queries::manifest_by_digest(tx, repo, digest)))
-            .await
+        self.manifest_cached(
+            |reads, mark| reads.manifest_by_digest(mark, repo, &digest.to_string()),
+            async || {
+                self.read(|tx| Box::pin(queries::manifest_by_digest(tx, repo, digest)))
+                    .await
+            },
+        )
+        .await
     }
 
     pub async fn manifest_by_tag(
@@ -459,8 +516,14 @@ impl Metadata {
         repo: &RepositoryName,
         tag: &Tag,
     ) -> Result<Option<StoredManifest>, MetadataError> {
-        self.read(|tx| Box::pin(queries::manifest_by_tag(tx, repo, tag)))
-            .await
+        self.manifest_cached(
+            |reads, mark| reads.manifest_by_tag(mark, repo, tag),
+            async || {
+                self.read(|tx| Box::pin(queries::manifest_by_tag(tx, repo, tag)))
+                    .await
+            },
+        )
+        .await
     }
 
     /// Removes the manifest and every tag pointing at it. False if it was not there; refused
@@ -490,8 +553,18 @@ impl Metadata {
         repo: &RepositoryName,
         page: Page<'_>,
     ) -> Result<Option<Vec<String>>, MetadataError> {
-        self.read(|tx| Box::pin(queries::list_tags(tx, repo, page)))
-            .await
+        let read = || self.read(|tx| Box::pin(queries::list_tags(tx, repo, page)));
+        let Some((reads, mark)) = self.cached() else {
+            return read().await;
+        };
+        let miss = match reads.tags(mark, repo, page) {
+            Lookup::Hit(Answer::Tags(found)) => return Ok(found.map(|t| t.as_ref().clone())),
+            Lookup::Hit(_) => return read().await,
+            Lookup::Miss(miss) => miss,
+        };
+        let found = read().await?;
+        reads.fill(miss, Answer::Tags(found.clone().map(Arc::new)));
+        Ok(found)
     }
 
     /// Repositories holding at least one manifest, sorted.

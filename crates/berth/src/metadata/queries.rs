@@ -576,7 +576,7 @@ fn stored_manifest(mut row: Row) -> Result<StoredManifest, MetadataError> {
     Ok(StoredManifest {
         digest: row.digest(0)?,
         media_type: row.text(1)?.to_owned(),
-        bytes: row.take_bytes(2)?,
+        bytes: row.take_bytes(2)?.into(),
     })
 }
 

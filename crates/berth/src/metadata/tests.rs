@@ -895,7 +895,7 @@ pub(crate) async fn metadata_suite(store: &Metadata) {
     must(store.put_manifest(&a, &m1_sized, Some(&tag("v1"))).await);
     must(store.put_manifest(&a, &m1, Some(&tag("latest"))).await);
     let got = must(store.manifest_by_tag(&a, &tag("v1")).await);
-    assert_eq!(got.map(|m| m.bytes), Some(m1.bytes.clone()));
+    assert_eq!(got.map(|m| m.bytes.to_vec()), Some(m1.bytes.clone()));
     let m2 = manifest("two", vec![], None);
     must(store.put_manifest(&a, &m2, Some(&tag("v1"))).await);
     let got = must(store.manifest_by_tag(&a, &tag("v1")).await);
@@ -1289,7 +1289,10 @@ pub(crate) async fn integrity_suite(store: &Metadata) {
 async fn check_migrated_v1(store: &Metadata) {
     let (repo, blob) = (name("old/r"), Digest::sha256_of(b"layer"));
     let got = must(store.manifest_by_tag(&repo, &tag("v1")).await);
-    assert_eq!(got.map(|m| m.bytes), Some(V1_MANIFEST.as_bytes().to_vec()));
+    assert_eq!(
+        got.map(|m| m.bytes.to_vec()),
+        Some(V1_MANIFEST.as_bytes().to_vec())
+    );
     assert_eq!(must(store.blob_in_repository(&repo, &blob).await), Some(5));
     // The quota migration charged what was there: the layer and the manifest.
     assert_eq!(usage_of(store, "old").await, 5 + V1_MANIFEST.len() as u64);
@@ -1330,8 +1333,57 @@ fn v1_data(dialect: Dialect) -> String {
 mod sqlite {
     use super::*;
 
+    /// With the read cache, as `serve` opens it: every suite's reads after writes go through it.
     async fn open(path: &Path) -> Metadata {
-        must(Metadata::open_sqlite(path).await)
+        must(Metadata::open_sqlite(path).await).with_read_cache(1 << 20)
+    }
+
+    /// Another process on the same file is another connection: what it commits is seen by the
+    /// very next read of a cached handle, for each read the cache answers, found or not.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn cached_reads_see_what_another_connection_commits_at_once() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("m.db");
+        let cached = open(&path).await;
+        let other = must(Metadata::open_sqlite(&path).await);
+        assert!(cached.reads.is_some() && other.reads.is_none());
+        let (repo, latest) = (name("team/app"), tag("latest"));
+        let blob = Digest::sha256_of(b"layer");
+        let (one, two) = (
+            manifest("one", vec![blob.clone()], None),
+            manifest("two", vec![], None),
+        );
+        let by_tag = async || must(cached.manifest_by_tag(&repo, &latest).await).map(|m| m.digest);
+        let by_digest =
+            async |d: &Digest| must(cached.manifest_by_digest(&repo, d).await).is_some();
+        let linked = async || must(cached.linked_blob(&repo, &blob).await).map(|b| b.size);
+        let tags = async || must(cached.list_tags(&repo, ALL).await);
+        // Twice each: the second answer comes from the cache.
+        for _ in 0..2 {
+            assert_eq!(by_tag().await, None);
+            assert!(!by_digest(&one.digest).await);
+            assert_eq!(linked().await, None);
+            assert_eq!(tags().await, None);
+        }
+        must(other.link_blob(&repo, &blob, 5).await);
+        must(other.put_manifest(&repo, &one, Some(&latest)).await);
+        for _ in 0..2 {
+            assert_eq!(by_tag().await, Some(one.digest.clone()));
+            assert!(by_digest(&one.digest).await);
+            assert_eq!(linked().await, Some(5));
+            assert_eq!(tags().await, Some(strings(&["latest"])));
+        }
+        must(other.put_manifest(&repo, &two, Some(&latest)).await);
+        assert_eq!(by_tag().await, Some(two.digest.clone()));
+        assert!(must(other.delete_tag(&repo, &latest).await));
+        assert_eq!(by_tag().await, None);
+        assert_eq!(tags().await, Some(vec![]));
+        // The same through the cached handle's own writes.
+        must(cached.put_manifest(&repo, &one, Some(&latest)).await);
+        assert_eq!(by_tag().await, Some(one.digest.clone()));
+        assert!(must(cached.delete_manifest(&repo, &one.digest).await));
+        assert!(!by_digest(&one.digest).await);
+        assert_eq!(by_tag().await, None);
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -430,9 +430,12 @@ async fn point_tags(
                 let record = queries::manifest_by_digest(tx, repo, digest)
                     .await?
                     .ok_or_else(|| MetadataError::MissingManifest(digest.clone()))?;
-                let record =
-                    NewManifest::parse(digest.clone(), Some(&record.media_type), record.bytes)
-                        .map_err(MetadataError::internal)?;
+                let record = NewManifest::parse(
+                    digest.clone(),
+                    Some(&record.media_type),
+                    record.bytes.to_vec(),
+                )
+                .map_err(MetadataError::internal)?;
                 queries::put_manifest(tx, repo, &record, std::slice::from_ref(tag)).await?;
                 out.tags.push(format!("{repo}:{tag}"));
             }

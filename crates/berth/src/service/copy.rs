@@ -76,7 +76,7 @@ impl Registry {
                         &repo,
                         &reference,
                         Some(&m.media_type),
-                        m.bytes,
+                        m.bytes.to_vec(),
                         ManifestPut::default(),
                     )
                     .await
@@ -116,7 +116,7 @@ impl Registry {
         let record = NewManifest {
             digest: m.digest,
             media_type: parsed.media_type,
-            bytes: m.bytes,
+            bytes: m.bytes.to_vec(),
             blobs: parsed.blobs,
             declared_sizes: Vec::new(),
             children: parsed.children,
@@ -152,7 +152,7 @@ impl Registry {
             Ok(read) => read,
             Err(_) => return Err(ServiceError::BlobUnknown),
         };
-        let body = Box::pin(read.body.map_err(|e| e.to_string()));
+        let body = Box::pin(read.body.into_stream().map_err(|e| e.to_string()));
         // The target's upload path hashes the bytes and refuses them if they do not match.
         let upload = target.start_upload(ctx, repo).await?;
         target

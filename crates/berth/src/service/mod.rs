@@ -11,6 +11,7 @@ pub mod gc;
 mod integrity;
 mod pulls;
 pub mod retention;
+mod small_blobs;
 mod uploads;
 
 use std::collections::HashMap;
@@ -140,6 +141,8 @@ pub struct RegistryOptions {
     pub lifecycle: gc::Lifecycle,
     /// Where the server's metrics are recorded (the backends record theirs when they are on).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Bytes of verified small-blob copies kept in memory (see [`small_blobs`]); 0: none.
+    pub blob_cache_bytes: u64,
 }
 
 /// How long a manifest push waits for room in the manifest buffer before it is told to come
@@ -172,13 +175,31 @@ pub struct Registry {
     /// The runtime GC and the scrub run on while `serve` gives them one of their own (see
     /// [`Registry::lifecycle_on`]).
     lifecycle_runtime: Mutex<Option<tokio::runtime::Handle>>,
+    /// Verified copies of small blobs.
+    small_blobs: small_blobs::SmallBlobs,
 }
 
 /// A blob ready to stream: its total size, the part being sent, and the bytes.
 pub struct BlobRead {
     pub size: u64,
     pub range: Option<ByteRange>,
-    pub body: ByteStream,
+    pub body: BlobBody,
+}
+
+/// The bytes of a blob being read: whole, from memory (a small blob), or streamed from the
+/// store.
+pub enum BlobBody {
+    Whole(bytes::Bytes),
+    Stream(ByteStream),
+}
+
+impl BlobBody {
+    pub fn into_stream(self) -> ByteStream {
+        match self {
+            BlobBody::Whole(bytes) => Box::pin(futures_util::stream::once(async { Ok(bytes) })),
+            BlobBody::Stream(stream) => stream,
+        }
+    }
 }
 
 /// What a client may ask of a blob's bytes, already parsed from the Range header.
@@ -307,6 +328,7 @@ impl Registry {
             auth.recorder().dropped(),
         );
         Registry {
+            small_blobs: small_blobs::SmallBlobs::new(options.blob_cache_bytes),
             integrity,
             auth,
             manifest_buffer,
@@ -467,13 +489,25 @@ impl Registry {
             Ok(r) => r,
             Err(unsatisfiable) => return Ok(Err(unsatisfiable)),
         };
+        if self.small_blobs.holds(size) {
+            let mut bytes = self.small_blob(digest, size).await?;
+            if let Some(r) = &range {
+                bytes = bytes.slice(r.start as usize..(r.start + r.len) as usize);
+            }
+            let body = BlobBody::Whole(bytes);
+            return Ok(Ok(BlobRead { size, range, body }));
+        }
         let body = match self.blobs.read(digest, range).await {
             Ok(b) => b,
             // Metadata says yes but the bytes are gone: report it as the client would see it.
             Err(StorageError::NotFound) => return Err(ServiceError::BlobUnknown),
             Err(e) => return Err(e.into()),
         };
-        Ok(Ok(BlobRead { size, range, body }))
+        Ok(Ok(BlobRead {
+            size,
+            range,
+            body: BlobBody::Stream(body),
+        }))
     }
 
     /// Removes the blob from the repository. Its bytes stay until garbage collection, since other

@@ -189,6 +189,80 @@ fn scrub_quarantines_a_flipped_byte_and_a_skopeo_push_repairs_it() {
     assert!(kinds.iter().any(|k| k.0 == "blob.repaired"), "{kinds:?}");
 }
 
+/// Small blobs are served from verified copies in memory (see `service::small_blobs`): bytes
+/// that went bad on disk before their first read are never served nor kept, the read
+/// quarantines them at once, and bytes that go bad after a verified copy was kept do not reach
+/// clients either. A push repairs the first.
+#[test]
+fn small_blobs_are_verified_before_they_are_served_from_memory() {
+    let app = TestApp::start();
+    let repo = "small/app";
+    let (_, manifest) = push_image(&app, repo, "v1", "small");
+    let v: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest JSON");
+    let (config, layer) = (
+        v["config"]["digest"].as_str().expect("config").to_string(),
+        layer_of(&manifest),
+    );
+    let good_config = app
+        .get(&format!("/v2/{repo}/blobs/{config}"))
+        .assert_status(200)
+        .body
+        .clone();
+    let (config_file, layer_file) = (
+        blob_file(app.data_dir(), &config),
+        blob_file(app.data_dir(), &layer),
+    );
+    let good_layer = std::fs::read(&layer_file).expect("read layer file");
+    let flip = |file: &Path| {
+        let mut bytes = std::fs::read(file).expect("read blob file");
+        bytes[0] ^= 0x01;
+        std::fs::write(file, &bytes).expect("flip a byte");
+    };
+    // The config was read (and kept) before its file went bad: clients still get its bytes.
+    flip(&config_file);
+    let got = app.get(&format!("/v2/{repo}/blobs/{config}"));
+    got.assert_status(200);
+    assert!(got.body == good_config, "a bad config byte was served");
+    // The layer's file went bad before anyone read it: the first read finds out.
+    flip(&layer_file);
+    assert_quarantined(&app, repo, &layer);
+    assert_eq!(metric(&app, "berth_quarantined_blobs"), 1.0);
+    assert!(metric(&app, "berth_integrity_errors_total") >= 1.0);
+    let range = app
+        .client()
+        .get(app.url(&format!("/v2/{repo}/blobs/{layer}")))
+        .header("Range", "bytes=0-3")
+        .send()
+        .expect("ranged GET");
+    assert_eq!(range.status().as_u16(), 404);
+    // Pushing the blob again repairs it; ranges come from the verified copy.
+    push_blob(&app, repo, &good_layer);
+    let got = app.get(&format!("/v2/{repo}/blobs/{layer}"));
+    got.assert_status(200);
+    assert!(
+        got.body == good_layer,
+        "the repaired blob is not the pushed bytes"
+    );
+    let range = app
+        .client()
+        .get(app.url(&format!("/v2/{repo}/blobs/{layer}")))
+        .header("Range", "bytes=2-5")
+        .send()
+        .expect("ranged GET");
+    assert_eq!(range.status().as_u16(), 206);
+    assert_eq!(
+        range.headers()["content-range"]
+            .to_str()
+            .unwrap_or_default(),
+        format!("bytes 2-5/{}", good_layer.len())
+    );
+    assert_eq!(
+        range.bytes().expect("range body").as_ref(),
+        &good_layer[2..6]
+    );
+    assert_eq!(metric(&app, "berth_quarantined_blobs"), 0.0);
+}
+
 #[test]
 fn fsck_reports_a_missing_blob_file_with_the_manifests_that_need_it() {
     let app = TestApp::builder()
