@@ -40,7 +40,7 @@ for r in $REGISTRIES; do
   case $r in distribution|nginx|berth) ;; *) die "unknown registry '$r' in REGISTRIES";; esac
 done
 has() { [[ " $REGISTRIES " == *" $1 "* ]]; }
-need=(curl wrk split awk stat df mkfifo tee head pgrep)
+need=(curl wrk split awk stat df mkfifo tee head pgrep python3)
 has distribution && need+=(docker-registry)
 has nginx && need+=(nginx)
 for c in "${need[@]}"; do command -v "$c" >/dev/null || die "missing command: $c"; done
@@ -142,15 +142,6 @@ start_upload() { # BASE -> absolute Location
 push_mono() { # BASE FILE DIGEST: POST, then PUT with the whole body (streamed from the file)
   local L; L=$(start_upload "$1") || return 1
   call 201 -X PUT "${OCTET[@]}" -T "$2" "$L$(sep "$L")digest=$3"
-}
-push_chunked() { # BASE CHUNK_DIR DIGEST: POST, PATCH per chunk with Content-Range, PUT
-  local L c n off=0; L=$(start_upload "$1") || return 1
-  for c in "$2"/c.*; do
-    n=$(stat -c %s "$c")
-    call 202 -X PATCH "${OCTET[@]}" -H "Content-Range: $off-$((off + n - 1))" -T "$c" "$L" || return 1
-    L=$(abs "$1" "$(hdr location)"); off=$((off + n))
-  done
-  call 201 -X PUT "${OCTET[@]}" --data-binary '' "$L$(sep "$L")digest=$3"
 }
 now() { echo "$EPOCHREALTIME"; }
 mibps() { nums "printf \"%.1f\", $1 / 1048576 / ($3 - $2)"; }  # BYTES T0 T1
@@ -295,15 +286,20 @@ step() { # REG FUNCTION ARGS...
 metric() { echo "$1 $2" >> "$OUT/metrics"; log "  $NAME $1 = $2"; }
 sample() { echo "$1 $2" >> "$OUT/runs"; log "  $NAME $1 = $2"; }
 
+# Timed pushes go through bench/push.py: one client process and one keep-alive connection
+# for the whole push, as real clients do (see push.py for why not curl per PATCH).
+timed_push() { # MODE BYTES METRIC FILES...: the push's MiB/s, sampled as METRIC
+  local mode=$1 bytes=$2 metric=$3 digest=$4 secs; shift 4
+  secs=$(python3 "$HERE/push.py" "$BASE" "$REPO" "$digest" "$mode" "$@") || return 1
+  sample "$metric" "$(nums "printf \"%.1f\", $bytes / 1048576 / $secs")"
+}
 m_push_mono() { # I
   sync  # another server's unflushed writes must not land on this push's clock
-  local t0 t1; t0=$(now); push_mono "$BASE" "${BIG_F[$1]}" "${BIG_D[$1]}"; t1=$(now)
-  sample push_mono_MiBps "$(mibps $((BIG_MB << 20)) "$t0" "$t1")"
+  timed_push mono $((BIG_MB << 20)) push_mono_MiBps "${BIG_D[$1]}" "${BIG_F[$1]}"
 }
 m_push_chunked() { # I
   sync
-  local t0 t1; t0=$(now); push_chunked "$BASE" "${CH_DIR[$1]}" "${CH_D[$1]}"; t1=$(now)
-  sample push_chunked_MiBps "$(mibps $((CHUNKED_MB << 20)) "$t0" "$t1")"
+  timed_push chunked $((CHUNKED_MB << 20)) push_chunked_MiBps "${CH_D[$1]}" "${CH_DIR[$1]}"/c.*
 }
 m_push_rest() { # the small layer, the config and the manifest, untimed
   push_mono "$BASE" "$SMALL_F" "$SMALL_D"
@@ -574,6 +570,16 @@ report() {
   ps=$(ratio "$(val berth push_mono_MiBps)" "$(val distribution push_mono_MiBps)")
   if [[ $ps != - ]]; then target "$(verdict "${ps%x} >= 2.5")" "monolithic push >= 2.5x Distribution" "$ps"
   else target n/a "monolithic push >= 2.5x Distribution" "no data"; fi
+  local k r what
+  for k in manifest config tags; do
+    case $k in manifest) what="manifest GET";; config) what="config blob GET";; tags) what="tags list";; esac
+    r=$(ratio "$(val berth "${k}_rps")" "$(val nginx "${k}_rps")")
+    if [[ $r != - ]]; then target "$(verdict "${r%x} >= 0.9")" "$what >= 0.9x nginx" "$r"
+    else target n/a "$what >= 0.9x nginx" "no data"; fi
+  done
+  r=$(ratio "$(val berth push_chunked_MiBps)" "$(val berth push_mono_MiBps)")
+  if [[ $r != - ]]; then target "$(verdict "${r%x} >= 0.8")" "chunked push >= 0.8x monolithic" "$r"
+  else target n/a "chunked push >= 0.8x monolithic" "no data"; fi
   peak=$(val berth peak_rss_MiB); rss=$peak
   if isnum "$b" && isnum "$peak"; then rss=$(nums "print (($b > $peak) ? $b : $peak)"); fi
   if isnum "$rss"; then
