@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use oci::{Digest, RepositoryName};
 
@@ -40,6 +40,36 @@ fn unsatisfiable(size: u64) -> ApiError {
         .detail("requested range not satisfiable")
 }
 
+/// The headers every answer about a blob carries, made once per request.
+struct BlobHeaders {
+    digest: HeaderValue,
+    etag: HeaderValue,
+}
+
+impl BlobHeaders {
+    fn new(digest: &Digest) -> BlobHeaders {
+        let text = digest.to_string();
+        let etag = HeaderValue::try_from(format!("\"{text}\""));
+        // A digest is ASCII by construction: both always convert.
+        BlobHeaders {
+            etag: etag.unwrap_or(HeaderValue::from_static("")),
+            digest: HeaderValue::try_from(text).unwrap_or(HeaderValue::from_static("")),
+        }
+    }
+
+    fn apply(self, headers: &mut HeaderMap) {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        headers.insert(DOCKER_CONTENT_DIGEST, self.digest);
+        headers.insert(header::ETAG, self.etag);
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
+}
+
+const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+
 pub async fn get(
     registry: &Registry,
     ctx: &RequestContext,
@@ -48,83 +78,63 @@ pub async fn get(
     request: &Parts,
     with_body: bool,
 ) -> ApiResult {
-    let digest_str = digest.to_string();
-    let etag = format!("\"{digest_str}\"");
-    let common = [
-        (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-        (
-            header::HeaderName::from_static("docker-content-digest"),
-            digest_str.clone(),
-        ),
-        (header::ETAG, etag.clone()),
-        (header::ACCEPT_RANGES, "bytes".to_string()),
-    ];
+    let common = BlobHeaders::new(digest);
+    let answer = |status: StatusCode, length: Option<u64>, body: Body| {
+        let mut r = Response::new(body);
+        *r.status_mut() = status;
+        if let Some(length) = length {
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, length.into());
+        }
+        r
+    };
     if !with_body {
         let size = registry.stat_blob(ctx, repo, digest).await?;
-        let mut r = (common, [(header::CONTENT_LENGTH, size.to_string())]).into_response();
-        *r.body_mut() = Body::empty();
+        let mut r = answer(StatusCode::OK, Some(size), Body::empty());
+        common.apply(r.headers_mut());
         return Ok(r);
     }
     if request
         .headers
         .get(header::IF_NONE_MATCH)
-        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+        .is_some_and(|v| v == common.etag)
     {
         registry.stat_blob(ctx, repo, digest).await?;
-        return Ok((StatusCode::NOT_MODIFIED, common).into_response());
+        let mut r = answer(StatusCode::NOT_MODIFIED, None, Body::empty());
+        common.apply(r.headers_mut());
+        return Ok(r);
     }
-    {
-        if let Some(location) = registry.blob_redirect(ctx, repo, digest).await? {
-            let mut r = (
-                StatusCode::TEMPORARY_REDIRECT,
-                common,
-                [(header::CONTENT_LENGTH, "0".to_string())],
-            )
-                .into_response();
-            r.headers_mut().insert(
-                header::LOCATION,
-                location
-                    .parse()
-                    .map_err(|_| ApiError::new(ErrorCode::Internal))?,
-            );
-            return Ok(r);
-        }
+    if let Some(location) = registry.blob_redirect(ctx, repo, digest).await? {
+        let location =
+            HeaderValue::try_from(location).map_err(|_| ApiError::new(ErrorCode::Internal))?;
+        let mut r = answer(StatusCode::TEMPORARY_REDIRECT, Some(0), Body::empty());
+        common.apply(r.headers_mut());
+        r.headers_mut().insert(header::LOCATION, location);
+        return Ok(r);
     }
     let range = parse_range(&request.headers);
     let read = match registry.read_blob(ctx, repo, digest, range).await? {
         Ok(read) => read,
         Err(u) => return Err(unsatisfiable(u.size)),
     };
-    let mut response = Response::new(match read.body {
+    let body = match read.body {
         BlobBody::Whole(bytes) => Body::from(bytes),
         BlobBody::Stream(stream) => Body::from_stream(stream),
-    });
-    let headers = response.headers_mut();
-    for (k, v) in common {
-        headers.insert(
-            k,
-            v.parse().map_err(|_| ApiError::new(ErrorCode::Internal))?,
-        );
-    }
-    match read.range {
+    };
+    let mut response = match read.range {
         Some(r) => {
-            *response.status_mut() = StatusCode::PARTIAL_CONTENT;
-            let headers = response.headers_mut();
-            headers.insert(header::CONTENT_LENGTH, r.len.into());
+            let mut response = answer(StatusCode::PARTIAL_CONTENT, Some(r.len), body);
             let content_range = format!("bytes {}-{}/{}", r.start, r.start + r.len - 1, read.size);
-            headers.insert(
+            response.headers_mut().insert(
                 header::CONTENT_RANGE,
-                content_range
-                    .parse()
+                HeaderValue::try_from(content_range)
                     .map_err(|_| ApiError::new(ErrorCode::Internal))?,
             );
-        }
-        None => {
             response
-                .headers_mut()
-                .insert(header::CONTENT_LENGTH, read.size.into());
         }
-    }
+        None => answer(StatusCode::OK, Some(read.size), body),
+    };
+    common.apply(response.headers_mut());
     Ok(response)
 }
 

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use oci::{RepositoryName, Tag};
+use oci::{Digest, RepositoryName, Tag};
 use quick_cache::Equivalent;
 
 use super::db::CommitMark;
@@ -32,7 +32,8 @@ enum Read {
 pub struct Key {
     read: Read,
     repository: Box<str>,
-    /// The tag, the digest, or the page (`limit`, NUL, `last`).
+    /// The tag, the digest's hex (whose length tells the algorithm), or the page (`limit`,
+    /// NUL, `last`).
     name: Box<str>,
 }
 
@@ -139,30 +140,29 @@ impl ReadCache {
         )
     }
 
-    /// `digest` as text: the caller has it formatted already, or formats it once for both.
     pub fn manifest_by_digest(
         &self,
         mark: CommitMark,
         repo: &RepositoryName,
-        digest: &str,
+        digest: &Digest,
     ) -> Lookup {
         self.lookup(
             mark,
             KeyRef {
                 read: Read::ManifestByDigest,
                 repository: repo.as_str(),
-                name: digest,
+                name: digest.hex(),
             },
         )
     }
 
-    pub fn linked_blob(&self, mark: CommitMark, repo: &RepositoryName, digest: &str) -> Lookup {
+    pub fn linked_blob(&self, mark: CommitMark, repo: &RepositoryName, digest: &Digest) -> Lookup {
         self.lookup(
             mark,
             KeyRef {
                 read: Read::LinkedBlob,
                 repository: repo.as_str(),
-                name: digest,
+                name: digest.hex(),
             },
         )
     }

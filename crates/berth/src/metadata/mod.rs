@@ -339,7 +339,7 @@ impl Metadata {
         let Some((reads, mark)) = self.cached() else {
             return read().await;
         };
-        let miss = match reads.linked_blob(mark, repo, &digest.to_string()) {
+        let miss = match reads.linked_blob(mark, repo, digest) {
             Lookup::Hit(Answer::Blob(found)) => return Ok(found),
             Lookup::Hit(_) => return read().await,
             Lookup::Miss(miss) => miss,
@@ -502,7 +502,7 @@ impl Metadata {
         digest: &Digest,
     ) -> Result<Option<StoredManifest>, MetadataError> {
         self.manifest_cached(
-            |reads, mark| reads.manifest_by_digest(mark, repo, &digest.to_string()),
+            |reads, mark| reads.manifest_by_digest(mark, repo, digest),
             async || {
                 self.read(|tx| Box::pin(queries::manifest_by_digest(tx, repo, digest)))
                     .await
